@@ -1,0 +1,138 @@
+"""Every message that crosses the frontend <-> engine-core socket.
+
+One tagged union per direction, msgpack-encoded, decoded by one typed decoder each.
+Array-like Structs are positional on the wire: append fields, never reorder them.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal, Union
+
+import msgspec
+
+
+class FinishReason(enum.IntEnum):
+    """Why a sequence ended. The frontend maps these to OpenAI's strings."""
+
+    STOP = 0  # EOS or a stop token id (engine), or a stop string (frontend)
+    LENGTH = 1  # max_tokens or max_model_len reached
+    ABORT = 2  # aborted by the frontend (client gone, stop string found)
+    ERROR = 3  # the request can never be served (e.g. it does not fit the KV cache)
+
+
+class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True):
+    """Validated by the frontend; the engine trusts these values."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top alternatives per sampled token; None: no logprobs
+    prompt_logprobs: int | None = None  # top alternatives per prompt token; None: none
+    n: int = 1
+    best_of: int | None = None  # candidates to generate; the n best are returned
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def num_candidates(self) -> int:
+        return max(self.n, self.best_of or 0)
+
+
+class EngineCoreRequest(msgspec.Struct, tag="request", array_like=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: list[int]
+    arrival_time: float
+
+
+class EngineCoreAbort(msgspec.Struct, tag="abort", array_like=True):
+    """Idempotent: unknown or finished request ids are ignored."""
+
+    request_ids: list[str]
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """The logprob of one chosen token and the top alternatives at its position."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1-based rank of token_id in the distribution
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What is new for one sequence of one request since the previous step."""
+
+    request_id: str
+    index: int  # which of the request's n sequences
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | None = None  # the stop token id that ended the sequence
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # first entry is None
+    error: str | None = None  # set with FinishReason.ERROR
+    cumulative_logprob: float | None = None
+    num_generated_tokens: int | None = None  # all candidates' tokens, on the final output
+
+
+class SchedulerStats(msgspec.Struct, array_like=True):
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use
+    num_preemptions: int  # since start
+    num_prompt_tokens_computed: int  # since start
+
+
+class EngineReady(msgspec.Struct, tag="ready", array_like=True):
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    num_kv_blocks: int
+    block_size: int
+
+
+class EngineCoreOutputs(msgspec.Struct, tag="outputs", array_like=True):
+    outputs: list[EngineCoreOutput]
+    stats: SchedulerStats
+    timestamp: float
+
+
+class EngineDead(msgspec.Struct, tag="dead", array_like=True):
+    reason: str
+
+
+FrontendToEngine = Union[EngineCoreRequest, EngineCoreAbort]
+EngineToFrontend = Union[EngineReady, EngineCoreOutputs, EngineDead]
+
+_encoder = msgspec.msgpack.Encoder()
+_to_engine_decoder = msgspec.msgpack.Decoder(FrontendToEngine)
+_to_frontend_decoder = msgspec.msgpack.Decoder(EngineToFrontend)
+
+
+def encode(message: FrontendToEngine | EngineToFrontend) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_to_engine(data: bytes) -> FrontendToEngine:
+    return _to_engine_decoder.decode(data)
+
+
+def decode_to_frontend(data: bytes) -> EngineToFrontend:
+    return _to_frontend_decoder.decode(data)
