@@ -62,9 +62,15 @@ class EngineCoreRequest(msgspec.Struct, tag="request", array_like=True):
 
 
 class EngineCoreAbort(msgspec.Struct, tag="abort", array_like=True):
-    """Idempotent: unknown or finished request ids are ignored."""
+    """Idempotent: unknown or finished requests and sequences are ignored.
+
+    Without `indices` every sequence of each request is aborted. With `indices` (parallel to
+    `request_ids`) only sequence `indices[k]` of `request_ids[k]` is, e.g. one of n choices that
+    hit a stop string. Each sequence that was still live gets a final output with ABORT.
+    """
 
     request_ids: list[str]
+    indices: list[int] | None = None
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True):
