@@ -156,6 +156,8 @@ GREEDY_CASES = [
             {"role": "user", "content": "Now double it and explain how."},
         ],
     ),
+    ("raw_colors", False, "The three primary colors are"),
+    # The top-2 gap falls to 0.0035 at step 8: a case for tolerant comparisons.
     ("raw_story", False, "Once upon a time, in a small village by the mountains,"),
     ("raw_code", False, "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"),
     ("raw_long", False, LONG_RAW_PROMPT),
@@ -293,10 +295,77 @@ def make_tokenizer_golden() -> None:
     )
 
 
+
+# ---------------------------------------------------------------- greedy
+
+
+def greedy_decode(model, prompt_ids: list[int], num_tokens: int) -> tuple[list[int], list[float], np.ndarray]:
+    """Argmax decoding with the KV cache, never stopping at EOS.
+
+    Returns the generated ids, the gap between the best and second-best logit at each
+    step, and the logits of the last prompt position.
+    """
+    import torch
+
+    generated, margins = [], []
+    with torch.no_grad():
+        out = model(torch.tensor([prompt_ids]), use_cache=True)
+        prompt_last_logits = out.logits[0, -1].numpy().copy()
+        for _ in range(num_tokens):
+            logits = out.logits[0, -1]
+            top2 = torch.topk(logits, 2)
+            next_id = int(top2.indices[0])
+            generated.append(next_id)
+            margins.append(float(top2.values[0] - top2.values[1]))
+            out = model(
+                torch.tensor([[next_id]]), past_key_values=out.past_key_values, use_cache=True
+            )
+    return generated, margins, prompt_last_logits
+
+
+def make_greedy_golden() -> None:
+    tokenizer = load_smollm2_tokenizer()
+    model = load_smollm2_model()
+    cases = []
+    last_logits_sample = None
+    for name, is_chat, prompt in GREEDY_CASES:
+        prompt_text = render_prompt(tokenizer, is_chat, prompt)
+        prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
+        generated, margins, last_logits = greedy_decode(model, prompt_ids, NUM_GREEDY_TOKENS)
+        if last_logits_sample is None:
+            last_logits_sample = round_sig(last_logits[:NUM_LAST_LOGITS_SAMPLE])
+        cases.append(
+            {
+                "name": name,
+                "prompt_text": prompt_text,
+                "is_chat": is_chat,
+                "prompt_token_ids": prompt_ids,
+                "greedy_token_ids": generated,
+                "top2_margins": round_sig(margins),
+                "greedy_text": tokenizer.decode(generated),
+            }
+        )
+        print(f"{name}: {len(prompt_ids)} prompt tokens, min margin {min(margins):.4f}")
+    write_golden(
+        "smollm2_greedy.json",
+        {
+            "source": f"transformers LlamaForCausalLM (float32) from {SMOLLM2_GGUF_NAME}",
+            "versions": versions(),
+            "num_greedy_tokens": NUM_GREEDY_TOKENS,
+            "last_logits_sample": last_logits_sample,
+            "last_logits_sample_note": (
+                f"logits[:{NUM_LAST_LOGITS_SAMPLE}] at the last prompt position of cases[0]"
+            ),
+            "cases": cases,
+        },
+    )
+
+
 # ---------------------------------------------------------------- main
 
 SUBCOMMANDS = {
     "tokenizer": make_tokenizer_golden,
+    "greedy": make_greedy_golden,
 }
 
 
