@@ -1,0 +1,263 @@
+"""EngineCore: the engine's logic (add, abort, step) with no sockets, threads or signals.
+
+A step is three calls: the scheduler picks tokens, the model runner computes logits, and
+`_postprocess` samples, checks stop conditions and produces per-sequence output deltas.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from engine_core.kv_cache_manager import KVCacheManager
+from engine_core.loader import ModelConfig, load_artifact
+from engine_core.model import KVCache
+from engine_core.model_runner import ModelRunner, RunnerOutput
+from engine_core.request import Request, Sequence
+from engine_core.sampler import Sampler, log_softmax, token_logprobs
+from engine_core.scheduler import Scheduler, SchedulerOutput
+from ipc.config import ServeConfig
+from ipc.messages import (
+    EngineCoreOutput,
+    EngineCoreRequest,
+    EngineReady,
+    FinishReason,
+    SchedulerStats,
+)
+
+
+class EngineCore:
+    def __init__(self, config: ServeConfig, model_config: ModelConfig, weights: dict[str, np.ndarray]):
+        self.config = config
+        self.model_config = model_config
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        block_bytes = KVCache.bytes_per_block(model_config, config.block_size)
+        self.num_blocks = max(1, int(config.kv_cache_gib * 2**30) // block_bytes)
+        self.runner = ModelRunner(
+            model_config, weights, num_blocks=self.num_blocks,
+            block_size=config.block_size, max_model_len=self.max_model_len,
+        )
+        self.kv = KVCacheManager(self.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self.pending_outputs: list[EngineCoreOutput] = []
+        self.num_prompt_tokens_computed = 0
+
+    @classmethod
+    def from_config(cls, config: ServeConfig) -> "EngineCore":
+        model_config, weights = load_artifact(config.model)
+        return cls(config, model_config, weights)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.config.block_size
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self.pending_outputs)
+
+    def ready_message(self) -> EngineReady:
+        return EngineReady(
+            model_name=self.config.served_model_name,
+            max_model_len=self.max_model_len,
+            vocab_size=self.model_config.vocab_size,
+            num_kv_blocks=self.num_blocks,
+            block_size=self.config.block_size,
+        )
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv.pool.usage,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_prompt_tokens_computed=self.num_prompt_tokens_computed,
+        )
+
+    # ------------------------------------------------------------------ requests in
+
+    def add_request(self, message: EngineCoreRequest) -> None:
+        request = Request(message)
+        error = self._check_request(request)
+        if error is not None:
+            self.pending_outputs.append(
+                EngineCoreOutput(request.request_id, 0, [], finish_reason=FinishReason.ERROR, error=error)
+            )
+            return
+        self.requests[request.request_id] = request
+        self.scheduler.add(request.sequences[0])
+
+    def _check_request(self, request: Request) -> str | None:
+        num_prompt = request.num_prompt_tokens
+        if request.request_id in self.requests:
+            return f"request id {request.request_id!r} is already in use"
+        if num_prompt == 0:
+            return "the prompt is empty"
+        if num_prompt >= self.max_model_len and request.params.max_tokens > 0:
+            return f"the prompt has {num_prompt} tokens; this model's context is {self.max_model_len}"
+        if max(request.prompt_token_ids) >= self.model_config.vocab_size or min(request.prompt_token_ids) < 0:
+            return f"prompt token ids must be in [0, {self.model_config.vocab_size})"
+        if num_prompt + 1 > self.capacity_tokens:
+            return f"the prompt has {num_prompt} tokens; the KV cache holds {self.capacity_tokens}"
+        return None
+
+    def abort_requests(self, request_ids: list[str], indices: list[int] | None = None) -> None:
+        for k, request_id in enumerate(request_ids):
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            only = None if indices is None or indices[k] < 0 else indices[k]
+            for seq in list(request.sequences):
+                if not seq.is_finished and (only is None or seq.index == only or not request.is_forked):
+                    self._finish(seq, FinishReason.ABORT)
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> list[EngineCoreOutput]:
+        scheduled = self.scheduler.schedule()
+        for seq in scheduled.unfittable:
+            self._finish(seq, FinishReason.ERROR,
+                         error=f"the sequence needs more KV cache than the engine has ({self.capacity_tokens} tokens)")
+        if scheduled.scheduled:
+            prompt_rows = self._prompt_logit_rows(scheduled)
+            result = self.runner.execute(scheduled, prompt_rows)
+            self._postprocess(scheduled, result)
+        outputs, self.pending_outputs = self.pending_outputs, []
+        return outputs
+
+    def _prompt_logit_rows(self, scheduled: SchedulerOutput) -> dict[int, int]:
+        rows = {}
+        for index, entry in enumerate(scheduled.scheduled):
+            request = entry.seq.request
+            if request.needs_prompt_logprobs:
+                start = entry.seq.num_computed_tokens
+                count = min(entry.num_tokens, request.num_prompt_tokens - 1 - start)
+                if count > 0:
+                    rows[index] = count
+        return rows
+
+    def _postprocess(self, scheduled: SchedulerOutput, result: RunnerOutput) -> None:
+        for index, entry in enumerate(scheduled.scheduled):
+            if index in result.prompt_logits:
+                self._record_prompt_logprobs(entry.seq, result.prompt_logits[index])
+            if entry.seq.num_computed_tokens < entry.seq.request.num_prompt_tokens:
+                self.num_prompt_tokens_computed += entry.num_tokens
+            entry.seq.num_computed_tokens += entry.num_tokens
+        seqs: list[Sequence] = []
+        rows: list[int] = []
+        for row, entry in enumerate(result.sample_entries):
+            request = entry.seq.request
+            if request.params.max_tokens == 0:  # prompt scoring only (echo + logprobs)
+                self._finish(entry.seq, FinishReason.LENGTH)
+                continue
+            family = self._fork(entry.seq) if not request.is_forked_or_single else [entry.seq]
+            seqs += family
+            rows += [row] * len(family)
+        if not seqs:
+            return
+        needs_logprob = [s.request.holds_outputs_until_done for s in seqs]
+        sampled = self.sampler.sample(result.sample_logits[rows], seqs, needs_logprob)
+        for seq, token in zip(seqs, sampled):
+            seq.token_ids.append(token.token_id)
+            if token.logprob is not None:
+                seq.cumulative_logprob += token.logprob
+            if token.logprobs is not None:
+                seq.pending_logprobs.append(token.logprobs)
+            self._check_stop(seq, token.token_id)
+        for seq in seqs:
+            if not seq.is_finished:
+                self._emit(seq)
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """The prompt is done: the single prefill sequence becomes the request's candidates."""
+        request = parent.request
+        request.is_forked = True
+        for index in range(1, request.params.num_candidates):
+            child = parent.fork(index)
+            self.kv.fork(parent, child)
+            request.sequences.append(child)
+            self.scheduler.add_running(child)
+        return list(request.sequences)
+
+    def _record_prompt_logprobs(self, seq: Sequence, logits: np.ndarray) -> None:
+        request = seq.request
+        start = seq.num_computed_tokens
+        logprobs = log_softmax(logits)
+        for offset in range(logits.shape[0]):
+            position = start + offset + 1  # the prompt token these logits predict
+            if position == len(request.prompt_logprobs):
+                token = request.prompt_token_ids[position]
+                request.prompt_logprobs.append(
+                    token_logprobs(logprobs[offset], token, request.params.prompt_logprobs or 0)
+                )
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in seq.request.eos_token_ids:
+                self._finish(seq, FinishReason.STOP)
+                return
+            if token in p.stop_token_ids:
+                self._finish(seq, FinishReason.STOP, stop_reason=token)
+                return
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, FinishReason.LENGTH)
+
+    # ------------------------------------------------------------------ outputs
+
+    def _finish(self, seq: Sequence, reason: FinishReason, *, stop_reason: int | None = None,
+                error: str | None = None) -> None:
+        self.scheduler.remove(seq)
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        request = seq.request
+        if not request.is_forked_or_single:
+            self._end_unforked(request, reason, error)  # ended before its candidates existed
+        elif request.holds_outputs_until_done:
+            if request.is_finished:
+                self._emit_best(request)
+        else:
+            self._emit(seq, error=error)
+        if all(s.is_finished for s in request.sequences):
+            self.requests.pop(request.request_id, None)
+
+    def _end_unforked(self, request: Request, reason: FinishReason, error: str | None) -> None:
+        """Every one of the n choices the frontend waits for ends, with no tokens."""
+        for index in range(request.params.n):
+            output = EngineCoreOutput(request.request_id, index, [], finish_reason=reason,
+                                      error=error, num_generated_tokens=0)
+            if index == 0 and request.params.prompt_logprobs is not None:
+                output.prompt_logprobs = request.prompt_logprobs
+            self.pending_outputs.append(output)
+
+    def _emit(self, seq: Sequence, *, error: str | None = None) -> None:
+        request = seq.request
+        new_tokens = seq.output_token_ids[seq.num_sent_tokens :]
+        if not new_tokens and seq.finish_reason is None:
+            return
+        output = EngineCoreOutput(
+            request.request_id,
+            seq.index,
+            new_tokens,
+            new_logprobs=seq.pending_logprobs if request.params.logprobs is not None else None,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            error=error,
+        )
+        if request.params.prompt_logprobs is not None and seq.index == 0 and seq.num_sent_tokens == 0:
+            output.prompt_logprobs = request.prompt_logprobs
+        if seq.finish_reason is not None:
+            output.cumulative_logprob = seq.cumulative_logprob
+            output.num_generated_tokens = request.num_generated_tokens
+        seq.num_sent_tokens = seq.num_output_tokens
+        seq.pending_logprobs = []
+        self.pending_outputs.append(output)
+
+    def _emit_best(self, request: Request) -> None:
+        """best_of > n: the n candidates with the highest cumulative logprob, renumbered."""
+        ranked = sorted(request.sequences, key=lambda s: -s.cumulative_logprob)[: request.params.n]
+        for index, seq in enumerate(ranked):
+            seq.index = index
+            self._emit(seq)

@@ -1,0 +1,305 @@
+"""Read a model artifact (a GGUF file or a Hugging Face directory) into float32 numpy weights.
+
+Both paths produce the same thing: a `ModelConfig` and a dict of weights under canonical
+Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...) in HF's [out, in] layout.
+Any problem with the artifact raises `ArtifactError` naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class ArtifactError(Exception):
+    """The model artifact is missing, unreadable or not a model we can run."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    rope_scaling: dict | None = field(default=None, hash=False, compare=False)
+    name: str = "model"
+
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
+
+
+def load_artifact(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    if not os.path.exists(path):
+        raise ArtifactError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        return load_hf_directory(path)
+    if path.endswith(".gguf"):
+        return load_gguf(path)
+    raise ArtifactError(f"{path}: not a .gguf file or a Hugging Face model directory")
+
+
+# ---------------------------------------------------------------------------- Hugging Face
+
+
+def load_hf_directory(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    config_path = os.path.join(path, "config.json")
+    try:
+        with open(config_path) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise ArtifactError(f"{config_path}: missing (a Hugging Face model directory needs one)")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{config_path}: unreadable: {e}") from e
+    config = _config_from_hf(raw, config_path, name=os.path.basename(os.path.normpath(path)))
+    weights: dict[str, np.ndarray] = {}
+    for shard in _safetensors_files(path):
+        weights.update(read_safetensors(shard))
+    _check_weights(weights, config, path)
+    return config, weights
+
+
+def _config_from_hf(raw: dict, where: str, name: str) -> ModelConfig:
+    archs = raw.get("architectures") or []
+    if archs and not set(archs) & SUPPORTED_ARCHITECTURES:
+        raise ArtifactError(f"{where}: architecture {archs} is not supported (Llama family only)")
+    try:
+        hidden = int(raw["hidden_size"])
+        num_heads = int(raw["num_attention_heads"])
+        rope_scaling = raw.get("rope_scaling")
+        rope_theta = raw.get("rope_theta")
+        if rope_theta is None and isinstance(raw.get("rope_parameters"), dict):
+            rope_theta = raw["rope_parameters"].get("rope_theta")
+            if raw["rope_parameters"].get("rope_type", "default") != "default":
+                rope_scaling = raw["rope_parameters"]
+        return ModelConfig(
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+            head_dim=int(raw.get("head_dim") or hidden // num_heads),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta or 10000.0),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=bool(raw.get("attention_bias", False)),
+            rope_scaling=rope_scaling,
+            name=name,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{where}: missing or invalid field {e}") from e
+
+
+def _safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise ArtifactError(f"{index}: unreadable index: {e}") from e
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+        if missing:
+            raise ArtifactError(f"{index}: names shard files that are missing: {missing}")
+        return [os.path.join(path, f) for f in files]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise ArtifactError(f"{path}: no *.safetensors weights found")
+    return [os.path.join(path, f) for f in files]
+
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Read F32/F16/BF16 tensors as float32 (numpy has no bfloat16, so BF16 is widened by hand)."""
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > 100_000_000:
+                raise ValueError("header length is implausible")
+            header = json.loads(f.read(header_len))
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    except (OSError, ValueError, struct.error) as e:
+        raise ArtifactError(f"{path}: not a readable safetensors file: {e}") from e
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise ArtifactError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+        start, end = info["data_offsets"]
+        if end > data.shape[0]:
+            raise ArtifactError(f"{path}: tensor {name} runs past the end of the file (truncated?)")
+        raw = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            tensors[name] = (raw.astype(np.uint32) << 16).view(np.float32)
+        else:
+            tensors[name] = raw.astype(np.float32)
+    return tensors
+
+
+def _check_weights(weights: dict[str, np.ndarray], config: ModelConfig, where: str) -> None:
+    expected = {
+        "model.embed_tokens.weight": (config.vocab_size, config.hidden_size),
+        "model.norm.weight": (config.hidden_size,),
+    }
+    q_out = config.num_heads * config.head_dim
+    kv_out = config.num_kv_heads * config.head_dim
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        expected.update({
+            p + "input_layernorm.weight": (config.hidden_size,),
+            p + "post_attention_layernorm.weight": (config.hidden_size,),
+            p + "self_attn.q_proj.weight": (q_out, config.hidden_size),
+            p + "self_attn.k_proj.weight": (kv_out, config.hidden_size),
+            p + "self_attn.v_proj.weight": (kv_out, config.hidden_size),
+            p + "self_attn.o_proj.weight": (config.hidden_size, q_out),
+            p + "mlp.gate_proj.weight": (config.intermediate_size, config.hidden_size),
+            p + "mlp.up_proj.weight": (config.intermediate_size, config.hidden_size),
+            p + "mlp.down_proj.weight": (config.hidden_size, config.intermediate_size),
+        })
+    if not config.tie_word_embeddings and "lm_head.weight" in weights:
+        expected["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+    for name, shape in expected.items():
+        if name not in weights:
+            raise ArtifactError(f"{where}: weight {name} is missing")
+        if tuple(weights[name].shape) != shape:
+            raise ArtifactError(
+                f"{where}: weight {name} has shape {tuple(weights[name].shape)}, expected {shape}"
+            )
+
+
+# ---------------------------------------------------------------------------- GGUF
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def load_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, struct errors, IndexError ...
+        raise ArtifactError(f"{path}: not a readable GGUF file: {e}") from e
+    config = _config_from_gguf(reader, path)
+    weights: dict[str, np.ndarray] = {}
+    for tensor in reader.tensors:
+        name = _hf_name(tensor.name)
+        if name is None:
+            continue
+        try:
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except Exception as e:
+            raise ArtifactError(f"{path}: cannot dequantize tensor {tensor.name}: {e}") from e
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        # llama.cpp's converter permutes Q/K rows for its interleaved RoPE; undo it so the
+        # model can use Hugging Face's rotate-half RoPE.
+        if name.endswith("q_proj.weight"):
+            array = _unpermute(array, config.num_heads)
+        elif name.endswith("k_proj.weight"):
+            array = _unpermute(array, config.num_kv_heads)
+        weights[name] = array
+    if "lm_head.weight" not in weights:
+        config = _replace(config, tie_word_embeddings=True)
+    _check_weights(weights, config, path)
+    return config, weights
+
+
+def _replace(config: ModelConfig, **changes) -> ModelConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def _gguf_value(reader, key: str, default=None):
+    field_ = reader.fields.get(key)
+    if field_ is None:
+        return default
+    return field_.contents()
+
+
+def _config_from_gguf(reader, path: str) -> ModelConfig:
+    arch = _gguf_value(reader, "general.architecture")
+    if arch != "llama":
+        raise ArtifactError(f"{path}: GGUF architecture {arch!r} is not supported (llama only)")
+
+    def need(key: str):
+        value = _gguf_value(reader, f"llama.{key}")
+        if value is None:
+            raise ArtifactError(f"{path}: GGUF metadata llama.{key} is missing")
+        return value
+
+    hidden = int(need("embedding_length"))
+    num_heads = int(need("attention.head_count"))
+    vocab = _gguf_value(reader, "llama.vocab_size")
+    if vocab is None:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        vocab = len(tokens.data) if tokens is not None else None
+    if vocab is None:
+        raise ArtifactError(f"{path}: cannot tell the vocabulary size")
+    rope_scaling = None
+    if _gguf_value(reader, "llama.rope.scaling.type") == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
+    name = os.path.basename(path)
+    return ModelConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_layers=int(need("block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(_gguf_value(reader, "llama.attention.head_count_kv", num_heads)),
+        head_dim=int(_gguf_value(reader, "llama.rope.dimension_count", hidden // num_heads)),
+        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(_gguf_value(reader, "llama.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(need("context_length")),
+        tie_word_embeddings=False,
+        rope_scaling=rope_scaling,
+        name=name,
+    )
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name == "token_embd.weight":
+        return "model.embed_tokens.weight"
+    if gguf_name == "output_norm.weight":
+        return "model.norm.weight"
+    if gguf_name == "output.weight":
+        return "lm_head.weight"
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return None  # e.g. rope_freqs: recomputed from the config
+
+
+def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    rows, cols = weight.shape
+    head_dim = rows // num_heads
+    return (
+        weight.reshape(num_heads, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols).copy()
+    )

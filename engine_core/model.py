@@ -1,0 +1,225 @@
+"""The Llama family forward pass in numpy float32, over a flattened batch and a paged KV cache.
+
+Every weight matmul is one 2-D `[tokens, hidden] @ W` over all tokens of the step (decodes
+and prefill chunks together). Attention reads keys and values from the paged cache: decode
+tokens in length-bucketed groups (one batched matmul per group), prefill chunks one sequence
+at a time with a causal mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine_core.loader import ModelConfig
+
+
+@dataclass
+class DecodeGroup:
+    """Decode tokens whose contexts have similar lengths, attended together."""
+
+    rows: np.ndarray  # [B] rows of the flattened batch
+    block_table: np.ndarray  # [B, num_blocks] block ids (padding points at any block)
+    mask: np.ndarray  # [B, num_blocks * block_size] additive: 0 where visible, -inf elsewhere
+
+
+@dataclass
+class PrefillSpan:
+    """A chunk of one sequence's prompt: rows [start, start + num_tokens) of the batch."""
+
+    start: int
+    num_tokens: int
+    block_ids: np.ndarray  # the sequence's blocks covering its context after this chunk
+    context_len: int  # tokens visible after this chunk (cached + this chunk)
+
+
+@dataclass
+class ForwardBatch:
+    token_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    slot_mapping: np.ndarray  # [T] block_id * block_size + offset, where each token's K/V goes
+    decode_groups: list[DecodeGroup]
+    prefill_spans: list[PrefillSpan]
+    output_rows: np.ndarray  # rows whose final hidden state is wanted (for logits)
+
+
+class KVCache:
+    """Per layer, keys and values as [num_kv_heads, num_blocks, block_size, head_dim]."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int):
+        shape = (config.num_layers, config.num_kv_heads, num_blocks, block_size, config.head_dim)
+        # np.zeros maps untouched pages lazily, so a large cache costs memory only as it fills
+        self.keys = np.zeros(shape, dtype=np.float32)
+        self.values = np.zeros(shape, dtype=np.float32)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int) -> int:
+        return 2 * config.num_layers * config.num_kv_heads * block_size * config.head_dim * 4
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate block src into block dst in every layer."""
+        if copies:
+            src = [s for s, _ in copies]
+            dst = [d for _, d in copies]
+            self.keys[:, :, dst] = self.keys[:, :, src]
+            self.values[:, :, dst] = self.values[:, :, src]
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(is_medium, smoothed, scaled)
+    elif kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind != "default":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported")
+    return inv_freq
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], max_len: int):
+        self.config = config
+        c = config
+        self.embed = weights["model.embed_tokens.weight"]
+        lm_head = weights.get("lm_head.weight", self.embed)
+        if c.tie_word_embeddings:
+            lm_head = self.embed
+        self.lm_head_t = np.ascontiguousarray(lm_head.T)  # [hidden, vocab]
+        self.final_norm = weights["model.norm.weight"]
+        self.layers = [self._fuse_layer(weights, i) for i in range(c.num_layers)]
+        freqs = np.outer(np.arange(max_len, dtype=np.float64), rope_inv_freq(c))
+        self.cos = np.cos(freqs).astype(np.float32)  # [max_len, head_dim / 2]
+        self.sin = np.sin(freqs).astype(np.float32)
+        self.scale = np.float32(1.0 / math.sqrt(c.head_dim))
+
+    def _fuse_layer(self, w: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        qkv = np.concatenate([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]])
+        layer = {
+            "attn_norm": w[p + "input_layernorm.weight"],
+            "mlp_norm": w[p + "post_attention_layernorm.weight"],
+            "qkv": np.ascontiguousarray(qkv.T),
+            "o": np.ascontiguousarray(w[a + "o_proj.weight"].T),
+            "gate_up": np.ascontiguousarray(
+                np.concatenate([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]).T
+            ),
+            "down": np.ascontiguousarray(w[p + "mlp.down_proj.weight"].T),
+        }
+        if a + "q_proj.bias" in w:
+            layer["qkv_bias"] = np.concatenate(
+                [w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]]
+            )
+        return layer
+
+    @property
+    def num_bytes(self) -> int:
+        arrays = [self.embed, self.lm_head_t] + [a for l in self.layers for a in l.values()]
+        seen = {id(a): a.nbytes for a in arrays}
+        if self.lm_head_t.base is self.embed:
+            seen.pop(id(self.lm_head_t))
+        return sum(seen.values())
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        variance = np.einsum("ij,ij->i", x, x) / x.shape[1]
+        return x * (1.0 / np.sqrt(variance + self.config.rms_norm_eps))[:, None].astype(np.float32) * weight
+
+    def forward(self, batch: ForwardBatch, cache: KVCache) -> np.ndarray:
+        """Final-normed hidden states at batch.output_rows: [len(output_rows), hidden]."""
+        c = self.config
+        num_q = c.num_heads * c.head_dim
+        num_kv = c.num_kv_heads * c.head_dim
+        half = c.head_dim // 2
+        cos = self.cos[batch.positions][:, None, :]
+        sin = self.sin[batch.positions][:, None, :]
+        x = self.embed[batch.token_ids]
+        num_tokens = x.shape[0]
+        for index, layer in enumerate(self.layers):
+            h = self.rms_norm(x, layer["attn_norm"])
+            qkv = h @ layer["qkv"]
+            if "qkv_bias" in layer:
+                qkv += layer["qkv_bias"]
+            # rotate-half RoPE on queries and keys together
+            qk = qkv[:, : num_q + num_kv].reshape(num_tokens, c.num_heads + c.num_kv_heads, c.head_dim)
+            first, second = qk[..., :half], qk[..., half:]
+            rotated = np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+            q = rotated[:, : c.num_heads]
+            k = rotated[:, c.num_heads :]
+            v = qkv[:, num_q + num_kv :].reshape(num_tokens, c.num_kv_heads, c.head_dim)
+            self._write_cache(cache, index, batch.slot_mapping, k, v)
+            attn = self._attention(batch, cache, index, q)
+            x = x + attn @ layer["o"]
+            h = self.rms_norm(x, layer["mlp_norm"])
+            gate_up = h @ layer["gate_up"]
+            gate = gate_up[:, : c.intermediate_size]
+            up = gate_up[:, c.intermediate_size :]
+            x = x + ((gate / (1.0 + np.exp(-gate))) * up) @ layer["down"]
+        return self.rms_norm(x[batch.output_rows], self.final_norm)
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        return hidden @ self.lm_head_t
+
+    @staticmethod
+    def _write_cache(cache: KVCache, layer: int, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        num_kv_heads, num_blocks, block_size, head_dim = cache.keys.shape[1:]
+        flat = (num_kv_heads, num_blocks * block_size, head_dim)
+        cache.keys[layer].reshape(flat)[:, slots] = k.transpose(1, 0, 2)
+        cache.values[layer].reshape(flat)[:, slots] = v.transpose(1, 0, 2)
+
+    def _attention(self, batch: ForwardBatch, cache: KVCache, layer: int, q: np.ndarray) -> np.ndarray:
+        c = self.config
+        group = c.num_heads // c.num_kv_heads
+        out = np.empty((q.shape[0], c.num_heads * c.head_dim), dtype=np.float32)
+        keys, values = cache.keys[layer], cache.values[layer]
+        for g in batch.decode_groups:
+            b = len(g.rows)
+            k = keys[:, g.block_table].reshape(c.num_kv_heads, b, -1, c.head_dim)
+            v = values[:, g.block_table].reshape(c.num_kv_heads, b, -1, c.head_dim)
+            qg = q[g.rows].reshape(b, c.num_kv_heads, group, c.head_dim).transpose(1, 0, 2, 3)
+            scores = (qg @ k.transpose(0, 1, 3, 2)) * self.scale + g.mask[None, :, None, :]
+            probs = _softmax(scores)
+            o = probs @ v  # [kv_heads, B, group, head_dim]
+            out[g.rows] = o.transpose(1, 0, 2, 3).reshape(b, -1)
+        for span in batch.prefill_spans:
+            n, length = span.num_tokens, span.context_len
+            k = keys[:, span.block_ids].reshape(c.num_kv_heads, -1, c.head_dim)[:, :length]
+            v = values[:, span.block_ids].reshape(c.num_kv_heads, -1, c.head_dim)[:, :length]
+            qs = q[span.start : span.start + n].reshape(n, c.num_kv_heads, group, c.head_dim)
+            qs = qs.transpose(1, 2, 0, 3).reshape(c.num_kv_heads, group * n, c.head_dim)
+            scores = (qs @ k.transpose(0, 2, 1)) * self.scale
+            scores = scores.reshape(c.num_kv_heads, group, n, length) + _causal_mask(n, length)
+            probs = _softmax(scores).reshape(c.num_kv_heads, group * n, length)
+            o = (probs @ v).reshape(c.num_kv_heads, group, n, c.head_dim)
+            out[span.start : span.start + n] = o.transpose(2, 0, 1, 3).reshape(n, -1)
+        return out
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
+
+
+def _causal_mask(num_queries: int, context_len: int) -> np.ndarray:
+    """Query i sits at position context_len - num_queries + i and sees keys up to there."""
+    first = context_len - num_queries
+    query_pos = np.arange(first, context_len)[:, None]
+    key_pos = np.arange(context_len)[None, :]
+    return np.where(key_pos <= query_pos, 0.0, -np.inf).astype(np.float32)

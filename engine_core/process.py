@@ -1,0 +1,154 @@
+"""EngineCoreProc: the engine-core process around `EngineCore`.
+
+Three threads: an input thread (ZMQ -> decode -> queue), the busy loop on the main thread
+(drain queue -> step -> outputs), and an output thread (queue -> encode -> ZMQ), so socket IO
+overlaps the numpy work. The loop blocks on the input queue when there is nothing to do.
+Any fatal error sends a `dead` message with the reason before the process exits non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+
+import zmq
+
+from engine_core.core import EngineCore
+from ipc.config import ServeConfig
+from ipc.messages import (
+    EngineCoreAbort,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineDead,
+    decode_to_engine,
+    encode,
+)
+from ipc.sockets import make_socket
+
+logger = logging.getLogger("furiosa_llm.engine")
+
+_SHUTDOWN = object()  # sentinel on the input queue: stop the loop
+IDLE_POLL_S = 1.0  # how often an idle loop wakes to check that its parent still lives
+
+
+class EngineCoreProc:
+    def __init__(self, config: ServeConfig, core: EngineCore | None = None):
+        self.config = config
+        self.ctx = zmq.Context()
+        # bind first, so a frontend that starts early queues its messages instead of failing
+        self.input_socket = make_socket(self.ctx, zmq.PULL, config.input_address, bind=True)
+        self.output_socket = make_socket(self.ctx, zmq.PUSH, config.output_address, bind=True)
+        self.input_queue: queue.Queue = queue.Queue()
+        self.output_queue: queue.Queue = queue.Queue()
+        self.parent_pid = os.getppid()
+        self.core = core
+        self._stop = threading.Event()
+
+    def run(self) -> int:
+        output_thread = threading.Thread(target=self._output_loop, name="engine-output", daemon=True)
+        output_thread.start()
+        try:
+            if self.core is None:
+                self.core = EngineCore.from_config(self.config)
+            threading.Thread(target=self._input_loop, name="engine-input", daemon=True).start()
+            self.output_queue.put(self.core.ready_message())
+            logger.info("engine ready: %s", self.core.ready_message())
+            self._busy_loop()
+            return 0
+        except BaseException as e:  # report any death to the frontend before exiting
+            reason = f"{type(e).__name__}: {e}"
+            logger.error("engine core died: %s\n%s", reason, traceback.format_exc())
+            self.output_queue.put(EngineDead(reason))
+            return 1
+        finally:
+            self.output_queue.put(_SHUTDOWN)
+            output_thread.join(timeout=5)
+            self.input_socket.close(linger=0)
+            self.output_socket.close(linger=0)
+            self.ctx.term()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.input_queue.put(_SHUTDOWN)
+
+    def _busy_loop(self) -> None:
+        core = self.core
+        while not self._stop.is_set():
+            # 1) poll input: block while idle, drain without waiting while busy
+            if not core.has_unfinished_requests:
+                try:
+                    message = self.input_queue.get(timeout=IDLE_POLL_S)
+                except queue.Empty:
+                    self._check_parent()
+                    continue
+                if not self._handle(message):
+                    return
+            while True:
+                try:
+                    message = self.input_queue.get_nowait()
+                except queue.Empty:
+                    break
+                if not self._handle(message):
+                    return
+            # 2) step
+            outputs = core.step()
+            # 3) hand outputs to the output thread
+            if outputs:
+                self.output_queue.put(EngineCoreOutputs(outputs, core.stats(), time.time()))
+
+    def _handle(self, message) -> bool:
+        if message is _SHUTDOWN:
+            return False
+        if isinstance(message, BaseException):
+            raise message
+        if isinstance(message, EngineCoreRequest):
+            self.core.add_request(message)
+        elif isinstance(message, EngineCoreAbort):
+            self.core.abort_requests(message.request_ids, message.indices)
+        return True
+
+    def _check_parent(self) -> None:
+        if os.getppid() != self.parent_pid:
+            raise RuntimeError("the launcher process is gone")
+
+    def _input_loop(self) -> None:
+        try:
+            while True:
+                data = self.input_socket.recv()
+                try:
+                    message = decode_to_engine(data)
+                except Exception as e:  # a malformed message is a bug on the other side; log it
+                    logger.error("dropping undecodable message (%d bytes): %s", len(data), e)
+                    continue
+                self.input_queue.put(message)
+        except zmq.ContextTerminated:
+            return
+        except Exception as e:
+            self.input_queue.put(e)
+
+    def _output_loop(self) -> None:
+        while True:
+            message = self.output_queue.get()
+            if message is _SHUTDOWN:
+                return
+            try:
+                self.output_socket.send(encode(message))
+            except zmq.ZMQError as e:
+                logger.error("cannot send to the frontend: %s", e)
+                return
+
+
+def run_engine_core(config: ServeConfig) -> int:
+    if config.num_threads:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(config.num_threads)
+    proc = EngineCoreProc(config)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: proc.stop())
+    return proc.run()

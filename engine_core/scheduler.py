@@ -1,0 +1,125 @@
+"""Continuous batching in the vLLM V1 manner: no prefill or decode phase, one token budget.
+
+Each step hands `max_num_batched_tokens` out over running sequences first (a decode costs one
+token, an unfinished prompt takes what is left in chunks), then over waiting sequences in
+arrival order, with at most `max_num_seqs` running. When the KV cache has no block for a
+running sequence, the newest running sequence is preempted: its blocks are freed and it waits
+to be recomputed from its tokens. Nothing is dropped: a sequence that cannot fit even alone
+is finished with an error.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine_core.kv_cache_manager import KVCacheManager
+from engine_core.request import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_tokens: int  # tokens computed for seq this step, from seq.num_computed_tokens on
+
+    @property
+    def completes(self) -> bool:
+        """Whether this step reaches the end of seq's tokens, so a new token is sampled."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    unfittable: list[Sequence] = field(default_factory=list)  # can never fit the cache
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A candidate forked from a running sequence runs alongside it."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take seq out of the queues and return its blocks; it is finished or aborted."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.kv.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        preempted_any = False
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            while not self.kv.can_allocate(seq, num_tokens):
+                victim = self.running[-1]
+                if victim is seq and index == 0:
+                    # alone and still too big: it can never run
+                    self.running.pop()
+                    out.unfittable.append(seq)
+                    seq = None
+                    break
+                self._preempt(victim)
+                preempted_any = True
+                if victim is seq:
+                    seq = None
+                    break
+            if seq is None:
+                break
+            out.block_copies += self.kv.allocate(seq, num_tokens)
+            out.scheduled.append(ScheduledSequence(seq, num_tokens))
+            budget -= num_tokens
+            index += 1
+        while self.waiting and budget > 0 and not preempted_any:
+            if len(self.running) >= self.max_num_seqs:
+                break
+            seq = self.waiting[0]
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if not self.kv.can_allocate(seq, num_tokens):
+                if not self.running and not out.scheduled:
+                    self.waiting.popleft()
+                    out.unfittable.append(seq)
+                    continue
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.block_copies += self.kv.allocate(seq, num_tokens)
+            out.scheduled.append(ScheduledSequence(seq, num_tokens))
+            budget -= num_tokens
+        return out
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
