@@ -1,0 +1,1 @@
+"""The frontend process: the OpenAI-compatible HTTP API, templating, tokenizing and detokenizing."""
