@@ -361,11 +361,57 @@ def make_greedy_golden() -> None:
     )
 
 
+
+# ---------------------------------------------------------------- tiny llama
+
+
+def import_tiny_llama():
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    import tiny_llama
+
+    return tiny_llama
+
+
+def make_tiny_llama_logits_golden() -> None:
+    import hashlib
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tiny_llama = import_tiny_llama()
+    variants = {}
+    for variant in TINY_LLAMA_VARIANTS:
+        with tempfile.TemporaryDirectory() as tmp:
+            tiny_llama.write_tiny_llama(tmp, variant)
+            weight_files = sorted(Path(tmp).glob("*.safetensors"))
+            weights_sha256 = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in weight_files}
+            model = LlamaForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
+            with torch.no_grad():
+                logits = model(torch.tensor([TINY_LLAMA_INPUT_IDS])).logits[0].numpy()
+        variants[variant] = {
+            "weights_sha256": weights_sha256,
+            "logits": [round_sig(row) for row in logits],
+        }
+        print(f"{variant}: logits {logits.shape}, |max| {np.abs(logits).max():.3f}")
+    write_golden(
+        "tiny_llama_logits.json",
+        {
+            "source": "transformers LlamaForCausalLM (float32 compute) on tests/tiny_llama.py checkpoints",
+            "versions": versions(),
+            "input_ids": TINY_LLAMA_INPUT_IDS,
+            "note": "logits[position][token id], 6 significant digits; weights_sha256 tells whether "
+            "tests/tiny_llama.py still writes the weights these logits were computed from",
+            "variants": variants,
+        },
+    )
+
+
 # ---------------------------------------------------------------- main
 
 SUBCOMMANDS = {
     "tokenizer": make_tokenizer_golden,
     "greedy": make_greedy_golden,
+    "tiny-logits": make_tiny_llama_logits_golden,
 }
 
 
