@@ -1,0 +1,237 @@
+"""The Litestar app: routes over the serving layer. `create_app` is the one wiring point.
+
+The lifespan loads the tokenizer and chat template and starts the engine client, but does not
+wait for the engine: /health answers 503 until the engine reports ready, and generation
+requests get a 503 until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from litestar import Litestar, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.params import FromPath
+from litestar.response import Stream
+
+from frontend.chat_template import load_chat_template
+from frontend.engine_client import EngineClient
+from frontend.errors import EXCEPTION_HANDLERS, OpenAIError, bad_request, decode_body, error_response
+from frontend.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
+from frontend.serving_chat import OpenAIServingChat
+from frontend.serving_completions import OpenAIServingCompletion
+from frontend.tokenizer import eos_token_ids, load_tokenizer
+from ipc.config import ServeConfig
+
+logger = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("furiosa-llm")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.1.0+source"
+
+
+@dataclass
+class Services:
+    """The long-lived objects the routes use; built by the lifespan."""
+
+    config: ServeConfig
+    engine_client: object
+    completions: OpenAIServingCompletion
+    chat: OpenAIServingChat
+
+    @property
+    def tokenizer(self):
+        return self.completions.tokenizer
+
+
+def _services(state: State) -> Services:
+    return state.services
+
+
+# ---------------------------------------------------------------------------------------
+# Routes
+
+
+@post("/v1/completions", status_code=200)
+async def create_completion(request: Request, state: State) -> Response:
+    services = _services(state)
+    body = decode_body(await request.body(), CompletionRequest)
+    if body.stream:
+        chunks = await services.completions.create_completion(body)
+        return Stream(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
+    return Response(await _unless_disconnected(services.completions.create_completion(body), request))
+
+
+@post("/v1/chat/completions", status_code=200)
+async def create_chat_completion(request: Request, state: State) -> Response:
+    services = _services(state)
+    body = decode_body(await request.body(), ChatCompletionRequest)
+    if body.stream:
+        chunks = await services.chat.create_chat_completion(body)
+        return Stream(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
+    return Response(await _unless_disconnected(services.chat.create_chat_completion(body), request))
+
+
+@get("/v1/models")
+async def list_models(state: State) -> ModelList:
+    return ModelList([_model_card(_services(state))])
+
+
+@get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: FromPath[str], state: State) -> ModelCard:
+    services = _services(state)
+    services.completions.check_model(model_id.lstrip("/"))
+    return _model_card(services)
+
+
+@get("/health")
+async def health(state: State) -> Response:
+    client = _services(state).engine_client
+    if client.is_dead:
+        raise OpenAIError(503, f"The engine is not running: {client.dead_reason}", code="engine_dead")
+    if not client.is_ready:
+        raise OpenAIError(503, "The model is still loading.", code="engine_not_ready")
+    return Response(b"", status_code=200)
+
+
+@get("/version")
+async def version() -> VersionResponse:
+    return VersionResponse(_version())
+
+
+@post("/tokenize", status_code=200)
+async def tokenize(request: Request, state: State) -> TokenizeResponse:
+    services = _services(state)
+    body = decode_body(await request.body(), TokenizeRequest)
+    services.completions.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise bad_request("Give exactly one of prompt and messages.", param="prompt")
+    if body.prompt is not None:
+        add_special_tokens = True if body.add_special_tokens is None else body.add_special_tokens
+        tokens = services.tokenizer.encode(body.prompt, add_special_tokens=add_special_tokens)
+    else:
+        builder = services.chat.prompt_builder
+        text = builder.render(
+            body.messages,
+            tools=body.tools,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            chat_template_kwargs=body.chat_template_kwargs,
+        )
+        tokens = services.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+    return TokenizeResponse(count=len(tokens), max_model_len=_max_model_len(services), tokens=tokens)
+
+
+@post("/detokenize", status_code=200)
+async def detokenize(request: Request, state: State) -> DetokenizeResponse:
+    services = _services(state)
+    body = decode_body(await request.body(), DetokenizeRequest)
+    services.completions.check_model(body.model)
+    vocab_size = len(services.tokenizer)
+    for token_id in body.tokens:
+        if not 0 <= token_id < vocab_size:
+            raise bad_request(f"{token_id} is not a token id (the vocabulary has {vocab_size}).", param="tokens")
+    return DetokenizeResponse(prompt=services.tokenizer.decode(body.tokens))
+
+
+def _model_card(services: Services) -> ModelCard:
+    return ModelCard(
+        id=services.config.served_model_name,
+        max_model_len=_max_model_len(services),
+        root=services.config.model,
+    )
+
+
+def _max_model_len(services: Services) -> int | None:
+    info = services.engine_client.model_info
+    return info.max_model_len if info is not None else services.config.max_model_len
+
+
+async def _unless_disconnected(work, request: Request):
+    """Runs `work` unless the client goes away first; then it is cancelled, which aborts its
+    engine requests. ASGI reports a disconnect as the next message on `receive`."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        logger.info("client disconnected; aborting %s %s", request.method, request.url.path)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise OpenAIError(499, "The client closed the request.", type="client_closed_request")
+    finally:
+        watcher.cancel()
+        task.cancel()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(config: ServeConfig, engine_client=None, tokenizer=None) -> Litestar:
+    """The frontend app. Tests pass a fake `engine_client` (then it is neither started nor shut
+    down here) and a ready `tokenizer`."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        tok = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+        chat_template = load_chat_template(config.chat_template, tok)
+        eos_ids = eos_token_ids(tok, config.model)
+        client = engine_client
+        if client is None:
+            client = EngineClient(config)
+            await client.start()
+        serving_args = (config, client, tok, eos_ids)
+        app.state.services = Services(
+            config=config,
+            engine_client=client,
+            completions=OpenAIServingCompletion(*serving_args),
+            chat=OpenAIServingChat(*serving_args, chat_template=chat_template),
+        )
+        try:
+            yield
+        finally:
+            if engine_client is None:
+                await client.shutdown()
+
+    return Litestar(
+        route_handlers=[
+            create_completion,
+            create_chat_completion,
+            list_models,
+            retrieve_model,
+            health,
+            version,
+            tokenize,
+            detokenize,
+        ],
+        lifespan=[lifespan],
+        exception_handlers=EXCEPTION_HANDLERS,
+        openapi_config=None,
+    )

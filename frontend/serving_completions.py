@@ -1,0 +1,250 @@
+"""POST /v1/completions: prompts in, text (or a stream of text chunks) out.
+
+Each prompt of a request is its own engine request; its n sequences fill choices
+`prompt_index * n + j`. With `echo` a choice starts with its prompt, and with `logprobs` too
+the prompt's own logprobs (computed by the engine as `prompt_logprobs`) lead the list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+from frontend.errors import bad_request
+from frontend.protocol import (
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionStreamChoice,
+    CompletionStreamResponse,
+)
+from frontend.serving import (
+    MAX_LOGPROBS,
+    ChoiceDelta,
+    OpenAIServing,
+    PreparedPrompt,
+    RequestTiming,
+    TextSettings,
+    TokenStrings,
+    UsageCounter,
+    check_sampling_fields,
+    check_stop_token_ids,
+    clamp_logprob,
+    make_sampling_params,
+    random_id,
+    resolve_max_tokens,
+    sse_stream,
+    text_settings,
+)
+from ipc.messages import TokenLogprobs
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions API
+
+
+class CompletionLogprobsBuilder:
+    """Builds one choice's completions-format logprobs; `text_offset` runs across calls."""
+
+    def __init__(self, token_strings: TokenStrings, num_top: int) -> None:
+        self.token_strings = token_strings
+        self.num_top = num_top
+        self.offset = 0
+
+    def build(self, token_ids: list[int], entries: list[TokenLogprobs | None] | None) -> CompletionLogProbs:
+        result = CompletionLogProbs([], [], [], [])
+        for k, token_id in enumerate(token_ids):
+            entry = entries[k] if entries is not None and k < len(entries) else None
+            token = self.token_strings.text_of(token_id)
+            result.tokens.append(token)
+            result.text_offset.append(self.offset)
+            self.offset += len(token)
+            if entry is None:
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+                continue
+            result.token_logprobs.append(clamp_logprob(entry.logprob))
+            top = {token: clamp_logprob(entry.logprob)}
+            for top_id, top_logprob in list(zip(entry.top_token_ids, entry.top_logprobs))[: self.num_top]:
+                top.setdefault(self.token_strings.text_of(top_id), clamp_logprob(top_logprob))
+            result.top_logprobs.append(top)
+        return result
+
+
+def _append_logprobs(into: CompletionLogProbs, more: CompletionLogProbs) -> None:
+    into.tokens.extend(more.tokens)
+    into.text_offset.extend(more.text_offset)
+    into.token_logprobs.extend(more.token_logprobs)
+    into.top_logprobs.extend(more.top_logprobs)
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    async def create_completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[bytes]:
+        """Validates eagerly (errors are plain 400s), then a response or an SSE byte stream."""
+        job = self._prepare(request)
+        if request.stream:
+            return sse_stream(job.stream_chunks())
+        return await job.collect()
+
+    def _prepare(self, request: CompletionRequest) -> "_CompletionJob":
+        arrival_time = time.time()
+        self.check_model(request.model)
+        info = self.engine_info()
+        if request.suffix is not None:
+            raise bad_request("suffix is not supported: this server does not do fill-in-the-middle.", param="suffix")
+        check_sampling_fields(request, max_num_seqs=self.config.max_num_seqs)
+        check_stop_token_ids(request, info.vocab_size)
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}.", param="logprobs")
+        completion_id = random_id("cmpl")
+        prompts: list[PreparedPrompt] = []
+        for i, prompt in enumerate(_split_prompts(request.prompt)):
+            token_ids = self._prompt_token_ids(prompt, info.vocab_size)
+            max_tokens = resolve_max_tokens(
+                request.max_tokens,
+                param="max_tokens",
+                default=DEFAULT_MAX_TOKENS,
+                num_prompt_tokens=len(token_ids),
+                max_model_len=info.max_model_len,
+                clamp=self.config.clamp_max_tokens,
+            )
+            params = make_sampling_params(
+                request,
+                max_tokens=max_tokens,
+                logprobs=request.logprobs,
+                prompt_logprobs=request.logprobs if request.echo else None,
+            )
+            engine_request = self.make_engine_request(f"{completion_id}-{i}", token_ids, params, arrival_time)
+            prompt_text = prompt if isinstance(prompt, str) else self.tokenizer.decode(token_ids)
+            prompts.append(PreparedPrompt(engine_request, prompt_text, i * request.n))
+        return _CompletionJob(self, request, completion_id, prompts, text_settings(request), arrival_time)
+
+    def _prompt_token_ids(self, prompt: str | list[int], vocab_size: int) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        for token_id in prompt:
+            if not 0 <= token_id < vocab_size:
+                raise bad_request(f"prompt: {token_id} is not a token id (the vocabulary has {vocab_size}).", param="prompt")
+        return list(prompt)
+
+
+def _split_prompts(prompt: str | list) -> list[str | list[int]]:
+    """The prompts of a request: a string, strings, token ids, or token-id lists (not mixed)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be an empty list.", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if all(isinstance(p, list) for p in prompt):
+        return [list(p) for p in prompt]
+    raise bad_request(
+        "prompt must be a string, a list of strings, a list of token ids, or a list of "
+        "token-id lists; its elements cannot be mixed.",
+        param="prompt",
+    )
+
+
+class _CompletionJob:
+    """One validated request: the engine requests and how to present their choices."""
+
+    def __init__(
+        self,
+        serving: OpenAIServingCompletion,
+        request: CompletionRequest,
+        completion_id: str,
+        prompts: list[PreparedPrompt],
+        settings: TextSettings,
+        arrival_time: float,
+    ) -> None:
+        self.serving = serving
+        self.request = request
+        self.completion_id = completion_id
+        self.prompts = prompts
+        self.settings = settings
+        self.created = int(arrival_time)
+        self.timing = RequestTiming(arrival_time)
+        self.usage = UsageCounter(prompts)
+        num_top = request.logprobs or 0
+        self.logprobs_builders = {
+            p.first_choice_index + j: CompletionLogprobsBuilder(serving.token_strings, num_top)
+            for p in prompts
+            for j in range(request.n)
+        }
+        self.prompt_of_choice = {
+            p.first_choice_index + j: p for p in prompts for j in range(request.n)
+        }
+
+    def _deltas(self) -> AsyncIterator[ChoiceDelta]:
+        return self.serving.generate_choices(self.prompts, self.settings, self.usage, self.timing)
+
+    def _choice_parts(self, delta: ChoiceDelta) -> tuple[str, CompletionLogProbs | None]:
+        """The text and logprobs a delta adds to its choice, the echoed prompt included."""
+        text = delta.text
+        want_logprobs = self.request.logprobs is not None
+        logprobs = CompletionLogProbs([], [], [], []) if want_logprobs else None
+        builder = self.logprobs_builders[delta.index]
+        if delta.is_first and self.request.echo:
+            prompt = self.prompt_of_choice[delta.index]
+            text = prompt.prompt_text + text
+            if logprobs is not None:
+                _append_logprobs(logprobs, builder.build(prompt.request.prompt_token_ids, delta.prompt_logprobs))
+        if logprobs is not None:
+            _append_logprobs(logprobs, builder.build(delta.token_ids, delta.logprobs))
+        return text, logprobs
+
+    async def collect(self) -> CompletionResponse:
+        texts: dict[int, list[str]] = {index: [] for index in self.logprobs_builders}
+        logprobs: dict[int, CompletionLogProbs | None] = {}
+        finish: dict[int, tuple[str | None, int | str | None]] = {}
+        async with contextlib.aclosing(self._deltas()) as deltas:
+            async for delta in deltas:
+                text, more = self._choice_parts(delta)
+                texts[delta.index].append(text)
+                if more is not None:
+                    _append_logprobs(logprobs.setdefault(delta.index, CompletionLogProbs([], [], [], [])), more)
+                if delta.finish_reason is not None:
+                    finish[delta.index] = (delta.finish_reason, delta.stop_reason)
+        choices = [
+            CompletionResponseChoice(
+                index=index,
+                text="".join(texts[index]),
+                logprobs=logprobs.get(index),
+                finish_reason=finish.get(index, (None, None))[0],
+                stop_reason=finish.get(index, (None, None))[1],
+            )
+            for index in sorted(texts)
+        ]
+        return CompletionResponse(
+            id=self.completion_id,
+            model=self.serving.model_name,
+            choices=choices,
+            usage=self.usage.usage(),
+            created=self.created,
+        )
+
+    async def stream_chunks(self) -> AsyncIterator[CompletionStreamResponse]:
+        options = self.request.stream_options
+        include_usage = options is not None and options.include_usage
+        continuous_usage = include_usage and options.continuous_usage_stats
+        async with contextlib.aclosing(self._deltas()) as deltas:
+            async for delta in deltas:
+                text, logprobs = self._choice_parts(delta)
+                if not text and delta.finish_reason is None and not (logprobs and logprobs.tokens):
+                    continue  # nothing to say yet (text held back for a possible stop string)
+                choice = CompletionStreamChoice(delta.index, text, logprobs, delta.finish_reason, delta.stop_reason)
+                yield self._chunk([choice], self.usage.usage() if continuous_usage else None)
+        if include_usage:
+            yield self._chunk([], self.usage.usage())
+
+    def _chunk(self, choices: list[CompletionStreamChoice], usage) -> CompletionStreamResponse:
+        return CompletionStreamResponse(
+            id=self.completion_id,
+            object="text_completion",
+            created=self.created,
+            model=self.serving.model_name,
+            choices=choices,
+            usage=usage,
+        )
