@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import importlib.metadata
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from litestar import Litestar, Request, Response, get, post
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.params import FromPath
 from litestar.response import Stream
 
 from frontend.chat_template import load_chat_template
 from frontend.engine_client import EngineClient
-from frontend.errors import EXCEPTION_HANDLERS, OpenAIError, bad_request, decode_body, error_response
+from frontend.errors import EXCEPTION_HANDLERS, OpenAIError, bad_request, decode_body
 from frontend.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -33,6 +35,7 @@ from frontend.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
+from frontend.serving import RequestLoad
 from frontend.serving_chat import OpenAIServingChat
 from frontend.serving_completions import OpenAIServingCompletion
 from frontend.tokenizer import eos_token_ids, load_tokenizer
@@ -190,6 +193,28 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
+# Routes open without the API key: probes and version checks from load balancers.
+_PUBLIC_PATHS = {"/health", "/version"}
+
+
+def _api_key_check(api_key: str):
+    expected = f"Bearer {api_key}".encode()
+
+    def check(request: Request) -> None:
+        if request.url.path in _PUBLIC_PATHS or request.method == "OPTIONS":
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            raise OpenAIError(
+                401,
+                "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'.",
+                type="invalid_request_error",
+                code="invalid_api_key",
+            )
+
+    return check
+
+
 # ---------------------------------------------------------------------------------------
 # The app
 
@@ -208,11 +233,12 @@ def create_app(config: ServeConfig, engine_client=None, tokenizer=None) -> Lites
             client = EngineClient(config)
             await client.start()
         serving_args = (config, client, tok, eos_ids)
+        load = RequestLoad(config.max_num_seqs + config.max_waiting_requests)
         app.state.services = Services(
             config=config,
             engine_client=client,
-            completions=OpenAIServingCompletion(*serving_args),
-            chat=OpenAIServingChat(*serving_args, chat_template=chat_template),
+            completions=OpenAIServingCompletion(*serving_args, load=load),
+            chat=OpenAIServingChat(*serving_args, chat_template=chat_template, load=load),
         )
         try:
             yield
@@ -233,5 +259,7 @@ def create_app(config: ServeConfig, engine_client=None, tokenizer=None) -> Lites
         ],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
+        before_request=_api_key_check(config.api_key) if config.api_key else None,
+        cors_config=CORSConfig(allow_origins=list(config.allowed_origins)) if config.allowed_origins else None,
         openapi_config=None,
     )

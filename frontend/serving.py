@@ -409,6 +409,25 @@ def _finish_reason(output: EngineCoreOutput) -> str:
     raise engine_unavailable("The request was aborted by the engine.", code="request_aborted")
 
 
+class RequestLoad:
+    """Generation requests in flight, shared by both endpoints, to refuse work beyond a bound.
+
+    Requests beyond `max_num_seqs` wait in the engine; more than `max_waiting_requests` such
+    requests get a 503 instead of an ever longer queue.
+    """
+
+    def __init__(self, max_num_requests: int) -> None:
+        self.max_num_requests = max_num_requests
+        self.num_requests = 0
+
+    def check(self) -> None:
+        if self.num_requests >= self.max_num_requests:
+            raise engine_unavailable(
+                f"The server is overloaded ({self.num_requests} requests in flight); retry later.",
+                code="server_overloaded",
+            )
+
+
 class OpenAIServing:
     """State and steps shared by the completions and chat endpoints."""
 
@@ -419,6 +438,7 @@ class OpenAIServing:
         tokenizer: PreTrainedTokenizerFast,
         eos_token_ids: list[int],
         *,
+        load: RequestLoad | None = None,
         on_request_finished: Callable[[RequestTiming], None] | None = None,
     ) -> None:
         self.config = config
@@ -426,6 +446,7 @@ class OpenAIServing:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.token_strings = TokenStrings(tokenizer)
+        self.load = load or RequestLoad(config.max_num_seqs + config.max_waiting_requests)
         # A hook for metrics: called once per request with its timing.
         self.on_request_finished = on_request_finished
 
@@ -445,6 +466,7 @@ class OpenAIServing:
         info = client.model_info
         if info is None:
             raise engine_unavailable("The model is still loading; retry shortly.", code="engine_not_ready")
+        self.load.check()
         return info
 
     def make_engine_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float) -> EngineCoreRequest:
@@ -468,6 +490,7 @@ class OpenAIServing:
                 states[(prompt.request.request_id, j)] = ChoiceState(prompt.first_choice_index + j, self.tokenizer, settings)
         timing.num_prompt_tokens = usage.num_prompt_tokens
         num_unfinished = len(states)
+        self.load.num_requests += 1
         try:
             async with _merged_outputs(self.engine_client, [p.request for p in prompts]) as outputs:
                 async for output in outputs:
@@ -492,6 +515,7 @@ class OpenAIServing:
         except EngineDeadError as exc:
             raise engine_unavailable(f"The engine is not running: {exc}", code="engine_dead") from None
         finally:
+            self.load.num_requests -= 1
             timing.finish_time = time.time()
             timing.num_generation_tokens = usage.num_completion_tokens
             if self.on_request_finished is not None:
