@@ -303,3 +303,17 @@ def test_no_template_anywhere_gives_none():
 def test_named_templates_use_the_default_one():
     tokenizer = _FakeTokenizer({"default": "D{{ bos_token }}", "tool_use": "T"})
     assert load_chat_template(None, tokenizer).render([]) == "D<s>"
+
+
+def test_a_template_that_writes_bos_gives_one_bos_when_encoded_without_special_tokens(tmp_path):
+    from tiny_llama import BOS_ID, write_tiny_llama
+
+    write_tiny_llama(tmp_path, "tied")
+    tokenizer = load_tokenizer(str(tmp_path))
+    path = tmp_path / "with_bos.jinja"
+    path.write_text("{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    text = load_chat_template(str(path), tokenizer).render([{"role": "user", "content": "the cat"}])
+    assert text == "<s>user: the cat\n"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert ids[0] == BOS_ID and ids.count(BOS_ID) == 1
+    assert tokenizer.encode(text)[:2] == [BOS_ID, BOS_ID]  # why the API encodes chat prompts without

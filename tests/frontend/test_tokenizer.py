@@ -368,3 +368,17 @@ def test_directory_without_a_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(TokenizerLoadError) as info:
         load_tokenizer(str(tmp_path))
     assert str(tmp_path) in str(info.value)
+
+
+@pytest.mark.parametrize(("variant", "expected_eos_ids"), [("tied", [1]), ("llama3", [1, 3])])
+def test_tiny_llama_directory(tmp_path, variant, expected_eos_ids):
+    from tiny_llama import BOS_ID, write_tiny_llama
+
+    write_tiny_llama(tmp_path, variant)
+    tokenizer = load_tokenizer(str(tmp_path))
+    ids = tokenizer.encode("the cat is on the mat")
+    assert ids[0] == BOS_ID and BOS_ID not in ids[1:]  # add_bos_token from tokenizer_config.json
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "the cat is on the mat"
+    assert "Ġthe" in tokenizer.convert_ids_to_tokens(ids)  # the merges apply
+    assert eos_token_ids(tokenizer, str(tmp_path)) == expected_eos_ids
+    assert "<|im_start|>" in tokenizer.chat_template
