@@ -262,4 +262,5 @@ def create_app(config: ServeConfig, engine_client=None, tokenizer=None) -> Lites
         before_request=_api_key_check(config.api_key) if config.api_key else None,
         cors_config=CORSConfig(allow_origins=list(config.allowed_origins)) if config.allowed_origins else None,
         openapi_config=None,
+        logging_config=None,  # the process configures logging (see __main__)
     )

@@ -109,6 +109,7 @@ class EngineClient:
         finally:
             del self._queues[request_id]
             if len(finished) < num_sequences and not self.is_dead:
+                logger.info("aborting request %s (its consumer stopped early)", request_id)
                 self._send(EngineCoreAbort([request_id]))
 
     async def abort(self, request_ids: list[str], indices: list[int] | None = None) -> None:
@@ -123,7 +124,7 @@ class EngineClient:
                 await task
         self._tasks.clear()
         if not self.is_dead:
-            self._mark_dead("the frontend is shutting down")
+            self._mark_dead("the frontend is shutting down", is_failure=False)
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
             self._ctx = None
@@ -170,10 +171,10 @@ class EngineClient:
                 return
             await asyncio.sleep(self.pid_poll_interval_s)
 
-    def _mark_dead(self, reason: str) -> None:
+    def _mark_dead(self, reason: str, *, is_failure: bool = True) -> None:
         if self.is_dead:
             return
-        logger.error("%s", reason)
+        logger.log(logging.ERROR if is_failure else logging.INFO, "%s", reason)
         self.dead_reason = reason
         self._dead.set()
         error = EngineDeadError(reason)

@@ -560,9 +560,11 @@ async def _merged_outputs(engine_client, requests: list[EngineCoreRequest]):
     try:
         yield iterator
     finally:
-        await iterator.aclose()
+        # Cancel before any await: under a cancelled anyio scope (Litestar's disconnect
+        # handling) every await here raises again, and the aborts must not depend on it.
         for task in tasks:
             task.cancel()
+        await iterator.aclose()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 

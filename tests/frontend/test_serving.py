@@ -341,6 +341,13 @@ def test_engine_error_finish_is_400_with_its_message(client, engine):
     assert "KV cache" in response.json()["error"]["message"]
 
 
+def test_engine_death_during_a_request_is_503(client, engine):
+    engine.die_after_steps = 3
+    response = client.post("/v1/completions", json={"prompt": "x"})
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "engine_dead"
+
+
 def test_abort_not_requested_by_us_is_503(client, engine):
     engine.unrequested_abort = True
     response = client.post("/v1/chat/completions", json={"messages": USER_HI})
