@@ -1,9 +1,9 @@
-"""What the two generation endpoints share: validation, the engine loop, per-choice assembly.
+"""What the two generation endpoints share: the engine loop, per-choice assembly, SSE framing.
 
 A request flows through three stages:
 
-1. validation: an OpenAI request becomes `EngineCoreRequest`s whose `SamplingParams` the
-   engine can trust (every range check that needs the model's limits happens here);
+1. validation (`serving_validation`): an OpenAI request becomes `EngineCoreRequest`s whose
+   `SamplingParams` the engine can trust;
 2. `OpenAIServing.generate_choices`: the one loop over engine outputs. Each sequence's tokens
    are detokenized incrementally and scanned for stop strings; a sequence that hits one is
    finished here and aborted in the engine. It yields `ChoiceDelta`s, the new text of one
@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
-from tokenizers import decoders
 from transformers import PreTrainedTokenizerFast
 
 from frontend.detokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -37,7 +36,9 @@ from frontend.errors import (
     internal_error,
     model_not_found,
 )
-from frontend.protocol import SamplingRequestFields, UsageInfo
+from frontend.protocol import UsageInfo
+from frontend.serving_logprobs import TokenStrings
+from frontend.serving_validation import TextSettings
 from ipc.config import ServeConfig
 from ipc.messages import (
     EngineCoreOutput,
@@ -49,247 +50,6 @@ from ipc.messages import (
 )
 
 logger = logging.getLogger(__name__)
-
-MAX_LOGPROBS = 20  # vLLM's default `max_logprobs`
-MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps to the same value
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-
-# ---------------------------------------------------------------------------------------
-# Validation: OpenAI request fields -> SamplingParams
-
-
-@dataclass(frozen=True)
-class TextSettings:
-    """What the frontend itself applies to a sequence's text (the engine never sees text)."""
-
-    stop: list[str]
-    include_stop_str_in_output: bool
-    skip_special_tokens: bool
-
-
-def _check(ok: bool, param: str, message: str) -> None:
-    if not ok:
-        raise bad_request(message, param=param)
-
-
-def check_sampling_fields(request: SamplingRequestFields, *, max_num_seqs: int) -> None:
-    """Range checks that do not depend on the prompt."""
-    _check(request.n >= 1, "n", f"n must be at least 1, got {request.n}.")
-    if request.best_of is not None:
-        _check(
-            request.best_of >= request.n,
-            "best_of",
-            f"best_of must be at least n ({request.n}), got {request.best_of}.",
-        )
-    num_candidates = max(request.n, request.best_of or 0)
-    _check(
-        num_candidates <= max_num_seqs,
-        "n" if request.best_of is None else "best_of",
-        f"{num_candidates} sequences per request exceed the server's max_num_seqs ({max_num_seqs}).",
-    )
-    if request.stream and request.use_beam_search:
-        raise bad_request(
-            "Beam search cannot stream: the best beams are only known when generation ends. "
-            "Set stream to false.",
-            param="stream",
-        )
-    if request.stream and request.best_of is not None and request.best_of > request.n:
-        raise bad_request(
-            "best_of > n cannot stream: the best candidates are only known when generation "
-            "ends. Set stream to false or best_of to n.",
-            param="best_of",
-        )
-    if request.stream_options is not None and not request.stream:
-        raise bad_request("stream_options can only be set when stream is true.", param="stream_options")
-    if not request.use_beam_search:  # beam search ignores temperature and the sampling filters
-        t = request.temperature
-        _check(t is None or 0.0 <= t <= 2.0, "temperature", f"temperature must be in [0, 2], got {t}.")
-        p = request.top_p
-        _check(p is None or 0.0 < p <= 1.0, "top_p", f"top_p must be in (0, 1], got {p}.")
-        k = request.top_k
-        _check(
-            k is None or k == -1 or k >= 0,
-            "top_k",
-            f"top_k must be -1 or 0 (disabled) or at least 1, got {k}.",
-        )
-        m = request.min_p
-        _check(m is None or 0.0 <= m <= 1.0, "min_p", f"min_p must be in [0, 1], got {m}.")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(request, name)
-        _check(value is None or -2.0 <= value <= 2.0, name, f"{name} must be in [-2, 2], got {value}.")
-    r = request.repetition_penalty
-    _check(r is None or 0.0 < r <= 2.0, "repetition_penalty", f"repetition_penalty must be in (0, 2], got {r}.")
-    s = request.seed
-    _check(s is None or _INT64_MIN <= s <= _INT64_MAX, "seed", f"seed must fit in 64 bits, got {s}.")
-    _check(request.min_tokens >= 0, "min_tokens", f"min_tokens must be at least 0, got {request.min_tokens}.")
-    stop = request.stop
-    if isinstance(stop, list):
-        _check(all(isinstance(x, str) for x in stop), "stop", "stop must be a string or a list of strings.")
-
-
-def stop_strings(request: SamplingRequestFields) -> list[str]:
-    stop = request.stop
-    if stop is None:
-        return []
-    return [s for s in ([stop] if isinstance(stop, str) else stop) if s]
-
-
-def text_settings(request: SamplingRequestFields) -> TextSettings:
-    return TextSettings(
-        stop=stop_strings(request),
-        include_stop_str_in_output=request.include_stop_str_in_output,
-        skip_special_tokens=request.skip_special_tokens,
-    )
-
-
-def resolve_max_tokens(
-    requested: int | None,
-    *,
-    param: str,
-    default: int | None,
-    num_prompt_tokens: int,
-    max_model_len: int,
-    clamp: bool,
-) -> int:
-    """The number of tokens to generate; a prompt that leaves no room is a 400 with the numbers.
-
-    `default` None means "the rest of the context".
-    """
-    _check(num_prompt_tokens > 0, "prompt", "The prompt is empty: it has no tokens.")
-    room = max_model_len - num_prompt_tokens
-    if room < 1:
-        raise bad_request(
-            f"This model's maximum context length is {max_model_len} tokens, and the prompt "
-            f"has {num_prompt_tokens} tokens, which leaves no room to generate. "
-            "Shorten the prompt.",
-            param="messages" if param == "max_completion_tokens" else "prompt",
-        )
-    if requested is None:
-        return room if default is None else min(default, room)
-    _check(requested >= 1, param, f"{param} must be at least 1, got {requested}.")
-    if requested > room:
-        if clamp:
-            return room
-        raise bad_request(
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the "
-            f"prompt, {requested} for the completion). Reduce the prompt or {param}.",
-            param=param,
-        )
-    return requested
-
-
-def check_stop_token_ids(request: SamplingRequestFields, vocab_size: int) -> None:
-    for token_id in request.stop_token_ids or []:
-        _check(
-            0 <= token_id < vocab_size,
-            "stop_token_ids",
-            f"stop_token_ids: {token_id} is not a token id (the vocabulary has {vocab_size}).",
-        )
-
-
-def make_sampling_params(
-    request: SamplingRequestFields,
-    *,
-    max_tokens: int,
-    logprobs: int | None,
-    prompt_logprobs: int | None = None,
-) -> SamplingParams:
-    _check(
-        request.min_tokens <= max_tokens,
-        "min_tokens",
-        f"min_tokens ({request.min_tokens}) must not exceed the maximum number of tokens ({max_tokens}).",
-    )
-    seed = request.seed
-    if seed is not None and seed < 0:
-        seed %= 2**64  # the engine's generators take unsigned seeds; still reproducible
-    beam = request.use_beam_search
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if beam or request.temperature is None else request.temperature,
-        top_p=1.0 if beam or request.top_p is None else request.top_p,
-        top_k=0 if beam or request.top_k in (None, -1) else request.top_k,
-        min_p=0.0 if beam or request.min_p is None else request.min_p,
-        seed=seed,
-        presence_penalty=request.presence_penalty or 0.0,
-        frequency_penalty=request.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
-        min_tokens=request.min_tokens,
-        stop_token_ids=list(request.stop_token_ids or []),
-        ignore_eos=request.ignore_eos,
-        logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs,
-        n=request.n,
-        best_of=request.best_of,
-        use_beam_search=beam,
-        length_penalty=request.length_penalty,
-        early_stopping=request.early_stopping,
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# Token strings for logprobs
-
-
-class TokenStrings:
-    """The exact bytes of each token, and a printable string for it (cached per token id).
-
-    A byte-level BPE token may hold part of a UTF-8 character; its `bytes` are still exact.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
-        self._tokenizer = tokenizer
-        self._cache: dict[int, bytes] = {}
-        self._is_byte_level = isinstance(tokenizer.backend_tokenizer.decoder, decoders.ByteLevel)
-        self._added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
-
-    def bytes_of(self, token_id: int) -> bytes:
-        data = self._cache.get(token_id)
-        if data is None:
-            data = self._cache[token_id] = self._compute_bytes(token_id)
-        return data
-
-    def text_of(self, token_id: int) -> str:
-        return self.bytes_of(token_id).decode("utf-8", errors="replace")
-
-    def _compute_bytes(self, token_id: int) -> bytes:
-        if token_id in self._added:
-            return self._added[token_id].encode()
-        piece = self._tokenizer.convert_ids_to_tokens(token_id)
-        if piece is None:
-            return b""
-        if self._is_byte_level:
-            try:
-                return bytes(_BYTE_DECODER[c] for c in piece)
-            except KeyError:
-                return piece.encode()
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte
-            return bytes([int(piece[3:5], 16)])
-        return piece.replace("\u2581", " ").encode()
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable spelling of the 256 bytes, inverted."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
-
-
-_BYTE_DECODER = _byte_decoder()
-
-
-def clamp_logprob(value: float) -> float:
-    return max(value, MIN_LOGPROB)
-
-
-# ---------------------------------------------------------------------------------------
-# The engine loop
 
 
 @dataclass

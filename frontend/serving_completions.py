@@ -21,21 +21,25 @@ from frontend.protocol import (
     CompletionStreamResponse,
 )
 from frontend.serving import (
-    MAX_LOGPROBS,
     ChoiceDelta,
     OpenAIServing,
     PreparedPrompt,
     RequestTiming,
-    TextSettings,
-    TokenStrings,
     UsageCounter,
+    random_id,
+    sse_stream,
+)
+from frontend.serving_logprobs import (
+    TokenStrings,
+    clamp_logprob,
+)
+from frontend.serving_validation import (
+    MAX_LOGPROBS,
+    TextSettings,
     check_sampling_fields,
     check_stop_token_ids,
-    clamp_logprob,
     make_sampling_params,
-    random_id,
     resolve_max_tokens,
-    sse_stream,
     text_settings,
 )
 from ipc.messages import TokenLogprobs
