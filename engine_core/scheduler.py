@@ -83,6 +83,7 @@ class Scheduler:
                 if victim is seq and index == 0:
                     # alone and still too big: it can never run
                     self.running.pop()
+                    self._drop(seq)
                     out.unfittable.append(seq)
                     seq = None
                     break
@@ -105,6 +106,7 @@ class Scheduler:
             if not self.kv.can_allocate(seq, num_tokens):
                 if not self.running and not out.scheduled:
                     self.waiting.popleft()
+                    self._drop(seq)
                     out.unfittable.append(seq)
                     continue
                 break
@@ -115,6 +117,11 @@ class Scheduler:
             out.scheduled.append(ScheduledSequence(seq, num_tokens))
             budget -= num_tokens
         return out
+
+    def _drop(self, seq: Sequence) -> None:
+        """seq has left the queues for good; the engine reports it finished."""
+        self.kv.free(seq)
+        seq.status = SequenceStatus.FINISHED
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

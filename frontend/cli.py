@@ -1,0 +1,235 @@
+"""`furiosa-llm`: the command. `serve` spawns the engine core and the frontend and supervises them.
+
+The launcher parses every flag once into an `ipc.config.ServeConfig` and hands it to both
+children as JSON. Children run in their own session (a terminal's Ctrl-C reaches only the
+launcher, which then drains in order) and get SIGTERM if the launcher itself dies.
+
+- A child that dies stops the other; the command exits non-zero (a supervisor restarts it).
+- SIGTERM/SIGINT: the frontend stops accepting and finishes in-flight requests (up to its
+  graceful timeout), then the engine stops; exit 0. The socket directory is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+from ipc.artifacts import ArtifactNotFoundError, default_model_path
+from ipc.config import ServeConfig
+from ipc.sockets import ipc_addresses, make_ipc_dir
+
+SUPPORTED_DEVICES = ("cpu",)
+FRONTEND_STOP_TIMEOUT_S = 40.0  # the frontend's own graceful timeout is 30 s
+ENGINE_STOP_TIMEOUT_S = 10.0
+AFTER_ENGINE_DEATH_TIMEOUT_S = 3.0  # lets the frontend send error events to open streams
+
+
+def package_version() -> str:
+    try:
+        return version("furiosa-llm")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="furiosa-llm", description="OpenAI-compatible LLM server")
+    parser.add_argument("--version", action="version", version=f"furiosa-llm {package_version()}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve one model over the OpenAI API",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("model", nargs="?", default=None, metavar="ARTIFACT_PATH",
+                       help="a GGUF file or a Hugging Face model directory "
+                            "(default: the embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--host", default="localhost", help="address to bind")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name in the API (default: the artifact's name)")
+    serve.add_argument("--devices", default="cpu", help="where the model runs: cpu")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="context length (default: the model's own)")
+    serve.add_argument("--max-num-seqs", type=int, default=128, help="most sequences stepped together")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                       help="token budget of one engine step (prefill chunks + decodes)")
+    serve.add_argument("--kv-cache-gib", type=float, default=4.0, help="KV cache size in GiB")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    serve.add_argument("--num-threads", type=int, default=None,
+                       help="BLAS threads in the engine core (default: 1, which stays fast while the frontend is busy)")
+    serve.add_argument("--chat-template", default=None, metavar="FILE",
+                       help="a Jinja2 chat template file overriding the tokenizer's")
+    serve.add_argument("--response-role", default="assistant")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true")
+    serve.add_argument("--tool-call-parser", default=None)
+    serve.add_argument("--api-key", default=os.environ.get("FURIOSA_LLM_API_KEY"),
+                       help="require this bearer key (also FURIOSA_LLM_API_KEY)")
+    serve.add_argument("--metrics-require-key", action="store_true")
+    serve.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins; off by default")
+    serve.add_argument("--max-waiting-requests", type=int, default=1024,
+                       help="requests queued beyond this get 503")
+    serve.add_argument("--clamp-max-tokens", action="store_true",
+                       help="clamp max_tokens to the remaining context instead of a 400")
+    serve.add_argument("--disable-log-stats", action="store_true")
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """Validate the flags and build the config; raises SystemExit with a message on bad input."""
+    if args.devices.split(":")[0] not in SUPPORTED_DEVICES:
+        raise SystemExit(
+            f"furiosa-llm: device {args.devices!r} is not available: this build runs on "
+            f"{', '.join(SUPPORTED_DEVICES)} only (try --devices cpu)"
+        )
+    if args.model is None:
+        try:
+            model = default_model_path()
+        except ArtifactNotFoundError as e:
+            raise SystemExit(f"furiosa-llm: {e}")
+    else:
+        model = os.path.abspath(args.model)
+        if not os.path.exists(model):
+            raise SystemExit(f"furiosa-llm: model artifact {args.model!r} does not exist")
+    if args.chat_template and not os.path.isfile(args.chat_template):
+        raise SystemExit(f"furiosa-llm: chat template file {args.chat_template!r} does not exist")
+    if args.tool_call_parser is not None or args.enable_auto_tool_choice:
+        if args.enable_auto_tool_choice and args.tool_call_parser is None:
+            raise SystemExit("furiosa-llm: --enable-auto-tool-choice needs --tool-call-parser")
+        try:
+            from frontend.tool_parsers import ToolParserRegistry
+            known = ToolParserRegistry.names()
+        except ImportError:
+            known = []
+        if args.tool_call_parser not in known:
+            raise SystemExit(f"furiosa-llm: unknown --tool-call-parser {args.tool_call_parser!r}; "
+                             f"known: {', '.join(sorted(known))}")
+    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "port"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"furiosa-llm: --{name.replace('_', '-')} must be positive")
+    served_name = args.served_model_name or _default_served_name(model)
+    return ServeConfig(
+        model=model,
+        served_model_name=served_name,
+        host=args.host,
+        port=args.port,
+        devices=args.devices,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_gib=args.kv_cache_gib,
+        num_threads=args.num_threads,
+        chat_template=os.path.abspath(args.chat_template) if args.chat_template else None,
+        response_role=args.response_role,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
+        api_key=args.api_key or None,
+        metrics_require_key=args.metrics_require_key,
+        allowed_origins=list(args.allowed_origins),
+        max_waiting_requests=args.max_waiting_requests,
+        clamp_max_tokens=args.clamp_max_tokens,
+        disable_log_stats=args.disable_log_stats,
+        log_level=args.log_level,
+    )
+
+
+def _default_served_name(model: str) -> str:
+    name = os.path.basename(os.path.normpath(model))
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the launcher dies (Linux prctl)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class _Shutdown(Exception):
+    pass
+
+
+def _raise_shutdown(signum, frame):
+    raise _Shutdown(signum)
+
+
+class Launcher:
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.ipc_dir = make_ipc_dir()
+        self.engine: subprocess.Popen | None = None
+        self.frontend: subprocess.Popen | None = None
+
+    def _spawn(self, module: str, config: ServeConfig) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, "--config-json", config.to_json()],
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, _raise_shutdown)
+        signal.signal(signal.SIGINT, _raise_shutdown)
+        try:
+            input_address, output_address = ipc_addresses(self.ipc_dir)
+            config = self.config
+            config.input_address, config.output_address = input_address, output_address
+            self.engine = self._spawn("engine_core", config)
+            config.engine_pid = self.engine.pid
+            self.frontend = self._spawn("frontend", config)
+            # wait for either child to exit, without reaping it (Popen reaps it later)
+            pid = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT).si_pid
+            died = "engine core" if pid == self.engine.pid else "frontend"
+            print(f"furiosa-llm: the {died} process exited unexpectedly; stopping", file=sys.stderr)
+            self._stop_children(engine_died=(died == "engine core"))
+            return 1
+        except _Shutdown:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            return self._stop_children(engine_died=False)
+        finally:
+            self._kill_leftovers()
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+    def _stop_children(self, *, engine_died: bool) -> int:
+        """Frontend first (it drains in-flight requests), then the engine."""
+        status = 0
+        frontend_timeout = AFTER_ENGINE_DEATH_TIMEOUT_S if engine_died else FRONTEND_STOP_TIMEOUT_S
+        for child, timeout in ((self.frontend, frontend_timeout), (self.engine, ENGINE_STOP_TIMEOUT_S)):
+            if child is None or child.poll() is not None:
+                continue
+            child.send_signal(signal.SIGTERM)
+            try:
+                code = child.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                code = child.wait()
+            status = status or (code != 0)
+        return int(status)
+
+    def _kill_leftovers(self) -> None:
+        for child in (self.frontend, self.engine):
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        config = config_from_args(args)
+        print(f"furiosa-llm: serving {config.model} as {config.served_model_name!r} "
+              f"on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
+        return Launcher(config).run()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

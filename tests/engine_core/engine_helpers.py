@@ -1,0 +1,29 @@
+"""Helpers for engine tests: build requests, step an EngineCore to the end."""
+
+from __future__ import annotations
+
+import time
+
+from engine_core.core import EngineCore
+from ipc.messages import EngineCoreRequest, FinishReason, SamplingParams
+
+SMOLLM2_EOS = [2]
+
+
+def request(request_id: str, prompt: list[int], **params) -> EngineCoreRequest:
+    params.setdefault("max_tokens", 8)
+    return EngineCoreRequest(request_id, prompt, SamplingParams(**params), SMOLLM2_EOS, time.time())
+
+
+def run_to_completion(core: EngineCore, max_steps: int = 100_000) -> dict[str, dict[int, list[int]]]:
+    """Step until every request ends; the tokens of each (request, sequence index)."""
+    tokens: dict[str, dict[int, list[int]]] = {}
+    finished: dict[tuple[str, int], FinishReason] = {}
+    for _ in range(max_steps):
+        for out in core.step():
+            tokens.setdefault(out.request_id, {}).setdefault(out.index, []).extend(out.new_token_ids)
+            if out.finish_reason is not None:
+                finished[(out.request_id, out.index)] = out.finish_reason
+        if not core.has_unfinished_requests:
+            return tokens
+    raise AssertionError("the engine did not finish its requests")
