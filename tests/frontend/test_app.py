@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import MAX_MODEL_LEN, MODEL_NAME
+from fake_model import MAX_MODEL_LEN, MODEL_NAME
 from litestar.testing import TestClient
 
 from frontend.__main__ import main

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from conftest import MODEL_NAME, text_script
+from fake_model import MODEL_NAME, text_script
 
 
 @pytest.fixture

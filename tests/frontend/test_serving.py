@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import EOS_ID, MAX_MODEL_LEN, MODEL_NAME, text_script
+from fake_model import EOS_ID, MAX_MODEL_LEN, MODEL_NAME, text_script
 from litestar.testing import TestClient
 
 from frontend.app import create_app

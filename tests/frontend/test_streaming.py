@@ -8,7 +8,7 @@ import contextlib
 import json
 
 import pytest
-from conftest import EOS_ID, parse_sse, text_script
+from fake_model import EOS_ID, parse_sse, text_script
 
 from frontend.app import create_app
 
