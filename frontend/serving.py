@@ -97,23 +97,18 @@ class UsageCounter:
             or p.request.sampling_params.use_beam_search
             for p in prompts
         }
-        self._num_tokens: dict[tuple[str, int], int] = {}
-        self._num_engine_tokens: dict[str, int] = {}
+        self._num_tokens: dict[str, int] = dict.fromkeys(self._is_candidate_count, 0)
+        self._num_engine_tokens: dict[str, int] = dict.fromkeys(self._is_candidate_count, 0)
 
     def add(self, output: EngineCoreOutput, num_tokens: int) -> None:
-        key = (output.request_id, output.index)
-        self._num_tokens[key] = self._num_tokens.get(key, 0) + num_tokens
-        if output.num_generated_tokens is not None and self._is_candidate_count[output.request_id]:
-            previous = self._num_engine_tokens.get(output.request_id, 0)
-            self._num_engine_tokens[output.request_id] = max(previous, output.num_generated_tokens)
+        request_id = output.request_id
+        self._num_tokens[request_id] += num_tokens
+        if output.num_generated_tokens is not None and self._is_candidate_count[request_id]:
+            self._num_engine_tokens[request_id] = max(self._num_engine_tokens[request_id], output.num_generated_tokens)
 
     @property
     def num_completion_tokens(self) -> int:
-        total = 0
-        for request_id in self._is_candidate_count:
-            seen = sum(n for (rid, _), n in self._num_tokens.items() if rid == request_id)
-            total += max(seen, self._num_engine_tokens.get(request_id, 0))
-        return total
+        return sum(max(self._num_tokens[r], self._num_engine_tokens[r]) for r in self._num_tokens)
 
     def usage(self) -> UsageInfo:
         completion = self.num_completion_tokens
@@ -229,7 +224,9 @@ class OpenAIServing:
         self.load.check()
         return info
 
-    def make_engine_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float) -> EngineCoreRequest:
+    def make_engine_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float
+    ) -> EngineCoreRequest:
         return EngineCoreRequest(request_id, prompt_token_ids, params, list(self.eos_token_ids), arrival_time)
 
     async def generate_choices(
@@ -247,7 +244,8 @@ class OpenAIServing:
         prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
         for prompt in prompts:
             for j in range(prompt.request.sampling_params.n):
-                states[(prompt.request.request_id, j)] = ChoiceState(prompt.first_choice_index + j, self.tokenizer, settings)
+                index = prompt.first_choice_index + j
+                states[(prompt.request.request_id, j)] = ChoiceState(index, self.tokenizer, settings)
         timing.num_prompt_tokens = usage.num_prompt_tokens
         num_unfinished = len(states)
         self.load.num_requests += 1
