@@ -8,6 +8,7 @@ Any problem with the artifact raises `ArtifactError` naming the file and what is
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -64,9 +65,12 @@ def load_hf_directory(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
         raise ArtifactError(f"{config_path}: unreadable: {e}") from e
     config = _config_from_hf(raw, config_path, name=os.path.basename(os.path.normpath(path)))
     weights: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}  # weight name -> the file it came from, for error messages
     for shard in _safetensors_files(path):
-        weights.update(read_safetensors(shard))
-    _check_weights(weights, config, path)
+        tensors = read_safetensors(shard)
+        weights.update(tensors)
+        origin.update(dict.fromkeys(tensors, shard))
+    _check_weights(weights, config, path, origin)
     return config, weights
 
 
@@ -74,6 +78,8 @@ def _config_from_hf(raw: dict, where: str, name: str) -> ModelConfig:
     archs = raw.get("architectures") or []
     if archs and not set(archs) & SUPPORTED_ARCHITECTURES:
         raise ArtifactError(f"{where}: architecture {archs} is not supported (Llama family only)")
+    if raw.get("mlp_bias"):
+        raise ArtifactError(f"{where}: mlp_bias is not supported")
     try:
         hidden = int(raw["hidden_size"])
         num_heads = int(raw["num_attention_heads"])
@@ -133,6 +139,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             if header_len > 100_000_000:
                 raise ValueError("header length is implausible")
             header = json.loads(f.read(header_len))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
         data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
     except (OSError, ValueError, struct.error) as e:
         raise ArtifactError(f"{path}: not a readable safetensors file: {e}") from e
@@ -140,13 +148,20 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
         if dtype is None:
-            raise ArtifactError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
-        start, end = info["data_offsets"]
+            what = info.get("dtype") if isinstance(info, dict) else info
+            raise ArtifactError(f"{path}: tensor {name} has unsupported dtype {what}")
+        try:
+            start, end = (int(x) for x in info["data_offsets"])
+            shape = [int(x) for x in info["shape"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{path}: tensor {name} has a malformed header entry: {e!r}") from e
         if end > data.shape[0]:
             raise ArtifactError(f"{path}: tensor {name} runs past the end of the file (truncated?)")
-        raw = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+        if not 0 <= start <= end or end - start != np.dtype(dtype).itemsize * math.prod(shape):
+            raise ArtifactError(f"{path}: tensor {name} has data_offsets {[start, end]} that do not fit shape {shape}")
+        raw = np.frombuffer(data[start:end], dtype=dtype).reshape(shape)
         if info["dtype"] == "BF16":
             tensors[name] = (raw.astype(np.uint32) << 16).view(np.float32)
         else:
@@ -154,7 +169,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _check_weights(weights: dict[str, np.ndarray], config: ModelConfig, where: str) -> None:
+def _check_weights(weights: dict[str, np.ndarray], config: ModelConfig, where: str,
+                   origin: dict[str, str] | None = None) -> None:
     expected = {
         "model.embed_tokens.weight": (config.vocab_size, config.hidden_size),
         "model.norm.weight": (config.hidden_size,),
@@ -174,6 +190,13 @@ def _check_weights(weights: dict[str, np.ndarray], config: ModelConfig, where: s
             p + "mlp.up_proj.weight": (config.intermediate_size, config.hidden_size),
             p + "mlp.down_proj.weight": (config.hidden_size, config.intermediate_size),
         })
+        if config.attention_bias:
+            expected.update({
+                p + "self_attn.q_proj.bias": (q_out,),
+                p + "self_attn.k_proj.bias": (kv_out,),
+                p + "self_attn.v_proj.bias": (kv_out,),
+                p + "self_attn.o_proj.bias": (config.hidden_size,),
+            })
     if not config.tie_word_embeddings and "lm_head.weight" in weights:
         expected["lm_head.weight"] = (config.vocab_size, config.hidden_size)
     for name, shape in expected.items():
@@ -181,7 +204,7 @@ def _check_weights(weights: dict[str, np.ndarray], config: ModelConfig, where: s
             raise ArtifactError(f"{where}: weight {name} is missing")
         if tuple(weights[name].shape) != shape:
             raise ArtifactError(
-                f"{where}: weight {name} has shape {tuple(weights[name].shape)}, expected {shape}"
+                f"{(origin or {}).get(name, where)}: weight {name} has shape {tuple(weights[name].shape)}, expected {shape}"
             )
 
 
@@ -206,7 +229,7 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, struct errors, IndexError ...
-        raise ArtifactError(f"{path}: not a readable GGUF file: {e}") from e
+        raise ArtifactError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from e
     config = _config_from_gguf(reader, path)
     weights: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:

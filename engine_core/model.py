@@ -126,6 +126,8 @@ class LlamaModel:
             layer["qkv_bias"] = np.concatenate(
                 [w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]]
             )
+        if a + "o_proj.bias" in w:  # Llama's attention_bias covers o_proj too
+            layer["o_bias"] = w[a + "o_proj.bias"]
         return layer
 
     @property
@@ -164,7 +166,10 @@ class LlamaModel:
             v = qkv[:, num_q + num_kv :].reshape(num_tokens, c.num_kv_heads, c.head_dim)
             self._write_cache(cache, index, batch.slot_mapping, k, v)
             attn = self._attention(batch, cache, index, q)
-            x = x + attn @ layer["o"]
+            attn_out = attn @ layer["o"]
+            if "o_bias" in layer:
+                attn_out += layer["o_bias"]
+            x = x + attn_out
             h = self.rms_norm(x, layer["mlp_norm"])
             gate_up = h @ layer["gate_up"]
             gate = gate_up[:, : c.intermediate_size]
