@@ -2,9 +2,9 @@
 
 Rows that are plain greedy (no penalties, no logprobs) are decided by one vectorized argmax;
 the others go through the full pipeline row by row: penalties, min_tokens suppression,
-temperature, top-k, top-p, min-p, then one uniform draw from the sequence's own generator
-(seeded requests reproduce whatever else is in the batch). Logprobs are those of the raw
-model distribution, as vLLM reports them.
+temperature, min-p, top-k, top-p (vLLM V1's order), then one uniform draw from the sequence's
+own generator (seeded requests reproduce whatever else is in the batch). Logprobs are those of
+the raw model distribution, as vLLM reports them.
 """
 
 from __future__ import annotations
@@ -106,11 +106,13 @@ class Sampler:
     @staticmethod
     def _draw(row: np.ndarray, p: SamplingParams, generator: np.random.Generator) -> int:
         values = row / p.temperature
+        probs = np.exp(values - values.max())  # unnormalized: the most likely token has 1
+        if p.min_p > 0.0:  # as vLLM V1: over the whole distribution, before top-k and top-p
+            probs = np.where(probs >= p.min_p, probs, 0.0)
         candidates = None  # None: the whole vocabulary, in id order
         if 0 < p.top_k < values.shape[0]:
             candidates = np.argpartition(values, -p.top_k)[-p.top_k :]
-            values = values[candidates]
-        probs = np.exp(values - values.max())
+            probs = probs[candidates]
         if p.top_p < 1.0:
             order = np.argsort(-probs, kind="stable")
             probs = probs[order]
@@ -118,8 +120,6 @@ class Sampler:
             mass = np.cumsum(probs)
             # the smallest prefix whose mass reaches top_p (the token crossing it is kept)
             probs = probs[: int(np.searchsorted(mass, p.top_p * mass[-1])) + 1]
-        if p.min_p > 0.0:
-            probs = np.where(probs >= p.min_p * probs.max(), probs, 0.0)
         cumulative = np.cumsum(probs)
         choice = int(np.searchsorted(cumulative, generator.random() * cumulative[-1], side="right"))
         choice = min(choice, len(probs) - 1)
