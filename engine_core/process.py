@@ -22,9 +22,11 @@ from engine_core.core import EngineCore
 from ipc.config import ServeConfig
 from ipc.messages import (
     EngineCoreAbort,
+    EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineDead,
+    FinishReason,
     decode_to_engine,
     encode,
 )
@@ -48,6 +50,7 @@ class EngineCoreProc:
         self.parent_pid = os.getppid()
         self.core = core
         self._stop = threading.Event()
+        self.queue_times = QueueTimes()
 
     def run(self) -> int:
         output_thread = threading.Thread(target=self._output_loop, name="engine-output", daemon=True)
@@ -95,7 +98,9 @@ class EngineCoreProc:
                 if not self._handle(message):
                     return
             # 2) step
+            step_start = time.time()
             outputs = core.step()
+            self.queue_times.after_step(step_start, core.scheduler.running, outputs)
             # 3) hand outputs to the output thread
             if outputs:
                 self.output_queue.put(EngineCoreOutputs(outputs, core.stats(), time.time()))
@@ -106,6 +111,7 @@ class EngineCoreProc:
         if isinstance(message, BaseException):
             raise message
         if isinstance(message, EngineCoreRequest):
+            self.queue_times.arrived(message.request_id)
             self.core.add_request(message)
         elif isinstance(message, EngineCoreAbort):
             self.core.abort_requests(message.request_ids, message.indices)
@@ -143,6 +149,38 @@ class EngineCoreProc:
             logger.error("cannot send to the frontend: %s", e)
         finally:
             self.output_socket.close(linger=2000)  # let a final "dead" message reach the frontend
+
+
+class QueueTimes:
+    """How long each request waited in the engine before its first step, for the frontend's
+    queue-time histogram: measured when the scheduler first runs it, reported on its first
+    output (a chunked prompt has none until its last chunk). Every request ends with an output,
+    so nothing stays here."""
+
+    def __init__(self) -> None:
+        self._arrival: dict[str, float] = {}  # not yet scheduled
+        self._measured: dict[str, float] = {}  # scheduled, not yet reported
+
+    def arrived(self, request_id: str) -> None:
+        self._arrival[request_id] = time.time()
+
+    def after_step(self, step_start: float, running, outputs: list[EngineCoreOutput]) -> None:
+        if self._arrival:
+            for seq in running:
+                arrival = self._arrival.pop(seq.request_id, None)
+                if arrival is not None:
+                    self._measured[seq.request_id] = step_start - arrival
+        for output in outputs:
+            request_id = output.request_id
+            arrival = self._arrival.pop(request_id, None)
+            if arrival is not None and output.finish_reason not in (FinishReason.ABORT, FinishReason.ERROR):
+                self._measured[request_id] = step_start - arrival  # scheduled and done in one step
+            queue_time = self._measured.pop(request_id, None)
+            if queue_time is not None:
+                output.queue_time_s = max(0.0, queue_time)
+
+    def __len__(self) -> int:
+        return len(self._arrival) + len(self._measured)
 
 
 # OpenBLAS threads synchronise at every matmul; when another process (the frontend, a client)

@@ -1,20 +1,59 @@
-"""`python -m frontend --config-json JSON`: the frontend process, as spawned by the launcher."""
+"""`python -m frontend --config-json JSON`: the frontend process, as spawned by the launcher.
+
+The launcher passes the API key in `FURIOSA_LLM_API_KEY`, never on the command line, where
+every local user could read it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
+import socket
 import sys
 
 import msgspec
 import uvicorn
+from litestar import Litestar
 
 from frontend.app import create_app
+from frontend.engine_client import EngineDeadError
+from frontend.sd_notify import sd_notify
 from ipc.config import ServeConfig
 
 # In-flight requests get this long to finish after SIGTERM before they are cancelled (which
 # aborts them in the engine).
 GRACEFUL_SHUTDOWN_TIMEOUT_S = 30
+API_KEY_ENV = "FURIOSA_LLM_API_KEY"
+
+
+class FrontendServer(uvicorn.Server):
+    """uvicorn's server that tells systemd `READY=1` once it listens and the engine is ready."""
+
+    def __init__(self, config: uvicorn.Config, app: Litestar) -> None:
+        super().__init__(config)
+        self.app = app
+        self._notifier: asyncio.Task | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:  # the lifespan has built the services, and the sockets listen
+            self._notifier = asyncio.create_task(self._notify_when_ready())
+
+    async def _notify_when_ready(self) -> None:
+        services = self.app.state.services
+        try:
+            await services.engine_client.wait_ready()
+        except EngineDeadError:
+            return  # the launcher exits non-zero; systemd sees a failed start
+        sd_notify(f"READY=1\nSTATUS=serving {services.config.served_model_name}")
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._notifier is not None:
+            self._notifier.cancel()
+        sd_notify("STOPPING=1\nSTATUS=draining in-flight requests")
+        await super().shutdown(sockets)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,12 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         print(f"frontend: invalid --config-json: {exc}", file=sys.stderr)
         return 2
+    if config.api_key is None:
+        config.api_key = os.environ.get(API_KEY_ENV) or None
     logging.basicConfig(
         level=getattr(logging, config.log_level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
-        uvicorn.run(
-            create_app(config),
+    app = create_app(config)
+    server = FrontendServer(
+        uvicorn.Config(
+            app,
             host=config.host,
             port=config.port,
             log_level=config.log_level,
@@ -39,13 +81,17 @@ def main(argv: list[str] | None = None) -> int:
             # and serves anyway.
             lifespan="on",
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_TIMEOUT_S,
-        )
-    except SystemExit as exc:  # uvicorn exits with 3 when startup fails
+        ),
+        app,
+    )
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits with 3 when startup fails, 1 when it cannot bind
         return exc.code if isinstance(exc.code, int) else 1
     except Exception:
         logging.getLogger("frontend").exception("the frontend failed")
         return 1
-    return 0
+    return 0 if server.started else 3
 
 
 if __name__ == "__main__":

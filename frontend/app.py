@@ -3,6 +3,10 @@
 The lifespan loads the tokenizer and chat template and starts the engine client, but does not
 wait for the engine: /health answers 503 until the engine reports ready, and generation
 requests get a 503 until then.
+
+With `--api-key` every route needs `Authorization: Bearer KEY` except /health (for probes)
+and /metrics (unless `--metrics-require-key`). The OpenAPI document is at
+/schema/openapi.json, Prometheus metrics at /metrics.
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ from dataclasses import dataclass
 from litestar import Litestar, Request, Response, get, post
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath
 from litestar.response import Stream
 
 from frontend.chat_template import load_chat_template
 from frontend.engine_client import EngineClient
 from frontend.errors import EXCEPTION_HANDLERS, OpenAIError, bad_request, decode_body
+from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from frontend.metrics import FrontendMetrics
+from frontend.openapi import OpenAIJsonRenderPlugin
 from frontend.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -38,6 +46,7 @@ from frontend.protocol import (
 from frontend.serving import RequestLoad
 from frontend.serving_chat import OpenAIServingChat
 from frontend.serving_completions import OpenAIServingCompletion
+from frontend.stats_logger import StatsLogger
 from frontend.tokenizer import eos_token_ids, load_tokenizer
 from ipc.config import ServeConfig
 
@@ -61,6 +70,7 @@ class Services:
     engine_client: object
     completions: OpenAIServingCompletion
     chat: OpenAIServingChat
+    metrics: FrontendMetrics
 
     @property
     def tokenizer(self):
@@ -120,6 +130,11 @@ async def health(state: State) -> Response:
 @get("/version")
 async def version() -> VersionResponse:
     return VersionResponse(_version())
+
+
+@get("/metrics")
+async def metrics(state: State) -> Response:
+    return Response(_services(state).metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
 @post("/tokenize", status_code=200)
@@ -193,15 +208,14 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-# Routes open without the API key: probes and version checks from load balancers.
-_PUBLIC_PATHS = {"/health", "/version"}
-
-
-def _api_key_check(api_key: str):
+def _api_key_check(api_key: str, *, is_metrics_public: bool):
+    """Every route needs the key but /health (load balancers' probes) and, unless
+    --metrics-require-key, /metrics (scrapers). Compared in constant time."""
     expected = f"Bearer {api_key}".encode()
+    public_paths = {"/health", "/metrics"} if is_metrics_public else {"/health"}
 
     def check(request: Request) -> None:
-        if request.url.path in _PUBLIC_PATHS or request.method == "OPTIONS":
+        if request.url.path in public_paths or request.method == "OPTIONS":
             return
         given = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(given, expected):
@@ -233,16 +247,23 @@ def create_app(config: ServeConfig, engine_client=None, tokenizer=None) -> Lites
             client = EngineClient(config)
             await client.start()
         serving_args = (config, client, tok, eos_ids)
-        load = RequestLoad(config.max_num_seqs + config.max_waiting_requests)
+        metrics = FrontendMetrics(config.served_model_name, client)
+        shared = dict(load=RequestLoad(config.max_num_seqs + config.max_waiting_requests),
+                      on_request_finished=metrics.observe_request)
         app.state.services = Services(
             config=config,
             engine_client=client,
-            completions=OpenAIServingCompletion(*serving_args, load=load),
-            chat=OpenAIServingChat(*serving_args, chat_template=chat_template, load=load),
+            completions=OpenAIServingCompletion(*serving_args, **shared),
+            chat=OpenAIServingChat(*serving_args, chat_template=chat_template, **shared),
+            metrics=metrics,
         )
+        stats_task = None if config.disable_log_stats else asyncio.create_task(StatsLogger(client).run())
         try:
             yield
         finally:
+            if stats_task is not None:
+                stats_task.cancel()
+                await asyncio.gather(stats_task, return_exceptions=True)
             if engine_client is None:
                 await client.shutdown()
 
@@ -254,13 +275,16 @@ def create_app(config: ServeConfig, engine_client=None, tokenizer=None) -> Lites
             retrieve_model,
             health,
             version,
+            metrics,
             tokenize,
             detokenize,
         ],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
-        before_request=_api_key_check(config.api_key) if config.api_key else None,
+        before_request=(_api_key_check(config.api_key, is_metrics_public=not config.metrics_require_key)
+                        if config.api_key else None),
         cors_config=CORSConfig(allow_origins=list(config.allowed_origins)) if config.allowed_origins else None,
-        openapi_config=None,
+        openapi_config=OpenAPIConfig(title="furiosa-llm", version=_version(), path="/schema",
+                                     render_plugins=[OpenAIJsonRenderPlugin()]),
         logging_config=None,  # the process configures logging (see __main__)
     )

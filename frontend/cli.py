@@ -20,6 +20,8 @@ import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
+import msgspec
+
 from ipc.artifacts import ArtifactNotFoundError, default_model_path
 from ipc.config import ServeConfig
 from ipc.sockets import ipc_addresses, make_ipc_dir
@@ -28,6 +30,7 @@ SUPPORTED_DEVICES = ("cpu",)
 FRONTEND_STOP_TIMEOUT_S = 40.0  # the frontend's own graceful timeout is 30 s
 ENGINE_STOP_TIMEOUT_S = 10.0
 AFTER_ENGINE_DEATH_TIMEOUT_S = 3.0  # lets the frontend send error events to open streams
+API_KEY_ENV = "FURIOSA_LLM_API_KEY"
 
 
 def package_version() -> str:
@@ -65,15 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--response-role", default="assistant")
     serve.add_argument("--enable-auto-tool-choice", action="store_true")
     serve.add_argument("--tool-call-parser", default=None)
-    serve.add_argument("--api-key", default=os.environ.get("FURIOSA_LLM_API_KEY"),
+    serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                        help="require this bearer key (also FURIOSA_LLM_API_KEY)")
-    serve.add_argument("--metrics-require-key", action="store_true")
+    serve.add_argument("--metrics-require-key", action="store_true",
+                       help="with --api-key, /metrics needs the key too (by default it is open)")
     serve.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins; off by default")
     serve.add_argument("--max-waiting-requests", type=int, default=1024,
                        help="requests queued beyond this get 503")
     serve.add_argument("--clamp-max-tokens", action="store_true",
                        help="clamp max_tokens to the remaining context instead of a 400")
-    serve.add_argument("--disable-log-stats", action="store_true")
+    serve.add_argument("--disable-log-stats", action="store_true",
+                       help="no periodic throughput / queue / KV cache line in the log")
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])
     return parser
@@ -111,6 +116,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "port"):
         if getattr(args, name) < 1:
             raise SystemExit(f"furiosa-llm: --{name.replace('_', '-')} must be positive")
+    if args.max_waiting_requests < 0:
+        raise SystemExit("furiosa-llm: --max-waiting-requests must be 0 or more")
     served_name = args.served_model_name or _default_served_name(model)
     return ServeConfig(
         model=model,
@@ -168,10 +175,15 @@ class Launcher:
         self.frontend: subprocess.Popen | None = None
 
     def _spawn(self, module: str, config: ServeConfig) -> subprocess.Popen:
+        """The API key goes in the environment: a command line is readable by every local user."""
+        env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+        if module == "frontend" and config.api_key:
+            env[API_KEY_ENV] = config.api_key
         return subprocess.Popen(
-            [sys.executable, "-m", module, "--config-json", config.to_json()],
+            [sys.executable, "-m", module, "--config-json", msgspec.structs.replace(config, api_key=None).to_json()],
             start_new_session=True,
             preexec_fn=_die_with_parent,
+            env=env,
         )
 
     def run(self) -> int:

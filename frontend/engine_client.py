@@ -4,6 +4,10 @@ One background task reads every `EngineToFrontend` message and routes each `Engi
 to the queue of its request; `generate()` drains that queue. Engine death (an `EngineDead`
 message, or the engine's pid vanishing) wakes every waiting `generate()` with
 `EngineDeadError`, so no request hangs on an engine that is gone.
+
+It also keeps the counts the metrics read: the engine's latest `SchedulerStats`, every
+generated token, and the tokens the engine still made for requests whose client had gone
+(from `mark_client_gone` until each sequence's final output).
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ class EngineClient:
         self._output: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
         self._queues: dict[str, asyncio.Queue[EngineCoreOutput | EngineDeadError]] = {}
+        self.num_generation_tokens = 0
+        self.num_tokens_after_disconnect = 0
+        self._client_gone_ids: set[str] = set()  # still in _queues, consumer leaving
+        self._num_live_after_gone: dict[str, int] = {}  # request id -> sequences not yet final
         self._ready = asyncio.Event()
         self._dead = asyncio.Event()
 
@@ -108,9 +116,24 @@ class EngineClient:
                 yield item
         finally:
             del self._queues[request_id]
+            is_client_gone = request_id in self._client_gone_ids
+            self._client_gone_ids.discard(request_id)
+            while not queue.empty():  # outputs routed but never consumed
+                item = queue.get_nowait()
+                if isinstance(item, EngineCoreOutput):
+                    if item.finish_reason is not None:
+                        finished.add(item.index)
+                    if is_client_gone:
+                        self.num_tokens_after_disconnect += len(item.new_token_ids)
             if len(finished) < num_sequences and not self.is_dead:
                 logger.info("aborting request %s (its consumer stopped early)", request_id)
                 self._send(EngineCoreAbort([request_id]))
+                if is_client_gone:
+                    self._num_live_after_gone[request_id] = num_sequences - len(finished)
+
+    def mark_client_gone(self, request_ids: list[str]) -> None:
+        """The client of these running requests went away; their remaining tokens are waste."""
+        self._client_gone_ids.update(r for r in request_ids if r in self._queues)
 
     async def abort(self, request_ids: list[str], indices: list[int] | None = None) -> None:
         if not self.is_dead:
@@ -158,9 +181,21 @@ class EngineClient:
     def _route(self, message: EngineCoreOutputs) -> None:
         self.latest_stats = message.stats
         for output in message.outputs:
+            self.num_generation_tokens += len(output.new_token_ids)
             queue = self._queues.get(output.request_id)
-            if queue is not None:  # outputs of an aborted, forgotten request are dropped
+            if queue is not None:
                 queue.put_nowait(output)
+            elif output.request_id in self._num_live_after_gone:
+                self._count_after_disconnect(output)
+            # else: a late output of a request we stopped ourselves (a stop string); dropped
+
+    def _count_after_disconnect(self, output: EngineCoreOutput) -> None:
+        request_id = output.request_id
+        self.num_tokens_after_disconnect += len(output.new_token_ids)
+        if output.finish_reason is not None:
+            self._num_live_after_gone[request_id] -= 1
+            if self._num_live_after_gone[request_id] <= 0:
+                del self._num_live_after_gone[request_id]
 
     async def _watch_pid(self) -> None:
         pid = self.config.engine_pid
@@ -177,6 +212,7 @@ class EngineClient:
         logger.log(logging.ERROR if is_failure else logging.INFO, "%s", reason)
         self.dead_reason = reason
         self._dead.set()
+        self._num_live_after_gone.clear()
         error = EngineDeadError(reason)
         for queue in self._queues.values():
             queue.put_nowait(error)

@@ -50,6 +50,7 @@ class OpenAIError(Exception):
         type: str | None = None,
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -57,6 +58,7 @@ class OpenAIError(Exception):
         self.type = type or error_type_for_status(status)
         self.param = param
         self.code = code
+        self.headers = headers  # e.g. Retry-After on a 503
 
     def to_response_body(self) -> ErrorResponse:
         return ErrorResponse(ErrorInfo(self.message, self.type, self.param, self.code))
@@ -72,8 +74,9 @@ def model_not_found(model: str) -> OpenAIError:
     )
 
 
-def engine_unavailable(message: str, code: str) -> OpenAIError:
-    return OpenAIError(503, message, code=code)
+def engine_unavailable(message: str, code: str, *, retry_after_s: int | None = None) -> OpenAIError:
+    headers = None if retry_after_s is None else {"Retry-After": str(retry_after_s)}
+    return OpenAIError(503, message, code=code, headers=headers)
 
 
 def internal_error() -> OpenAIError:
@@ -108,7 +111,7 @@ def decode_body(body: bytes, type: type) -> object:
 
 
 def error_response(exc: OpenAIError) -> Response[ErrorResponse]:
-    return Response(exc.to_response_body(), status_code=exc.status)
+    return Response(exc.to_response_body(), status_code=exc.status, headers=exc.headers)
 
 
 def error_event(exc: OpenAIError) -> bytes:

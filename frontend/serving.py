@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 from transformers import PreTrainedTokenizerFast
@@ -77,13 +77,20 @@ class PreparedPrompt:
 
 @dataclass
 class RequestTiming:
-    """When a request arrived, produced its first token and finished (wall-clock seconds)."""
+    """When a request arrived, produced its first token and finished (wall-clock seconds), and
+    how each of its choices ended: what the metrics observe once per request."""
 
     arrival_time: float
     first_token_time: float | None = None
     finish_time: float | None = None
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
+    # engine-measured, one per engine request: from its arrival in the engine to its first step
+    queue_times_s: list[float] = field(default_factory=list)
+    # per choice, between consecutive outputs that carried tokens
+    inter_token_latencies_s: list[float] = field(default_factory=list)
+    # per choice: "stop", "length", "abort" (the client went away) or "error"
+    finish_reasons: list[str] = field(default_factory=list)
 
 
 class UsageCounter:
@@ -124,6 +131,7 @@ class ChoiceState:
         self.matcher = StopStringMatcher(settings.stop, include_stop_str_in_output=settings.include_stop_str_in_output)
         self.finish_reason: str | None = None
         self.has_output = False
+        self.last_token_time: float | None = None
 
     @property
     def is_finished(self) -> bool:
@@ -164,11 +172,17 @@ def _finish_reason(output: EngineCoreOutput) -> str:
     raise engine_unavailable("The request was aborted by the engine.", code="request_aborted")
 
 
+OVERLOAD_RETRY_AFTER_S = 2
+NOT_READY_RETRY_AFTER_S = 5
+
+
 class RequestLoad:
     """Generation requests in flight, shared by both endpoints, to refuse work beyond a bound.
 
     Requests beyond `max_num_seqs` wait in the engine; more than `max_waiting_requests` such
-    requests get a 503 instead of an ever longer queue.
+    requests get a 503 with `Retry-After` instead of an ever longer queue. A request counts from
+    the moment its engine requests are sent, so a burst of streams that all pass `check()`
+    before any of them starts can overshoot the bound by that burst.
     """
 
     def __init__(self, max_num_requests: int) -> None:
@@ -180,6 +194,7 @@ class RequestLoad:
             raise engine_unavailable(
                 f"The server is overloaded ({self.num_requests} requests in flight); retry later.",
                 code="server_overloaded",
+                retry_after_s=OVERLOAD_RETRY_AFTER_S,
             )
 
 
@@ -220,7 +235,11 @@ class OpenAIServing:
             raise engine_unavailable(f"The engine is not running: {client.dead_reason}", code="engine_dead")
         info = client.model_info
         if info is None:
-            raise engine_unavailable("The model is still loading; retry shortly.", code="engine_not_ready")
+            raise engine_unavailable(
+                "The model is still loading; retry shortly.",
+                code="engine_not_ready",
+                retry_after_s=NOT_READY_RETRY_AFTER_S,
+            )
         self.load.check()
         return info
 
@@ -248,36 +267,58 @@ class OpenAIServing:
                 states[(prompt.request.request_id, j)] = ChoiceState(index, self.tokenizer, settings)
         timing.num_prompt_tokens = usage.num_prompt_tokens
         num_unfinished = len(states)
+        is_client_gone = False
         self.load.num_requests += 1
         try:
+            request_ids = [p.request.request_id for p in prompts]
             async with _merged_outputs(self.engine_client, [p.request for p in prompts]) as outputs:
-                async for output in outputs:
-                    if output.prompt_logprobs is not None:
-                        prompt_logprobs[output.request_id] = output.prompt_logprobs
-                    state = states.get((output.request_id, output.index))
-                    if state is None or state.is_finished:
-                        continue  # tokens in flight after our own stop-string abort
-                    if timing.first_token_time is None and output.new_token_ids:
-                        timing.first_token_time = time.time()
-                    usage.add(output, len(output.new_token_ids))
-                    delta, hit_stop = state.process(output)
-                    if delta.is_first:
-                        delta.prompt_logprobs = prompt_logprobs.get(output.request_id)
-                    if hit_stop and output.finish_reason is None:
-                        await self.engine_client.abort([output.request_id], [output.index])
-                    yield delta
-                    if state.is_finished:
-                        num_unfinished -= 1
-                        if num_unfinished == 0:
-                            break
+                try:
+                    async for output in outputs:
+                        if output.prompt_logprobs is not None:
+                            prompt_logprobs[output.request_id] = output.prompt_logprobs
+                        if output.queue_time_s is not None:
+                            timing.queue_times_s.append(output.queue_time_s)
+                        state = states.get((output.request_id, output.index))
+                        if state is None or state.is_finished:
+                            continue  # tokens in flight after our own stop-string abort
+                        if output.new_token_ids:
+                            _note_token_time(timing, state)
+                        usage.add(output, len(output.new_token_ids))
+                        delta, hit_stop = state.process(output)
+                        if delta.is_first:
+                            delta.prompt_logprobs = prompt_logprobs.get(output.request_id)
+                        if hit_stop and output.finish_reason is None:
+                            await self.engine_client.abort([output.request_id], [output.index])
+                        yield delta
+                        if state.is_finished:
+                            num_unfinished -= 1
+                            if num_unfinished == 0:
+                                break
+                except (asyncio.CancelledError, GeneratorExit):
+                    # The consumer went away mid-generation (client disconnect): what the engine
+                    # still makes for these requests is counted as wasted.
+                    is_client_gone = True
+                    self.engine_client.mark_client_gone(request_ids)
+                    raise
         except EngineDeadError as exc:
             raise engine_unavailable(f"The engine is not running: {exc}", code="engine_dead") from None
         finally:
             self.load.num_requests -= 1
             timing.finish_time = time.time()
             timing.num_generation_tokens = usage.num_completion_tokens
+            unfinished_reason = "abort" if is_client_gone else "error"
+            timing.finish_reasons = [s.finish_reason or unfinished_reason for s in states.values()]
             if self.on_request_finished is not None:
                 self.on_request_finished(timing)
+
+
+def _note_token_time(timing: RequestTiming, state: ChoiceState) -> None:
+    now = time.time()
+    if timing.first_token_time is None:
+        timing.first_token_time = now
+    if state.last_token_time is not None:
+        timing.inter_token_latencies_s.append(now - state.last_token_time)
+    state.last_token_time = now
 
 
 _END = object()

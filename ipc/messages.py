@@ -96,6 +96,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     error: str | None = None  # set with FinishReason.ERROR
     cumulative_logprob: float | None = None
     num_generated_tokens: int | None = None  # all candidates' tokens, on the final output
+    # on a request's first output: seconds from its arrival in the engine to its first step
+    queue_time_s: float | None = None
 
 
 class SchedulerStats(msgspec.Struct, array_like=True):

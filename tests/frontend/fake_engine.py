@@ -42,6 +42,9 @@ class FakeEngineClient:
         self.error_message: str | None = None  # finish every sequence with ERROR at once
         self.unrequested_abort = False  # the engine aborts sequences on its own
         self.num_generated_tokens: int | None = None  # reported on final outputs
+        self.num_generation_tokens = 0  # every token yielded, as the real client counts them
+        self.num_tokens_after_disconnect = 0
+        self.client_gone_ids: list[str] = []
         self._aborted: dict[str, set[int]] = {}
         self._events: dict[str, asyncio.Event] = {}
 
@@ -71,6 +74,9 @@ class FakeEngineClient:
             self._aborted.setdefault(request_id, set()).add(ALL if indices is None else indices[k])
         self._event("aborted").set()
 
+    def mark_client_gone(self, request_ids: list[str]) -> None:
+        self.client_gone_ids.extend(request_ids)
+
     async def generate(self, request: EngineCoreRequest) -> AsyncIterator[EngineCoreOutput]:
         if self.is_dead:
             raise EngineDeadError(self.dead_reason)
@@ -95,6 +101,7 @@ class FakeEngineClient:
                     output = self._output(request, j, step, scripts[j])
                     if output.finish_reason is not None:
                         finished.add(j)
+                    self.num_generation_tokens += len(output.new_token_ids)
                     yield output
                 step += 1
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -73,17 +74,41 @@ def test_detokenize(client, tokenizer):
     assert response.status_code == 400 and response.json()["error"]["param"] == "tokens"
 
 
-def test_api_key_guards_the_api_but_not_health(config, engine, tokenizer):
+def _routes(app) -> list[tuple[str, str]]:
+    """(method, path) of every route the app serves, path parameters filled in."""
+    routes = []
+    for route in app.routes:
+        path = re.sub(r"\{[^}]*\}", "x", route.path)
+        routes += [(method, path) for method in sorted(route.methods) if method not in ("HEAD", "OPTIONS")]
+    return routes
+
+
+def test_api_key_guards_every_route_but_health_and_metrics(config, engine, tokenizer):
     config.api_key = "sesame"
     with TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer)) as client:
-        response = client.get("/v1/models")
-        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
-        response = client.post("/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer wrong"})
-        assert response.status_code == 401
-        assert client.get("/v1/models", headers={"Authorization": "Bearer sesame"}).status_code == 200
+        routes = _routes(client.app)
+        assert ("GET", "/schema/openapi.json") in routes and ("POST", "/v1/completions") in routes
+        for method, path in routes:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
+                response = client.request(method, path, headers=headers)
+                if path in ("/health", "/metrics"):
+                    assert response.status_code == 200, path
+                else:
+                    assert response.status_code == 401, (method, path, headers)
+                    assert response.json()["error"]["code"] == "invalid_api_key"
+        good = {"Authorization": "Bearer sesame"}
+        assert client.get("/v1/models", headers=good).status_code == 200
+        assert client.get("/version", headers=good).status_code == 200
+        assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=good).status_code == 200
+    assert len(engine.requests) == 1
+
+
+def test_metrics_require_key(config, engine, tokenizer):
+    config.api_key, config.metrics_require_key = "sesame", True
+    with TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer)) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": "Bearer sesame"}).status_code == 200
         assert client.get("/health").status_code == 200
-        assert client.get("/version").status_code == 200
-    assert engine.requests == []
 
 
 def test_cors_allows_configured_origins(config, engine, tokenizer):
@@ -101,6 +126,7 @@ def test_overload_is_503(config, engine, tokenizer):
         client.app.state.services.completions.load.num_requests = 1  # one request in flight
         response = client.post("/v1/chat/completions", json={"messages": USER_HI})
         assert response.status_code == 503 and response.json()["error"]["code"] == "server_overloaded"
+        assert int(response.headers["retry-after"]) > 0
         client.app.state.services.completions.load.num_requests = 0
         assert client.post("/v1/chat/completions", json={"messages": USER_HI, "max_tokens": 1}).status_code == 200
         assert client.app.state.services.chat.load.num_requests == 0  # released after the request

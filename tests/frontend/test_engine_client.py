@@ -194,3 +194,34 @@ async def test_undecodable_message_marks_the_engine_dead(client, engine):
     await engine.output.send(b"\x93not msgpack of the contract")
     with pytest.raises(EngineDeadError, match="lost the engine connection"):
         await asyncio.wait_for(client.wait_ready(), TIMEOUT_S)
+
+
+async def test_tokens_made_after_the_client_left_are_counted_until_the_final_output(client, engine):
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in client.generate(make_request("gone", n=2)):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    assert (await engine.receive()).request_id == "gone"
+    await engine.send_outputs(EngineCoreOutput("gone", 0, [1]), EngineCoreOutput("gone", 1, [1]))
+    await asyncio.wait_for(started.wait(), TIMEOUT_S)
+    client.mark_client_gone(["gone", "unknown"])  # as the serving layer does before it cancels
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await engine.receive() == EngineCoreAbort(["gone"])
+    # in flight before the abort landed: 3 more tokens, then each sequence's final output
+    await engine.send_outputs(EngineCoreOutput("gone", 0, [5, 6]), EngineCoreOutput("gone", 1, [7]))
+    await engine.send_outputs(EngineCoreOutput("gone", 0, [], finish_reason=FinishReason.ABORT),
+                              EngineCoreOutput("gone", 1, [8], finish_reason=FinishReason.ABORT))
+    await engine.send_outputs(EngineCoreOutput("gone", 0, [9]))  # after its end: not counted again
+    # a later request's output arrives after everything above was routed
+    marker = asyncio.create_task(anext(aiter(client.generate(make_request("marker")))))
+    assert (await engine.receive()).request_id == "marker"
+    await engine.send_outputs(EngineCoreOutput("marker", 0, [1]))
+    await asyncio.wait_for(marker, TIMEOUT_S)
+    assert client.num_tokens_after_disconnect == 4
+    assert client.num_generation_tokens == 2 + 4 + 1 + 1
+    assert client._num_live_after_gone == {} and client._client_gone_ids == set()

@@ -248,6 +248,10 @@ async def test_streaming_client_disconnect_aborts_the_request(config, engine, to
     streamed = b"".join(m.get("body", b"") for m in sent[1:])
     assert streamed.startswith(b"data: {")  # the client got chunks before it left
     assert engine.closed_unfinished == [engine.requests[0].request_id]
+    # what the engine makes from now on is counted as made for a client that had gone
+    assert engine.client_gone_ids == [engine.requests[0].request_id]
+    assert 'furiosa_llm:request_success_total{finished_reason="abort",model_name="test-model"} 1.0' in (
+        app.state.services.metrics.render().decode())
 
 
 @pytest.mark.anyio
@@ -268,6 +272,7 @@ async def test_multi_prompt_disconnect_aborts_every_prompt(config, engine, token
         await post_then_disconnect(app, "/v1/completions", body, lambda: engine.wait_for("hanging"))
     assert sorted(engine.closed_unfinished) == sorted(r.request_id for r in engine.requests)
     assert len(engine.requests) == 3
+    assert sorted(engine.client_gone_ids) == sorted(engine.closed_unfinished)
 
 
 def test_eos_id_constant_matches_tokenizer(tokenizer):

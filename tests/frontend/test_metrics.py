@@ -1,0 +1,90 @@
+"""GET /metrics (Prometheus text, vLLM's families under `furiosa_llm:`) and the periodic stats
+line, against the fake engine client."""
+
+from __future__ import annotations
+
+from fake_model import text_script
+from litestar.testing import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from frontend.app import create_app
+from frontend.stats_logger import StatsLogger
+from ipc.messages import SchedulerStats
+
+USER_HI = [{"role": "user", "content": "hi"}]
+
+
+def scrape(client) -> dict[str, float]:
+    """Every sample as `name{label=value,...}` (model_name left out) -> value."""
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            assert sample.labels.pop("model_name", None) == "test-model"
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def test_metrics_count_requests_tokens_and_latencies(client, engine, tokenizer):
+    before = scrape(client)
+    assert before["furiosa_llm:num_requests_running"] == 0 and before["furiosa_llm:generation_tokens_total"] == 0
+    response = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 5, "ignore_eos": True})
+    assert response.json()["usage"]["completion_tokens"] == 5
+    engine.script = text_script(tokenizer, "Hello world!")
+    body = {"messages": USER_HI, "n": 2, "stream": True}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    engine.latest_stats = SchedulerStats(num_running=2, num_waiting=3, kv_cache_usage=0.5, num_preemptions=4,
+                                         num_prompt_tokens_computed=42)
+    after = scrape(client)
+    assert after["furiosa_llm:num_requests_running"] == 2
+    assert after["furiosa_llm:num_requests_waiting"] == 3
+    assert after["furiosa_llm:kv_cache_usage_perc"] == 0.5
+    assert after["furiosa_llm:num_preemptions_total"] == 4
+    assert after["furiosa_llm:prompt_tokens_total"] == 42
+    num_chat_tokens = engine.num_generation_tokens - 5
+    assert num_chat_tokens > 2 and after["furiosa_llm:generation_tokens_total"] == engine.num_generation_tokens
+    assert after["furiosa_llm:request_success_total{finished_reason=length}"] == 1
+    assert after["furiosa_llm:request_success_total{finished_reason=stop}"] == 2  # one per choice
+    assert after["furiosa_llm:time_to_first_token_seconds_count"] == 2
+    assert after["furiosa_llm:e2e_request_latency_seconds_count"] == 2
+    # between the outputs of each choice: 4 for the completion, (tokens - 1) per chat choice
+    assert after["furiosa_llm:inter_token_latency_seconds_count"] == 4 + num_chat_tokens - 2
+    assert after["furiosa_llm:generation_tokens_after_disconnect_total"] == 0
+    assert "furiosa_llm:request_queue_time_seconds_count" in after
+
+
+def test_failed_requests_count_as_errors(client, engine):
+    engine.error_message = "does not fit"
+    assert client.post("/v1/completions", json={"prompt": "x"}).status_code == 400
+    assert scrape(client)["furiosa_llm:request_success_total{finished_reason=error}"] == 1
+
+
+def test_each_app_has_its_own_registry(config, engine, tokenizer, client):
+    client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    with TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer)) as other:
+        samples = scrape(other)
+    assert "furiosa_llm:request_success_total{finished_reason=length}" not in samples
+    assert scrape(client)["furiosa_llm:request_success_total{finished_reason=length}"] == 1
+
+
+class StubEngineClient:
+    def __init__(self) -> None:
+        self.latest_stats: SchedulerStats | None = None
+        self.num_generation_tokens = 0
+
+
+def test_stats_line_reports_throughput_while_busy_and_nothing_while_idle():
+    engine = StubEngineClient()
+    stats_logger = StatsLogger(engine, interval_s=10.0)
+    assert stats_logger.line(now=100.0) is None  # idle from the start
+    engine.num_generation_tokens = 500
+    engine.latest_stats = SchedulerStats(num_running=3, num_waiting=1, kv_cache_usage=0.125, num_preemptions=0,
+                                         num_prompt_tokens_computed=200)
+    line = stats_logger.line(now=110.0)
+    assert line == ("Avg prompt throughput: 20.0 tokens/s, Avg generation throughput: 50.0 tokens/s, "
+                    "Running: 3 reqs, Waiting: 1 reqs, KV cache usage: 12.5%")
+    engine.latest_stats = SchedulerStats(0, 0, 0.0, 0, 200)
+    assert stats_logger.line(now=120.0) is None  # nothing new and nothing running
