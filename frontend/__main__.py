@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -84,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         ),
         app,
     )
+    # uvicorn handles SIGTERM/SIGINT while it serves, drains, then re-raises the signal to the
+    # handler that was there before; a drained shutdown is a success, so that one does nothing.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
         server.run()
     except SystemExit as exc:  # uvicorn exits with 3 when startup fails, 1 when it cannot bind
