@@ -46,10 +46,14 @@ class ForwardBatch:
 
 
 class KVCache:
-    """Per layer, keys and values as [num_kv_heads, num_blocks, block_size, head_dim]."""
+    """Keys and values as [layers, num_blocks, block_size, kv_heads, head_dim].
+
+    Block-major, so gathering a sequence's blocks copies whole 12 KB blocks, and a gathered
+    [tokens, kv_heads, head_dim] array viewed per head is a strided matrix BLAS takes as is.
+    """
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int):
-        shape = (config.num_layers, config.num_kv_heads, num_blocks, block_size, config.head_dim)
+        shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
         # np.zeros maps untouched pages lazily, so a large cache costs memory only as it fills
         self.keys = np.zeros(shape, dtype=np.float32)
         self.values = np.zeros(shape, dtype=np.float32)
@@ -65,8 +69,8 @@ class KVCache:
         if copies:
             src = [s for s, _ in copies]
             dst = [d for _, d in copies]
-            self.keys[:, :, dst] = self.keys[:, :, src]
-            self.values[:, :, dst] = self.values[:, :, src]
+            self.keys[:, dst] = self.keys[:, src]
+            self.values[:, dst] = self.values[:, src]
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -182,35 +186,34 @@ class LlamaModel:
 
     @staticmethod
     def _write_cache(cache: KVCache, layer: int, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
-        num_kv_heads, num_blocks, block_size, head_dim = cache.keys.shape[1:]
-        flat = (num_kv_heads, num_blocks * block_size, head_dim)
-        cache.keys[layer].reshape(flat)[:, slots] = k.transpose(1, 0, 2)
-        cache.values[layer].reshape(flat)[:, slots] = v.transpose(1, 0, 2)
+        num_blocks, block_size, num_kv_heads, head_dim = cache.keys.shape[1:]
+        flat = (num_blocks * block_size, num_kv_heads, head_dim)
+        cache.keys[layer].reshape(flat)[slots] = k
+        cache.values[layer].reshape(flat)[slots] = v
 
     def _attention(self, batch: ForwardBatch, cache: KVCache, layer: int, q: np.ndarray) -> np.ndarray:
         c = self.config
-        group = c.num_heads // c.num_kv_heads
-        out = np.empty((q.shape[0], c.num_heads * c.head_dim), dtype=np.float32)
+        kv_heads, group, head_dim = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
+        out = np.empty((q.shape[0], c.num_heads * head_dim), dtype=np.float32)
         keys, values = cache.keys[layer], cache.values[layer]
         for g in batch.decode_groups:
             b = len(g.rows)
-            k = keys[:, g.block_table].reshape(c.num_kv_heads, b, -1, c.head_dim)
-            v = values[:, g.block_table].reshape(c.num_kv_heads, b, -1, c.head_dim)
-            qg = q[g.rows].reshape(b, c.num_kv_heads, group, c.head_dim).transpose(1, 0, 2, 3)
-            scores = (qg @ k.transpose(0, 1, 3, 2)) * self.scale + g.mask[None, :, None, :]
-            probs = _softmax(scores)
-            o = probs @ v  # [kv_heads, B, group, head_dim]
-            out[g.rows] = o.transpose(1, 0, 2, 3).reshape(b, -1)
+            # [B, blocks, block_size, kv_heads, head_dim] -> per-head views [B, kv_heads, L, head_dim]
+            k = keys[g.block_table].reshape(b, -1, kv_heads, head_dim).transpose(0, 2, 3, 1)
+            v = values[g.block_table].reshape(b, -1, kv_heads, head_dim).transpose(0, 2, 1, 3)
+            qg = q[g.rows].reshape(b, kv_heads, group, head_dim)
+            scores = (qg @ k) * self.scale + g.mask[:, None, None, :]
+            out[g.rows] = (_softmax(scores) @ v).reshape(b, -1)
         for span in batch.prefill_spans:
             n, length = span.num_tokens, span.context_len
-            k = keys[:, span.block_ids].reshape(c.num_kv_heads, -1, c.head_dim)[:, :length]
-            v = values[:, span.block_ids].reshape(c.num_kv_heads, -1, c.head_dim)[:, :length]
-            qs = q[span.start : span.start + n].reshape(n, c.num_kv_heads, group, c.head_dim)
-            qs = qs.transpose(1, 2, 0, 3).reshape(c.num_kv_heads, group * n, c.head_dim)
-            scores = (qs @ k.transpose(0, 2, 1)) * self.scale
-            scores = scores.reshape(c.num_kv_heads, group, n, length) + _causal_mask(n, length)
-            probs = _softmax(scores).reshape(c.num_kv_heads, group * n, length)
-            o = (probs @ v).reshape(c.num_kv_heads, group, n, c.head_dim)
+            k = keys[span.block_ids].reshape(-1, kv_heads, head_dim)[:length].transpose(1, 2, 0)
+            v = values[span.block_ids].reshape(-1, kv_heads, head_dim)[:length].transpose(1, 0, 2)
+            qs = q[span.start : span.start + n].reshape(n, kv_heads, group, head_dim)
+            qs = qs.transpose(1, 2, 0, 3).reshape(kv_heads, group * n, head_dim)
+            scores = (qs @ k) * self.scale
+            scores = scores.reshape(kv_heads, group, n, length) + _causal_mask(n, length)
+            probs = _softmax(scores).reshape(kv_heads, group * n, length)
+            o = (probs @ v).reshape(kv_heads, group, n, head_dim)
             out[span.start : span.start + n] = o.transpose(2, 0, 1, 3).reshape(n, -1)
         return out
 

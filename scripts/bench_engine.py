@@ -1,0 +1,172 @@
+"""Offline engine benchmark: decode throughput by batch size, prefill throughput, and rooflines.
+
+Runs `EngineCore` in-process on the default model (or --model), greedy, ignore_eos:
+- decode tok/s at batch 1, 8, 32, 64, 128 with contexts of ~256 tokens,
+- prefill tok/s for one 128-token and one 1024-token prompt,
+- the machine's fp32 GEMM GFLOP/s (the compute roofline) and GEMV bandwidth (the memory
+  roofline for batch-1 decode), measured with the same BLAS thread count,
+- at batch 64, the share of a decode step spent outside the weight matmuls (Python and
+  small numpy ops), estimated by replaying the step's weight GEMM shapes in isolation.
+
+Prints a table and one JSON line. The OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE variables that some
+machines here set slow current numpy; to measure without them, unset both for this command only:
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/bench_engine.py
+The kernel OpenBLAS picked is printed (threadpoolctl) so a figure always says what ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from engine_core.core import EngineCore
+from engine_core.loader import load_artifact
+from ipc.artifacts import default_model_path
+from ipc.config import ServeConfig
+from ipc.messages import EngineCoreRequest, SamplingParams
+
+
+def gemm_gflops(seconds: float = 2.0) -> float:
+    a = np.random.default_rng(0).standard_normal((1024, 1024), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((1024, 1024), dtype=np.float32)
+    a @ b
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    return 2 * 1024**3 * runs / (time.perf_counter() - start) / 1e9
+
+
+def gemv_gbps(seconds: float = 2.0) -> float:
+    """Read bandwidth as batch-1 decode sees it: a vector times a 256 MB matrix."""
+    w = np.ones((8192, 8192), dtype=np.float32)
+    x = np.ones((1, 8192), dtype=np.float32)
+    x @ w
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        x @ w
+        runs += 1
+    return w.nbytes * runs / (time.perf_counter() - start) / 1e9
+
+
+def make_core(model_config, weights, args, max_num_seqs: int) -> EngineCore:
+    config = ServeConfig(model=args.model, served_model_name="bench", max_num_seqs=max_num_seqs,
+                         max_num_batched_tokens=max(2048, max_num_seqs), kv_cache_gib=args.kv_cache_gib)
+    return EngineCore(config, model_config, weights)
+
+
+def add(core: EngineCore, request_id: str, prompt: list[int], max_tokens: int) -> None:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    core.add_request(EngineCoreRequest(request_id, prompt, params, [], time.time()))
+
+
+def bench_decode(core: EngineCore, batch: int, context: int, steps: int) -> float:
+    rng = np.random.default_rng(batch)
+    for i in range(batch):
+        add(core, f"d{batch}-{i}", rng.integers(100, 40_000, size=context).tolist(), steps + 8)
+    while any(s.num_computed_tokens < s.num_tokens - 1 for s in core.scheduler.running) or core.scheduler.waiting:
+        core.step()  # prefill everything first
+    for _ in range(3):
+        core.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        core.step()
+    elapsed = time.perf_counter() - start
+    core.abort_requests([f"d{batch}-{i}" for i in range(batch)])
+    core.step()
+    return batch * steps / elapsed
+
+
+def bench_prefill(core: EngineCore, length: int, repeats: int) -> float:
+    rng = np.random.default_rng(length)
+    times = []
+    for r in range(repeats):
+        add(core, f"p{length}-{r}", rng.integers(100, 40_000, size=length).tolist(), 1)
+        start = time.perf_counter()
+        while core.has_unfinished_requests:
+            core.step()
+        times.append(time.perf_counter() - start)
+    return length / min(times)
+
+
+def weight_gemm_seconds(core: EngineCore, batch: int, repeats: int = 5) -> float:
+    """The time of one decode step's weight matmuls alone (same shapes, same weights)."""
+    model = core.runner.model
+    x = np.ones((batch, model.config.hidden_size), dtype=np.float32)
+    inner = np.ones((batch, model.config.intermediate_size), dtype=np.float32)
+    attn = np.ones((batch, model.config.num_heads * model.config.head_dim), dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for layer in model.layers:
+            x @ layer["qkv"]
+            attn @ layer["o"]
+            x @ layer["gate_up"]
+            inner @ layer["down"]
+        x @ model.lm_head_t
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="artifact path (default: the embedded SmolLM2)")
+    parser.add_argument("--threads", type=int, default=1, help="BLAS threads (the engine's default is 1)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per batch size")
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0)
+    args = parser.parse_args()
+    args.model = args.model or default_model_path()
+
+    with threadpool_limits(args.threads):
+        blas = [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()]
+        model_config, weights = load_artifact(args.model)
+        core = make_core(model_config, weights, args, max(args.batches))
+        model = core.runner.model
+        matmul_params = sum(l[k].size for l in model.layers for k in ("qkv", "o", "gate_up", "down"))
+        matmul_params += model.lm_head_t.size
+        gflops, gbps = gemm_gflops(), gemv_gbps()
+        decode = {b: bench_decode(core, b, args.context, args.steps) for b in args.batches}
+        prefill = {n: bench_prefill(core, n, 3 if n <= 256 else 2) for n in (128, 1024)}
+        overhead_batch = 64 if 64 in decode else max(decode)
+        step_s = overhead_batch / decode[overhead_batch]
+        outside_blas = max(0.0, 1 - weight_gemm_seconds(core, overhead_batch) / step_s)
+
+    compute_bound = gflops * 1e9 / (2 * matmul_params)
+    memory_bound = gbps * 1e9 / model.num_bytes
+    result = {
+        "model": os.path.basename(args.model), "blas": blas, "threads": args.threads,
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+        "gemm_gflops": round(gflops, 1), "gemv_gbps": round(gbps, 1),
+        "weights_mb": round(model.num_bytes / 1e6, 1), "matmul_params_m": round(matmul_params / 1e6, 1),
+        "decode_tok_s": {str(b): round(v, 1) for b, v in decode.items()},
+        "prefill_tok_s": {str(n): round(v, 1) for n, v in prefill.items()},
+        "compute_roofline_tok_s": round(compute_bound, 1),
+        "memory_roofline_tok_s_batch1": round(memory_bound, 1),
+        f"batch{overhead_batch}_fraction_of_compute_roofline": round(decode[overhead_batch] / compute_bound, 3),
+        "batch1_fraction_of_memory_roofline": round(decode.get(1, 0) / memory_bound, 3),
+        f"batch{overhead_batch}_step_fraction_outside_weight_gemms": round(outside_blas, 3),
+    }
+    print(f"BLAS: {blas}  OPENBLAS_CORETYPE={result['openblas_coretype']}")
+    print(f"GEMM {gflops:.0f} GFLOP/s -> compute roofline {compute_bound:.0f} tok/s; "
+          f"GEMV {gbps:.1f} GB/s over {model.num_bytes / 1e6:.0f} MB -> batch-1 bound {memory_bound:.0f} tok/s")
+    print(f"{'batch':>6} {'decode tok/s':>13} {'of roofline':>12}")
+    for b, v in decode.items():
+        bound = memory_bound if b == 1 else compute_bound
+        print(f"{b:>6} {v:>13.1f} {v / bound:>11.0%}")
+    for n, v in prefill.items():
+        print(f"prefill {n:>5} tokens: {v:8.1f} tok/s ({v / compute_bound:.0%} of roofline)")
+    print(f"batch {overhead_batch}: {outside_blas:.0%} of a decode step is outside the weight GEMMs")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
