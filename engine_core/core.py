@@ -2,6 +2,11 @@
 
 A step is three calls: the scheduler picks tokens, the model runner computes logits, and
 `_postprocess` samples, checks stop conditions and produces per-sequence output deltas.
+
+Beam search requests take another path after their prompt: their live beams' logprobs are
+collected until every beam has them, then `BeamSearch.step` picks the next beams, and the
+engine forks, keeps or frees the beams' sequences (forks share KV blocks by reference count
+and copy a partly filled block on write). Their hypotheses are reported once, at the end.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import time
 
 import numpy as np
 
+from engine_core.beam_search import BeamSearch, BeamStep
 from engine_core.kv_cache_manager import KVCacheManager
 from engine_core.loader import ModelConfig, load_artifact
 from engine_core.model import KVCache
@@ -86,6 +92,9 @@ class EngineCore:
                 EngineCoreOutput(request.request_id, 0, [], finish_reason=FinishReason.ERROR, error=error)
             )
             return
+        if request.params.use_beam_search:
+            max_new_tokens = min(request.params.max_tokens, self.max_model_len - request.num_prompt_tokens)
+            request.beam_search = BeamSearch.from_params(request.params, request.eos_token_ids, max(1, max_new_tokens))
         self.requests[request.request_id] = request
         self.scheduler.add(request.sequences[0])
 
@@ -107,6 +116,9 @@ class EngineCore:
         for k, request_id in enumerate(request_ids):
             request = self.requests.get(request_id)
             if request is None:
+                continue
+            if request.beam_search is not None:  # its beams are not the n choices: end them all
+                self._end_beam_search(request, FinishReason.ABORT)
                 continue
             only = None if indices is None or indices[k] < 0 else indices[k]
             for seq in list(request.sequences):
@@ -147,14 +159,24 @@ class EngineCore:
             entry.seq.num_computed_tokens += entry.num_tokens
         seqs: list[Sequence] = []
         rows: list[int] = []
+        beam_requests: dict[str, Request] = {}
         for row, entry in enumerate(result.sample_entries):
             request = entry.seq.request
+            if entry.seq.is_finished:  # its beam search ended this step (a sibling was unfittable)
+                continue
             if request.params.max_tokens == 0:  # prompt scoring only (echo + logprobs)
                 self._finish(entry.seq, FinishReason.LENGTH)
+                continue
+            if request.beam_search is not None:
+                request.beam_logprobs[entry.seq.index] = log_softmax(result.sample_logits[row])
+                beam_requests[request.request_id] = request
                 continue
             family = self._fork(entry.seq) if not request.is_forked_or_single else [entry.seq]
             seqs += family
             rows += [row] * len(family)
+        for request in beam_requests.values():
+            if all(s.index in request.beam_logprobs for s in request.sequences):
+                self._step_beams(request)
         if not seqs:
             return
         needs_logprob = [s.request.holds_outputs_until_done for s in seqs]
@@ -180,6 +202,79 @@ class EngineCore:
             request.sequences.append(child)
             self.scheduler.add_running(child)
         return list(request.sequences)
+
+    # ------------------------------------------------------------------ beam search
+
+    def _step_beams(self, request: Request) -> None:
+        beams = request.sequences
+        rows = np.stack([request.beam_logprobs.pop(s.index) for s in beams])
+        step = request.beam_search.step(rows, [s.cumulative_logprob for s in beams],
+                                        [s.output_token_ids for s in beams])
+        num_top = request.params.logprobs
+        if num_top is not None:
+            for hypothesis in step.new_hypotheses:
+                parent = beams[hypothesis.parent]
+                hypothesis.logprobs = parent.pending_logprobs + [
+                    token_logprobs(rows[hypothesis.parent], hypothesis.token_ids[-1], num_top)]
+        if request.beam_search.is_done:
+            self._end_beam_search(request)
+        else:
+            self._reassign_beams(request, step, rows)
+
+    def _reassign_beams(self, request: Request, step: BeamStep, rows: np.ndarray) -> None:
+        """The next beams: a parent's first child continues in the parent's sequence, the
+        others fork it (sharing its blocks), and parents without children are freed."""
+        parents = request.sequences
+        children: list[Sequence] = []
+        continued: set[int] = set()
+        for candidate in step.next_beams:
+            parent = parents[candidate.parent]
+            if candidate.parent in continued:
+                child = parent.fork(request.next_sequence_index())
+                child.pending_logprobs = list(parent.pending_logprobs)
+                self.kv.fork(parent, child)
+                self.scheduler.add_running(child)
+            else:
+                continued.add(candidate.parent)
+                child = parent
+            children.append(child)
+        for row, parent in enumerate(parents):
+            if row not in continued:
+                self.scheduler.remove(parent)
+        num_top = request.params.logprobs
+        for child, candidate in zip(children, step.next_beams):
+            child.token_ids.append(candidate.token_id)
+            child.cumulative_logprob = candidate.cumulative_logprob
+            if num_top is not None:
+                child.pending_logprobs.append(token_logprobs(rows[candidate.parent], candidate.token_id, num_top))
+        request.sequences = children
+
+    def _end_beam_search(self, request: Request, reason: FinishReason | None = None, error: str | None = None) -> None:
+        """Free the live beams and report: the n best hypotheses, or `reason` on every choice."""
+        if request.request_id not in self.requests:
+            return  # already ended (two of its beams can be found unfittable in one step)
+        for seq in request.sequences:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+        request.beam_logprobs.clear()
+        self.requests.pop(request.request_id, None)
+        search = request.beam_search
+        hypotheses = search.best(request.params.n) if reason is None else []
+        for index in range(request.params.n):
+            output = EngineCoreOutput(request.request_id, index, [], finish_reason=reason, error=error,
+                                      num_generated_tokens=search.num_generated_tokens)
+            if index < len(hypotheses):
+                h = hypotheses[index]
+                output.new_token_ids = h.token_ids
+                output.new_logprobs = h.logprobs
+                output.cumulative_logprob = h.cumulative_logprob
+                output.finish_reason = FinishReason.LENGTH if h.stop_token_id is None else FinishReason.STOP
+                is_eos = h.stop_token_id in request.eos_token_ids and not request.params.ignore_eos
+                if h.stop_token_id is not None and not is_eos:
+                    output.stop_reason = h.stop_token_id
+            if index == 0 and request.params.prompt_logprobs is not None:
+                output.prompt_logprobs = request.prompt_logprobs
+            self.pending_outputs.append(output)
 
     def _record_prompt_logprobs(self, seq: Sequence, logits: np.ndarray) -> None:
         request = seq.request
@@ -209,6 +304,9 @@ class EngineCore:
 
     def _finish(self, seq: Sequence, reason: FinishReason, *, stop_reason: int | None = None,
                 error: str | None = None) -> None:
+        if seq.request.beam_search is not None:
+            self._end_beam_search(seq.request, reason, error)
+            return
         self.scheduler.remove(seq)
         seq.finish_reason = reason
         seq.stop_reason = stop_reason

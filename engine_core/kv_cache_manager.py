@@ -17,10 +17,15 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.free_block_ids: deque[int] = deque(range(num_blocks))
         self.ref_counts = [0] * num_blocks
+        self.peak_num_used = 0  # the most blocks ever in use at once
 
     @property
     def num_free(self) -> int:
         return len(self.free_block_ids)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
 
     @property
     def usage(self) -> float:
@@ -32,6 +37,7 @@ class BlockPool:
         for block_id in block_ids:
             assert self.ref_counts[block_id] == 0
             self.ref_counts[block_id] = 1
+        self.peak_num_used = max(self.peak_num_used, self.num_used)
         return block_ids
 
     def share(self, block_ids: list[int]) -> None:

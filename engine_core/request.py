@@ -11,6 +11,7 @@ import enum
 
 import numpy as np
 
+from engine_core.beam_search import BeamSearch
 from ipc.messages import EngineCoreRequest, FinishReason, SamplingParams, TokenLogprobs
 
 
@@ -30,6 +31,11 @@ class Request:
         self.sequences: list[Sequence] = [Sequence(self, 0, list(message.prompt_token_ids))]
         self.prompt_logprobs: list[TokenLogprobs | None] = [None]
         self.is_forked = False
+        # beam search (set by the engine): the live beams are `sequences`, best first; each
+        # beam's next-token logprobs wait here until every live beam has them
+        self.beam_search: BeamSearch | None = None
+        self.beam_logprobs: dict[int, np.ndarray] = {}  # sequence index -> [vocab]
+        self.num_sequences_created = 1
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -57,7 +63,14 @@ class Request:
 
     @property
     def num_generated_tokens(self) -> int:
+        if self.beam_search is not None:
+            return self.beam_search.num_generated_tokens
         return sum(s.num_output_tokens for s in self.sequences)
+
+    def next_sequence_index(self) -> int:
+        """Beams come and go; each new one gets an index no other beam of the request had."""
+        self.num_sequences_created += 1
+        return self.num_sequences_created - 1
 
 
 class Sequence:

@@ -78,6 +78,9 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if num_tokens == 0:  # a beam waiting for its siblings' logits
+                index += 1
+                continue
             while not self.kv.can_allocate(seq, num_tokens):
                 victim = self.running[-1]
                 if victim is seq and index == 0:
@@ -99,10 +102,12 @@ class Scheduler:
             budget -= num_tokens
             index += 1
         while self.waiting and budget > 0 and not preempted_any:
-            if len(self.running) >= self.max_num_seqs:
-                break
             seq = self.waiting[0]
             num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if not out.scheduled and not self._can_start(seq, num_tokens):
+                self._preempt_idle_for(seq, num_tokens)
+            if len(self.running) >= self.max_num_seqs:
+                break
             if not self.kv.can_allocate(seq, num_tokens):
                 if not self.running and not out.scheduled:
                     self.waiting.popleft()
@@ -117,6 +122,20 @@ class Scheduler:
             out.scheduled.append(ScheduledSequence(seq, num_tokens))
             budget -= num_tokens
         return out
+
+    def _can_start(self, seq: Sequence, num_tokens: int) -> bool:
+        return len(self.running) < self.max_num_seqs and self.kv.can_allocate(seq, num_tokens)
+
+    def _preempt_idle_for(self, seq: Sequence, num_tokens: int) -> None:
+        """Idle running sequences (beams waiting for a sibling's logits) hold blocks and seats
+        they do not need before the next beam step. When nothing else runs and the head of the
+        queue cannot start, they give them up (newest first) so it can: otherwise a lagging
+        beam could wait forever for room its idle siblings hold."""
+        idle = [s for s in self.running if s.num_uncomputed_tokens == 0]
+        self.waiting.popleft()  # preempted sequences go to the front; seq stays ahead of them
+        while idle and not self._can_start(seq, num_tokens):
+            self._preempt(idle.pop())
+        self.waiting.appendleft(seq)
 
     def _drop(self, seq: Sequence) -> None:
         """seq has left the queues for good; the engine reports it finished."""

@@ -27,3 +27,11 @@ def run_to_completion(core: EngineCore, max_steps: int = 100_000) -> dict[str, d
         if not core.has_unfinished_requests:
             return tokens
     raise AssertionError("the engine did not finish its requests")
+
+
+def assert_all_blocks_free(core: EngineCore) -> None:
+    """Every KV block is back in the pool and nothing is left queued."""
+    pool = core.kv.pool
+    assert pool.num_free == pool.num_blocks
+    assert not any(pool.ref_counts)
+    assert not core.scheduler.running and not core.scheduler.waiting and not core.requests
