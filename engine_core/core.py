@@ -22,6 +22,7 @@ from engine_core.model import KVCache
 from engine_core.model_runner import ModelRunner, RunnerOutput
 from engine_core.request import Request, Sequence
 from engine_core.sampler import Sampler, log_softmax, token_logprobs
+from engine_core.structured_output import StructuredOutputManager
 from engine_core.scheduler import Scheduler, SchedulerOutput
 from ipc.config import ServeConfig
 from ipc.messages import (
@@ -31,6 +32,8 @@ from ipc.messages import (
     FinishReason,
     SchedulerStats,
 )
+from ipc.structured_output import StructuredOutputError
+from ipc.vocabulary import read_vocabulary
 
 
 class EngineCore:
@@ -47,6 +50,9 @@ class EngineCore:
         self.kv = KVCacheManager(self.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
+        self.structured_output = StructuredOutputManager(
+            lambda: read_vocabulary(config.model), model_config.vocab_size
+        )
         self.requests: dict[str, Request] = {}
         self.pending_outputs: list[EngineCoreOutput] = []
         self.num_prompt_tokens_computed = 0
@@ -86,7 +92,7 @@ class EngineCore:
 
     def add_request(self, message: EngineCoreRequest) -> None:
         request = Request(message)
-        error = self._check_request(request)
+        error = self._check_request(request) or self._attach_grammar(request)
         if error is not None:
             self.pending_outputs.append(
                 EngineCoreOutput(request.request_id, 0, [], finish_reason=FinishReason.ERROR, error=error)
@@ -110,6 +116,18 @@ class EngineCore:
             return f"prompt token ids must be in [0, {self.model_config.vocab_size})"
         if num_prompt + 1 > self.capacity_tokens:
             return f"the prompt has {num_prompt} tokens; the KV cache holds {self.capacity_tokens}"
+        return None
+
+    def _attach_grammar(self, request: Request) -> str | None:
+        spec = request.params.structured_output
+        if spec is None:
+            return None
+        if request.params.use_beam_search:
+            return "structured output does not work with beam search"
+        try:
+            request.sequences[0].grammar = self.structured_output.matcher_for(spec)
+        except StructuredOutputError as exc:
+            return f"the structured output spec does not compile: {exc}"
         return None
 
     def abort_requests(self, request_ids: list[str], indices: list[int] | None = None) -> None:
@@ -188,6 +206,8 @@ class EngineCore:
             if token.logprobs is not None:
                 seq.pending_logprobs.append(token.logprobs)
             self._check_stop(seq, token.token_id)
+            if seq.grammar is not None and not seq.is_finished:
+                self._advance_grammar(seq, token.token_id)
         for seq in seqs:
             if not seq.is_finished:
                 self._emit(seq)
@@ -299,6 +319,14 @@ class EngineCore:
                 return
         if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, FinishReason.LENGTH)
+
+    def _advance_grammar(self, seq: Sequence, token: int) -> None:
+        """A complete grammar ends the sequence (only EOS could follow); so would a token the
+        grammar rejects, which the mask rules out."""
+        if not seq.grammar.accept(token):
+            self._finish(seq, FinishReason.ERROR, error=f"the grammar rejected token {token}: {seq.grammar.error}")
+        elif seq.grammar.is_terminated:
+            self._finish(seq, FinishReason.STOP)
 
     # ------------------------------------------------------------------ outputs
 

@@ -12,6 +12,7 @@ import enum
 import numpy as np
 
 from engine_core.beam_search import BeamSearch
+from engine_core.structured_output import GrammarMatcher
 from ipc.messages import EngineCoreRequest, FinishReason, SamplingParams, TokenLogprobs
 
 
@@ -88,6 +89,7 @@ class Sequence:
         self.pending_logprobs: list[TokenLogprobs] = []
         seed = request.params.seed
         self.generator = None if seed is None else np.random.default_rng(seed + index)
+        self.grammar: GrammarMatcher | None = None  # structured output: the output's place in its grammar
 
     @property
     def request_id(self) -> str:
@@ -123,4 +125,5 @@ class Sequence:
         child.num_computed_tokens = self.num_computed_tokens
         child.block_ids = list(self.block_ids)
         child.status = self.status
+        child.grammar = self.grammar.fork() if self.grammar is not None else None
         return child

@@ -5,6 +5,9 @@ the others go through the full pipeline row by row: penalties, min_tokens suppre
 temperature, min-p, top-k, top-p (vLLM V1's order), then one uniform draw from the sequence's
 own generator (seeded requests reproduce whatever else is in the batch). Logprobs are those of
 the raw model distribution, as vLLM reports them.
+
+The rows of constrained requests are masked first, in place: the tokens a row's grammar does not
+allow get -inf (see `engine_core.structured_output`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine_core.request import Sequence
+from engine_core.structured_output import apply_grammar_masks
 from ipc.messages import SamplingParams, TokenLogprobs
 
 
@@ -59,6 +63,7 @@ class Sampler:
         self.rng = np.random.default_rng(seed)  # for requests without a seed
 
     def sample(self, logits: np.ndarray, seqs: list[Sequence], needs_logprob: list[bool]) -> list[SampledToken]:
+        apply_grammar_masks(logits, seqs)
         results: list[SampledToken | None] = [None] * len(seqs)
         plain = [i for i, s in enumerate(seqs) if _is_plain_greedy(s.params, needs_logprob[i])]
         if plain:

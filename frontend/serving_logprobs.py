@@ -5,6 +5,8 @@ from __future__ import annotations
 from tokenizers import decoders
 from transformers import PreTrainedTokenizerFast
 
+from ipc.vocabulary import byte_level_bytes, sentencepiece_bytes
+
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps to the same value
 
 
@@ -35,30 +37,7 @@ class TokenStrings:
         piece = self._tokenizer.convert_ids_to_tokens(token_id)
         if piece is None:
             return b""
-        if self._is_byte_level:
-            try:
-                return bytes(_BYTE_DECODER[c] for c in piece)
-            except KeyError:
-                return piece.encode()
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte
-            return bytes([int(piece[3:5], 16)])
-        return piece.replace("\u2581", " ").encode()
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable spelling of the 256 bytes, inverted."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
-
-
-_BYTE_DECODER = _byte_decoder()
+        return byte_level_bytes(piece) if self._is_byte_level else sentencepiece_bytes(piece)
 
 
 def clamp_logprob(value: float) -> float:

@@ -21,6 +21,21 @@ class FinishReason(enum.IntEnum):
     ERROR = 3  # the request can never be served (e.g. it does not fit the KV cache)
 
 
+class StructuredOutputKind(enum.IntEnum):
+    JSON_SCHEMA = 0  # spec: a JSON Schema document
+    JSON_OBJECT = 1  # any JSON object; spec unused
+    REGEX = 2  # spec: a regular expression the whole output matches
+    GRAMMAR = 3  # spec: a Lark grammar (llguidance's dialect, which may embed %json schemas)
+
+
+class StructuredOutputSpec(msgspec.Struct, array_like=True, frozen=True):
+    """What the output must be. The frontend has checked that it compiles (see
+    `ipc.structured_output`); the engine compiles it against the vocabulary."""
+
+    kind: StructuredOutputKind
+    spec: str = ""
+
+
 class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True):
     """Validated by the frontend; the engine trusts these values."""
 
@@ -43,6 +58,7 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, frozen
     use_beam_search: bool = False
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
+    structured_output: StructuredOutputSpec | None = None  # constrains generation; None: free
 
     @property
     def is_greedy(self) -> bool:
