@@ -209,7 +209,7 @@ class EngineCore:
             if seq.grammar is not None and not seq.is_finished:
                 self._advance_grammar(seq, token.token_id)
         for seq in seqs:
-            if not seq.is_finished:
+            if not seq.is_finished and not seq.request.holds_outputs_until_done:
                 self._emit(seq)
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
