@@ -103,6 +103,21 @@ def test_engine_killed_mid_stream_ends_requests_with_errors_and_the_command_exit
         stop_quietly(server)
 
 
+def test_frontend_killed_stops_the_engine_and_the_command_exits_non_zero():
+    server = Server().wait_ready()
+    try:
+        engine = engine_pid(server)
+        [frontend] = [p for p in server.child_pids() if p != engine]
+        assert "frontend" in cmdline(frontend)
+        os.kill(frontend, signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert server.process.wait(timeout=5) != 0
+        assert time.monotonic() - killed_at < 5
+        assert not is_alive(engine)
+    finally:
+        stop_quietly(server)
+
+
 def test_sigterm_drains_the_in_flight_request_and_exits_0_and_systemd_hears_ready_then_stopping(tmp_path):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(tmp_path / "notify"))

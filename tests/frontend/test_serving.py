@@ -176,7 +176,12 @@ def test_clamp_max_tokens_clamps_instead(config, engine, tokenizer):
     config.clamp_max_tokens = True
     with TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer)) as client:
         complete(client, prompt=[5, 6, 7], max_tokens=1000)
+        chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "max_completion_tokens": 1000})
+        assert chat.status_code == 200
     assert engine.requests[0].sampling_params.max_tokens == MAX_MODEL_LEN - 3
+    chat_request = engine.requests[1]
+    assert chat_request.sampling_params.max_tokens == MAX_MODEL_LEN - len(chat_request.prompt_token_ids)
 
 
 # ---- sampling parameters reach the engine ---------------------------------------------------
