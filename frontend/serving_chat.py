@@ -26,8 +26,12 @@ from frontend.protocol import (
     ChatCompletionTopLogprob,
     ChatMessage,
     ChatResponseMessage,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
     Tool,
+    ToolCall,
 )
 from frontend.serving import (
     ChoiceDelta,
@@ -42,6 +46,7 @@ from frontend.serving_logprobs import (
     TokenStrings,
     clamp_logprob,
 )
+from frontend.serving_tools import ChatOutputPlan
 from frontend.serving_validation import (
     MAX_LOGPROBS,
     TextSettings,
@@ -51,6 +56,8 @@ from frontend.serving_validation import (
     resolve_max_tokens,
     text_settings,
 )
+from frontend.tool_parsers import ParsedDelta, ToolCallStream
+from frontend.tool_parsers import ToolCall as ParsedToolCall
 from ipc.messages import TokenLogprobs
 
 # Names the template call sets itself; `chat_template_kwargs` cannot override them.
@@ -209,7 +216,9 @@ class OpenAIServingChat(OpenAIServing):
         info = self.engine_info()
         check_sampling_fields(request, max_num_seqs=self.config.max_num_seqs)
         check_stop_token_ids(request, info.vocab_size)
-        self._check_tools(request)
+        plan = ChatOutputPlan.for_request(request, self.config)
+        if plan.structured_output is not None and request.use_beam_search:
+            raise bad_request("Beam search cannot be combined with constrained output.", param="use_beam_search")
         logprobs = self._num_logprobs(request)
         text = self.prompt_builder.render(
             request.messages,
@@ -229,30 +238,11 @@ class OpenAIServingChat(OpenAIServing):
             clamp=self.config.clamp_max_tokens,
         )
         params = make_sampling_params(request, max_tokens=max_tokens, logprobs=logprobs)
+        if plan.structured_output is not None:
+            params = msgspec.structs.replace(params, structured_output=plan.structured_output)
         chat_id = random_id("chatcmpl")
         prompt = PreparedPrompt(self.make_engine_request(chat_id, token_ids, params, arrival_time), text, 0)
-        return _ChatJob(self, request, chat_id, prompt, text_settings(request), arrival_time, logprobs)
-
-    def _check_tools(self, request: ChatCompletionRequest) -> None:
-        choice = request.tool_choice
-        if choice == "auto" and not self.config.enable_auto_tool_choice:
-            raise bad_request(
-                '"auto" tool choice requires the server to be started with --enable-auto-tool-choice '
-                "and --tool-call-parser.",
-                param="tool_choice",
-            )
-        if choice is not None and choice not in ("none", "auto"):
-            raise bad_request(
-                "Only tool_choice \"none\" and \"auto\" are supported.", param="tool_choice"
-            )
-        if choice is not None and choice != "none" and not request.tools:
-            raise bad_request("tool_choice needs tools.", param="tool_choice")
-        response_format = request.response_format
-        if response_format is not None and response_format.type != "text":
-            raise bad_request(
-                f"response_format {response_format.type!r} is not supported; only \"text\" is.",
-                param="response_format",
-            )
+        return _ChatJob(self, request, chat_id, prompt, text_settings(request), arrival_time, logprobs, plan)
 
     @staticmethod
     def _num_logprobs(request: ChatCompletionRequest) -> int | None:
@@ -275,6 +265,7 @@ class _ChatJob:
         settings: TextSettings,
         arrival_time: float,
         logprobs: int | None,
+        plan: ChatOutputPlan,
     ) -> None:
         self.serving = serving
         self.request = request
@@ -286,6 +277,7 @@ class _ChatJob:
         self.usage = UsageCounter([prompt])
         self.logprobs_builder = ChatLogprobsBuilder(serving.token_strings, logprobs or 0) if logprobs is not None else None
         self.role = serving.config.response_role
+        self.tool_parser = plan.tool_parser
 
     def _deltas(self) -> AsyncIterator[ChoiceDelta]:
         return self.serving.generate_choices([self.prompt], self.settings, self.usage, self.timing)
@@ -306,19 +298,29 @@ class _ChatJob:
                 logprobs[delta.index].extend(self._logprobs(delta) or [])
                 if delta.finish_reason is not None:
                     finish[delta.index] = (delta.finish_reason, delta.stop_reason)
-        choices = [
-            ChatCompletionResponseChoice(
-                index=i,
-                message=ChatResponseMessage(role=self.role, content="".join(texts[i])),
-                logprobs=ChatCompletionLogProbs(logprobs[i]) if self.logprobs_builder is not None else None,
-                finish_reason=finish[i][0],
-                stop_reason=finish[i][1],
+        choices = []
+        for i in range(n):
+            message = self._message("".join(texts[i]))
+            choices.append(
+                ChatCompletionResponseChoice(
+                    index=i,
+                    message=message,
+                    logprobs=ChatCompletionLogProbs(logprobs[i]) if self.logprobs_builder is not None else None,
+                    finish_reason=_finish_reason(finish[i][0], has_tool_calls=bool(message.tool_calls)),
+                    stop_reason=finish[i][1],
+                )
             )
-            for i in range(n)
-        ]
         return ChatCompletionResponse(
             id=self.chat_id, model=self.serving.model_name, choices=choices, usage=self.usage.usage(), created=self.created
         )
+
+    def _message(self, text: str) -> ChatResponseMessage:
+        if self.tool_parser is None:
+            return ChatResponseMessage(role=self.role, content=text)
+        content, calls = self.tool_parser.extract(text)
+        if not calls:
+            return ChatResponseMessage(role=self.role, content=content or "")
+        return ChatResponseMessage(role=self.role, content=content, tool_calls=[_tool_call(c) for c in calls])
 
     async def stream_chunks(self) -> AsyncIterator[ChatCompletionStreamResponse]:
         options = self.request.stream_options
@@ -332,16 +334,21 @@ class _ChatJob:
         for i in range(self.request.n):
             role_delta = DeltaMessage(role=self.role, content="")
             yield self._chunk([ChatCompletionStreamChoice(i, role_delta)], usage())
+        # One tool-call parser per choice; it holds back text that may start a call.
+        parsers: list[ToolCallStream | None] = [
+            self.tool_parser.stream() if self.tool_parser is not None else None for _ in range(self.request.n)
+        ]
         async with contextlib.aclosing(self._deltas()) as deltas:
             async for delta in deltas:
                 entries = self._logprobs(delta)
-                if not delta.text and delta.finish_reason is None and not entries:
-                    continue  # nothing to say yet (text held back for a possible stop string)
+                message, has_tool_calls = _delta_message(delta.text, delta.finish_reason is not None, parsers[delta.index])
+                if message is None and delta.finish_reason is None and not entries:
+                    continue  # nothing to say yet (text held back for a stop string or a tool call)
                 choice = ChatCompletionStreamChoice(
                     index=delta.index,
-                    delta=DeltaMessage(content=delta.text or None),
+                    delta=message or DeltaMessage(),
                     logprobs=ChatCompletionLogProbs(entries) if entries is not None else None,
-                    finish_reason=delta.finish_reason,
+                    finish_reason=_finish_reason(delta.finish_reason, has_tool_calls=has_tool_calls),
                     stop_reason=delta.stop_reason,
                 )
                 yield self._chunk([choice], usage())
@@ -357,3 +364,35 @@ class _ChatJob:
             choices=choices,
             usage=usage,
         )
+
+
+def _delta_message(text: str, is_last: bool, parser: ToolCallStream | None) -> tuple[DeltaMessage | None, bool]:
+    """What a text delta says once tool calls are parsed out (None: nothing yet), and whether
+    the choice has made tool calls so far."""
+    if parser is None:
+        return (DeltaMessage(content=text) if text else None), False
+    parsed = parser.feed(text)
+    if is_last:
+        tail = parser.finish()
+        parsed = ParsedDelta(parsed.content + tail.content, parsed.tool_calls + tail.tool_calls)
+    if parsed.is_empty:
+        return None, parser.num_calls > 0
+    calls = [
+        DeltaToolCall(
+            index=c.index,
+            id=c.id,
+            type="function" if c.id is not None else None,
+            function=DeltaFunctionCall(name=c.name, arguments=c.arguments if c.arguments or c.id else None),
+        )
+        for c in parsed.tool_calls
+    ]
+    return DeltaMessage(content=parsed.content or None, tool_calls=calls or None), parser.num_calls > 0
+
+
+def _tool_call(call: ParsedToolCall) -> ToolCall:
+    return ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+
+
+def _finish_reason(reason: str | None, *, has_tool_calls: bool) -> str | None:
+    """A choice that called tools and ended by itself ends with "tool_calls"."""
+    return "tool_calls" if reason == "stop" and has_tool_calls else reason

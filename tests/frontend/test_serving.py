@@ -106,8 +106,9 @@ def test_completions_specific_validation(client, body, param):
         ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
         ({"tool_choice": "auto", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
-        ({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tool_choice": "required"}, "tool_choice"),  # without tools
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"not": {}}}}},
+         "response_format"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
         ({"add_generation_prompt": True, "continue_final_message": True}, "continue_final_message"),
@@ -123,7 +124,7 @@ def test_suffix_message_says_it_is_unsupported(client):
 
 
 def test_auto_tool_choice_is_accepted_when_enabled(config, engine, tokenizer):
-    config.enable_auto_tool_choice = True
+    config.enable_auto_tool_choice, config.tool_call_parser = True, "hermes"
     with TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer)) as client:
         tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
         chat(client, tools=tools, tool_choice="auto", max_tokens=2)
