@@ -111,8 +111,10 @@ class ChatPromptBuilder:
 
 
 def _message_to_dict(message: ChatMessage, position: int) -> dict[str, Any]:
-    """A message as Hugging Face chat templates expect it: text content as one string, tool
-    call arguments as objects, and absent fields left out rather than null."""
+    """A message as Hugging Face chat templates expect it: text content as one string (empty,
+    not null, for a message that only calls tools, as vLLM renders it: templates that join
+    strings, like ChatML, would fail on null), tool call arguments as objects, and absent
+    fields left out rather than null."""
     content = message.content
     if isinstance(content, list):
         texts = []
@@ -125,7 +127,7 @@ def _message_to_dict(message: ChatMessage, position: int) -> dict[str, Any]:
             texts.append(part.text)
         content = "\n".join(texts)
     result: dict[str, Any] = {"role": message.role, "content": content}
-    if content is None and not message.tool_calls:
+    if content is None:
         result["content"] = ""
     if message.name is not None:
         result["name"] = message.name

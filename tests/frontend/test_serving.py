@@ -463,13 +463,17 @@ def test_chat_template_kwargs_and_tools_reach_the_template(config, engine, token
     with TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer)) as client:
         chat(client, messages=messages, tools=tools, chat_template_kwargs={"greeting": "HI"}, max_tokens=1)
     prompt = tokenizer.decode(engine.requests[0].prompt_token_ids)
-    assert prompt == "TOOLS:weather\nHI[user:weather?][assistant:None]Seoul[tool:sunny]"
+    assert prompt == "TOOLS:weather\nHI[user:weather?][assistant:]Seoul[tool:sunny]"
 
 
-def test_template_error_is_400(client):
-    # ChatML concatenates content, so a tool call message without content fails to render.
-    messages = [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{}"}}]}]
-    assert_400(client.post("/v1/chat/completions", json={"messages": messages}), "messages")
+def test_template_error_is_400(config, engine, tokenizer, tmp_path):
+    template_path = tmp_path / "template.jinja"
+    template_path.write_text("{% if tools %}{{ raise_exception('this model takes no tools') }}{% endif %}")
+    config.chat_template = str(template_path)
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    with TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer)) as client:
+        response = client.post("/v1/chat/completions", json={"messages": USER_HI, "tools": tools})
+        assert "this model takes no tools" in assert_400(response, "messages")
 
 
 def test_model_without_chat_template_refuses_chat(config, engine, tokenizer):

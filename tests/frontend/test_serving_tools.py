@@ -240,3 +240,18 @@ def test_tools_calls_and_results_reach_the_chat_template(make_client, tmp_path, 
     prompt = tokenizer.decode(engine.requests[-1].prompt_token_ids)
     assert prompt.startswith("[tool get_weather]<|im_start|>user\nWeather in Paris?")
     assert "call get_weather city=Paris" in prompt and "result for call_1: 21 C" in prompt
+
+
+def test_a_tool_round_trip_renders_with_a_template_that_knows_no_tools(make_client, tokenizer):
+    """ChatML joins strings: the call message (content null, as clients send it back) renders
+    as an empty assistant turn, and the result as a "tool" turn."""
+    client, engine = make_client("It is 21 degrees.")
+    messages = [
+        *USER,
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
+    ]
+    chat(client, messages=messages, tools=[WEATHER_TOOL])
+    prompt = tokenizer.decode(engine.requests[-1].prompt_token_ids)
+    assert "<|im_start|>assistant\n<|im_end|>\n<|im_start|>tool\n21 C<|im_end|>\n<|im_start|>assistant\n" in prompt
