@@ -23,9 +23,9 @@ GOLDEN = json.loads((pathlib.Path(__file__).parents[1] / "golden" / "smollm2_bea
 BLOCK_BYTES = 737_280  # 2 * 30 layers * 3 kv heads * 16 tokens * 64 dims * 4 bytes
 
 
-def beam_request(request_id: str, case: dict):
+def beam_request(request_id: str, case: dict, n: int | None = None):
     p = case["params"]
-    return request(request_id, case["prompt_token_ids"], use_beam_search=True, n=p["num_return_sequences"],
+    return request(request_id, case["prompt_token_ids"], use_beam_search=True, n=n or p["num_return_sequences"],
                    best_of=p["num_beams"], length_penalty=p["length_penalty"],
                    early_stopping=p["early_stopping"], max_tokens=p["max_new_tokens"])
 
@@ -42,17 +42,17 @@ def final_outputs(core) -> dict[str, dict[int, object]]:
     raise AssertionError("the engine did not finish its requests")
 
 
-def assert_matches_golden(case: dict, outs: dict[int, object]) -> None:
-    expected = case["sequences"]
+def assert_matches_golden(case: dict, outs: dict[int, object], n: int | None = None) -> None:
+    expected = case["sequences"][:n]
     assert sorted(outs) == list(range(len(expected)))
     got = [outs[i].new_token_ids for i in range(len(expected))]
     assert got == expected, case["name"]
     lp = case["params"]["length_penalty"]
     scores = [outs[i].cumulative_logprob / len(got[i]) ** lp for i in range(len(got))]
-    np.testing.assert_allclose(scores, case["sequences_scores"], rtol=2e-4, err_msg=case["name"])
-    np.testing.assert_allclose([outs[i].cumulative_logprob for i in range(len(got))], case["sum_logprobs"],
+    np.testing.assert_allclose(scores, case["sequences_scores"][:n], rtol=2e-4, err_msg=case["name"])
+    np.testing.assert_allclose([outs[i].cumulative_logprob for i in range(len(got))], case["sum_logprobs"][:n],
                                rtol=2e-4, err_msg=case["name"])
-    for i, ends_with_eos in enumerate(case["ends_with_eos"]):
+    for i, ends_with_eos in enumerate(case["ends_with_eos"][:n]):
         assert outs[i].finish_reason == (FinishReason.STOP if ends_with_eos else FinishReason.LENGTH)
 
 
@@ -62,10 +62,13 @@ def test_every_golden_case_returns_transformers_sequences_in_order(make_core):
     core = make_core()
     for i, case in enumerate(cases):  # all 48 searches batched together
         core.add_request(beam_request(str(i), case))
+    longer = next(c for c in cases if c["name"] == "raw_list/beams=4/lp=1.0/early=False")
+    core.add_request(beam_request("n=2", longer, n=2))  # best_of=4, n=2: the 2 best of the 4
     outputs = final_outputs(core)
     for i, case in enumerate(cases):
         assert_matches_golden(case, outputs[str(i)])
         assert outputs[str(i)][0].num_generated_tokens >= max(len(s) for s in case["sequences"])
+    assert_matches_golden(longer, outputs["n=2"], n=2)
     assert_all_blocks_free(core)
 
 
