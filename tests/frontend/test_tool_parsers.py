@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from frontend.cli import build_parser, config_from_args
 from frontend.tool_parsers import ParsedDelta, ToolCall, ToolParserRegistry, fold_deltas
 from frontend.tool_parsers.hermes import HermesToolParser
 from frontend.tool_parsers.llama3_json import Llama3JsonToolParser
@@ -49,6 +50,15 @@ def test_registry_unknown_name_lists_known_ones():
     with pytest.raises(KeyError) as info:
         ToolParserRegistry.get("mistral")
     assert "'mistral'" in str(info.value) and "hermes, llama3_json" in str(info.value)
+
+
+def test_launcher_refuses_an_unknown_parser_naming_the_known_ones():
+    args = build_parser().parse_args(["serve", "--enable-auto-tool-choice", "--tool-call-parser", "mistral"])
+    with pytest.raises(SystemExit, match="unknown --tool-call-parser 'mistral'; known: hermes, llama3_json"):
+        config_from_args(args)
+    args = build_parser().parse_args(["serve", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
+    config = config_from_args(args)
+    assert config.enable_auto_tool_choice and config.tool_call_parser == "hermes"
 
 
 # ---------------------------------------------------------------------------------- llama3_json
