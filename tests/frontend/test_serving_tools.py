@@ -255,3 +255,18 @@ def test_a_tool_round_trip_renders_with_a_template_that_knows_no_tools(make_clie
     chat(client, messages=messages, tools=[WEATHER_TOOL])
     prompt = tokenizer.decode(engine.requests[-1].prompt_token_ids)
     assert "<|im_start|>assistant\n<|im_end|>\n<|im_start|>tool\n21 C<|im_end|>\n<|im_start|>assistant\n" in prompt
+
+
+def test_each_choice_has_its_own_parser(make_client):
+    client, _ = make_client(HERMES_OUTPUT, enable_auto_tool_choice=True, tool_call_parser="hermes")
+    choices = chat(client, tools=[WEATHER_TOOL, TIME_TOOL], n=2)["choices"]
+    ids = [call["id"] for c in choices for call in c["message"]["tool_calls"]]
+    assert len(ids) == 4 == len(set(ids))
+    response = client.post("/v1/chat/completions", json={"messages": USER, "tools": [WEATHER_TOOL], "n": 2, "stream": True})
+    names: dict[int, list[str]] = {0: [], 1: []}
+    for event in parse_sse(response.text):
+        for choice in event["choices"]:
+            for fragment in choice["delta"].get("tool_calls") or []:
+                if "function" in fragment and "name" in fragment["function"]:
+                    names[choice["index"]].append(fragment["function"]["name"])
+    assert names == {0: ["get_weather", "get_time"], 1: ["get_weather", "get_time"]}
