@@ -53,6 +53,7 @@ class JsonCallScanner:
         self.text = ""  # with Event.ARGUMENTS: the characters to append to the arguments
         self._key = ""
         self._raw = ""  # a header string's raw characters, or a pending escape in STRING
+        self._high_surrogate = ""  # STRING: a \uD8xx escape waiting for its low half
         self._is_escaped = False
         self._is_in_string = False
         self._depth = 0  # of the arguments value (CONTAINER) or of the whole object (TAIL)
@@ -115,7 +116,7 @@ class JsonCallScanner:
             self.state = _State.COLON
         else:
             if self._key == "name":
-                self.name = value
+                self.name = _well_formed(value)
             self.state = _State.AFTER_VALUE
         return Event.HOLD
 
@@ -175,19 +176,28 @@ class JsonCallScanner:
             self._raw += char
             if self._raw[1] == "u" and len(self._raw) < 6:
                 return Event.SKIP
-            try:
-                decoded = json.loads(f'"{self._raw}"')
-            except ValueError:
-                decoded = self._raw
-            self._raw = ""
-            return self._emit(decoded)
+            return self._escape_done()
         if char == "\\":
             self._raw = char
             return Event.SKIP
+        lone = "\ufffd" if self._high_surrogate else ""  # a high half with no low half
+        self._high_surrogate = ""
         if char == '"':
             self.state, self._depth = _State.TAIL, 1
+            return self._emit(lone) if lone else Event.SKIP
+        return self._emit(lone + char)
+
+    def _escape_done(self) -> Event:
+        raw, self._raw = self._raw, ""
+        if _is_high_surrogate_escape(raw) and not self._high_surrogate:
+            self._high_surrogate = raw  # its low half may follow
             return Event.SKIP
-        return self._emit(char)
+        text, self._high_surrogate = self._high_surrogate + raw, ""
+        try:
+            decoded = json.loads(f'"{text}"')
+        except ValueError:
+            decoded = text
+        return self._emit(_well_formed(decoded))
 
     def _tail(self, char: str) -> Event:
         if self._is_in_string:
@@ -210,3 +220,16 @@ class JsonCallScanner:
     def _emit(self, text: str) -> Event:
         self.text = text
         return Event.ARGUMENTS
+
+
+def _well_formed(text: str) -> str:
+    """`text` with surrogate pairs joined and lone surrogates (from `\\uD83D`-style escapes that
+    lack a half) replaced, so that it encodes as UTF-8."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _is_high_surrogate_escape(raw: str) -> bool:
+    try:
+        return raw[1] == "u" and 0xD800 <= int(raw[2:6], 16) <= 0xDBFF
+    except ValueError:
+        return False

@@ -77,6 +77,8 @@ LLAMA3_CASES = [
     pytest.param('{"name": "now"}', None, [call(0, "now", "{}")], id="no-arguments"),
     pytest.param('{"name": "f", "arguments": "{\\"a\\": 1}"}', None, [call(0, "f", '{"a": 1}')],
                  id="arguments-as-string"),
+    pytest.param('{"name": "f\\ud83d", "arguments": "{\\"e\\": \\"\\ud83d\\ude00 \\ud83d\\"}"}', None,
+                 [call(0, "f\ufffd", '{"e": "\U0001f600 \ufffd"}')], id="arguments-as-string-with-surrogates"),
     pytest.param('{"name": get_weather, "parameters": {}}', '{"name": get_weather, "parameters": {}}', [],
                  id="malformed-name"),
     pytest.param('{"parameters": {"a": 1}, "name": "f"}', '{"parameters": {"a": 1}, "name": "f"}', [],
