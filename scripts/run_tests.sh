@@ -3,6 +3,14 @@
 # Needs only Python 3.10+; everything else is installed here. Usage: bash scripts/run_tests.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# systemd-analyze, for tests/test_systemd_unit.py (`verify` of scripts/furiosa-llm.service);
+# Debian's systemd package, installed only, nothing started.
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd
+fi
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet -e ".[test]"
