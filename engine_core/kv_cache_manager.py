@@ -7,7 +7,6 @@ allocation returns the (src, dst) copies the runner must make before the step ru
 
 from __future__ import annotations
 
-from collections import deque
 
 from engine_core.request import Sequence
 
@@ -15,7 +14,9 @@ from engine_core.request import Sequence
 class BlockPool:
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        # a stack: the most recently freed block is reused first, so the cache's memory pages
+        # are touched only as far as the load needs (the arrays are mapped lazily)
+        self.free_block_ids: list[int] = list(range(num_blocks - 1, -1, -1))
         self.ref_counts = [0] * num_blocks
         self.peak_num_used = 0  # the most blocks ever in use at once
 
@@ -33,7 +34,7 @@ class BlockPool:
 
     def allocate(self, count: int) -> list[int]:
         assert count <= self.num_free, "allocate() without can_allocate()"
-        block_ids = [self.free_block_ids.popleft() for _ in range(count)]
+        block_ids = [self.free_block_ids.pop() for _ in range(count)]
         for block_id in block_ids:
             assert self.ref_counts[block_id] == 0
             self.ref_counts[block_id] = 1

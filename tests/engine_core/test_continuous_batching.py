@@ -133,3 +133,20 @@ def test_a_request_that_can_never_fit_ends_with_an_error(make_core):
     assert final["big"].finish_reason == FinishReason.ERROR and "KV cache" in final["big"].error
     assert final["grows"].finish_reason == FinishReason.ERROR and "KV cache" in final["grows"].error
     assert_all_blocks_free(core)
+
+
+def test_freed_blocks_are_reused_first_so_untouched_cache_pages_stay_unmapped(make_core):
+    core = make_core()
+    rng = np.random.default_rng(5)
+    used = set()
+    for round_ in range(3):
+        for i in range(4):
+            core.add_request(request(f"{round_}-{i}", random_prompt(rng, 40), temperature=0.0, max_tokens=4,
+                                     ignore_eos=True))
+        while core.has_unfinished_requests:
+            scheduled_blocks = {b for s in core.scheduler.running for b in s.block_ids}
+            used |= scheduled_blocks
+            core.step()
+    # 4 requests of 44 tokens need 12 blocks at once; three rounds reuse the same ones
+    assert used <= set(range(12))
+    assert_all_blocks_free(core)
