@@ -88,7 +88,9 @@ class BeamSearch:
         return max(2, 1 + len(self.stop_token_ids)) * self.width
 
     def score(self, cumulative_logprob: float, generated_len: int) -> float:
-        return cumulative_logprob / generated_len**self.length_penalty
+        # float64 powers give inf/0 instead of raising on extreme penalties
+        with np.errstate(over="ignore", divide="ignore"):
+            return float(cumulative_logprob / np.float64(generated_len) ** self.length_penalty)
 
     def best(self, n: int) -> list[Hypothesis]:
         return self.finished[:n]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import time
 
+import logging
+
 import numpy as np
 
 from engine_core.beam_search import BeamSearch, BeamStep
@@ -36,13 +38,21 @@ from ipc.structured_output import StructuredOutputError
 from ipc.vocabulary import read_vocabulary
 
 
+logger = logging.getLogger("furiosa_llm.engine")
+
+
 class EngineCore:
     def __init__(self, config: ServeConfig, model_config: ModelConfig, weights: dict[str, np.ndarray]):
         self.config = config
         self.model_config = model_config
-        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
         block_bytes = KVCache.bytes_per_block(model_config, config.block_size)
         self.num_blocks = max(1, int(config.kv_cache_gib * 2**30) // block_bytes)
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        if self.max_model_len > self.capacity_tokens:
+            # a sequence longer than the whole cache could never finish: promise only what fits
+            logger.warning("max_model_len %d exceeds the KV cache (%d tokens); using %d",
+                           self.max_model_len, self.capacity_tokens, self.capacity_tokens)
+            self.max_model_len = self.capacity_tokens
         self.runner = ModelRunner(
             model_config, weights, num_blocks=self.num_blocks,
             block_size=config.block_size, max_model_len=self.max_model_len,
@@ -92,6 +102,8 @@ class EngineCore:
 
     def add_request(self, message: EngineCoreRequest) -> None:
         request = Request(message)
+        # ids outside the vocabulary can never be sampled; keep them out of the logit masks
+        request.eos_token_ids = frozenset(i for i in request.eos_token_ids if 0 <= i < self.model_config.vocab_size)
         error = self._check_request(request) or self._attach_grammar(request)
         if error is not None:
             self.pending_outputs.append(
@@ -110,7 +122,7 @@ class EngineCore:
             return f"request id {request.request_id!r} is already in use"
         if num_prompt == 0:
             return "the prompt is empty"
-        if num_prompt >= self.max_model_len and request.params.max_tokens > 0:
+        if num_prompt >= self.max_model_len:
             return f"the prompt has {num_prompt} tokens; this model's context is {self.max_model_len}"
         if max(request.prompt_token_ids) >= self.model_config.vocab_size or min(request.prompt_token_ids) < 0:
             return f"prompt token ids must be in [0, {self.model_config.vocab_size})"
@@ -128,6 +140,9 @@ class EngineCore:
             request.sequences[0].grammar = self.structured_output.matcher_for(spec)
         except StructuredOutputError as exc:
             return f"the structured output spec does not compile: {exc}"
+        except Exception as exc:  # e.g. a vocabulary the grammar library cannot read: this request only
+            logger.exception("structured output unavailable")
+            return f"structured output is unavailable for this model: {type(exc).__name__}: {exc}"
         return None
 
     def abort_requests(self, request_ids: list[str], indices: list[int] | None = None) -> None:
@@ -150,6 +165,8 @@ class EngineCore:
         for seq in scheduled.unfittable:
             self._finish(seq, FinishReason.ERROR,
                          error=f"the sequence needs more KV cache than the engine has ({self.capacity_tokens} tokens)")
+        if scheduled.unfittable:  # finishing one can end its siblings (a beam search) too
+            scheduled.scheduled = [e for e in scheduled.scheduled if not e.seq.is_finished]
         if scheduled.scheduled:
             prompt_rows = self._prompt_logit_rows(scheduled)
             result = self.runner.execute(scheduled, prompt_rows)
@@ -292,9 +309,7 @@ class EngineCore:
                 is_eos = h.stop_token_id in request.eos_token_ids and not request.params.ignore_eos
                 if h.stop_token_id is not None and not is_eos:
                     output.stop_reason = h.stop_token_id
-            if index == 0 and request.params.prompt_logprobs is not None:
-                output.prompt_logprobs = request.prompt_logprobs
-            self.pending_outputs.append(output)
+            self._push(request, output)
 
     def _record_prompt_logprobs(self, seq: Sequence, logits: np.ndarray) -> None:
         request = seq.request
@@ -354,9 +369,14 @@ class EngineCore:
         for index in range(request.params.n):
             output = EngineCoreOutput(request.request_id, index, [], finish_reason=reason,
                                       error=error, num_generated_tokens=0)
-            if index == 0 and request.params.prompt_logprobs is not None:
-                output.prompt_logprobs = request.prompt_logprobs
-            self.pending_outputs.append(output)
+            self._push(request, output)
+
+    def _push(self, request: Request, output: EngineCoreOutput) -> None:
+        """Queue an output; the request's first one carries its prompt logprobs."""
+        if request.params.prompt_logprobs is not None and not request.has_sent_prompt_logprobs:
+            output.prompt_logprobs = request.prompt_logprobs
+            request.has_sent_prompt_logprobs = True
+        self.pending_outputs.append(output)
 
     def _emit(self, seq: Sequence, *, error: str | None = None) -> None:
         request = seq.request
@@ -372,14 +392,12 @@ class EngineCore:
             stop_reason=seq.stop_reason,
             error=error,
         )
-        if request.params.prompt_logprobs is not None and seq.index == 0 and seq.num_sent_tokens == 0:
-            output.prompt_logprobs = request.prompt_logprobs
         if seq.finish_reason is not None:
             output.cumulative_logprob = seq.cumulative_logprob
             output.num_generated_tokens = request.num_generated_tokens
         seq.num_sent_tokens = seq.num_output_tokens
         seq.pending_logprobs = []
-        self.pending_outputs.append(output)
+        self._push(request, output)
 
     def _emit_best(self, request: Request) -> None:
         """best_of > n: the n candidates with the highest cumulative logprob, renumbered."""

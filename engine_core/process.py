@@ -36,6 +36,7 @@ logger = logging.getLogger("furiosa_llm.engine")
 
 _SHUTDOWN = object()  # sentinel on the input queue: stop the loop
 IDLE_POLL_S = 1.0  # how often an idle loop wakes to check that its parent still lives
+STATS_INTERVAL_S = 1.0  # scheduler stats reach the frontend at least this often while busy
 
 
 class EngineCoreProc:
@@ -80,6 +81,7 @@ class EngineCoreProc:
 
     def _busy_loop(self) -> None:
         core = self.core
+        last_sent = 0.0
         while not self._stop.is_set():
             # 1) poll input: block while idle, drain without waiting while busy
             if not core.has_unfinished_requests:
@@ -101,9 +103,12 @@ class EngineCoreProc:
             step_start = time.time()
             outputs = core.step()
             self.queue_times.after_step(step_start, core.scheduler.running, outputs)
-            # 3) hand outputs to the output thread
-            if outputs:
-                self.output_queue.put(EngineCoreOutputs(outputs, core.stats(), time.time()))
+            # 3) hand outputs to the output thread (stats go out at least every STATS_INTERVAL_S,
+            #    so gauges stay current through long prefills and beam searches)
+            now = time.time()
+            if outputs or now - last_sent >= STATS_INTERVAL_S:
+                self.output_queue.put(EngineCoreOutputs(outputs, core.stats(), now))
+                last_sent = now
 
     def _handle(self, message) -> bool:
         if message is _SHUTDOWN:

@@ -31,6 +31,7 @@ class Request:
         self.arrival_time = message.arrival_time
         self.sequences: list[Sequence] = [Sequence(self, 0, list(message.prompt_token_ids))]
         self.prompt_logprobs: list[TokenLogprobs | None] = [None]
+        self.has_sent_prompt_logprobs = False
         self.is_forked = False
         # beam search (set by the engine): the live beams are `sequences`, best first; each
         # beam's next-token logprobs wait here until every live beam has them

@@ -106,7 +106,7 @@ class Scheduler:
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             if not out.scheduled and not self._can_start(seq, num_tokens):
                 self._preempt_idle_for(seq, num_tokens)
-            if len(self.running) >= self.max_num_seqs:
+            if self._num_seats() + _seats(seq) > self.max_num_seqs:
                 break
             if not self.kv.can_allocate(seq, num_tokens):
                 if not self.running and not out.scheduled:
@@ -124,7 +124,11 @@ class Scheduler:
         return out
 
     def _can_start(self, seq: Sequence, num_tokens: int) -> bool:
-        return len(self.running) < self.max_num_seqs and self.kv.can_allocate(seq, num_tokens)
+        return (self._num_seats() + _seats(seq) <= self.max_num_seqs
+                and self.kv.can_allocate(seq, num_tokens))
+
+    def _num_seats(self) -> int:
+        return sum(_seats(s) for s in self.running)
 
     def _preempt_idle_for(self, seq: Sequence, num_tokens: int) -> None:
         """Idle running sequences (beams waiting for a sibling's logits) hold blocks and seats
@@ -149,3 +153,10 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+
+def _seats(seq: Sequence) -> int:
+    """Running seats a sequence takes: a prompt that will fork into n candidates (or beams)
+    reserves them all, so max_num_seqs bounds the sequences that will actually run."""
+    request = seq.request
+    return request.params.num_candidates if len(request.sequences) == 1 else 1

@@ -125,8 +125,11 @@ class UsageCounter:
 class ChoiceState:
     """Turns one sequence's engine outputs into text deltas: detokenize, then stop strings."""
 
-    def __init__(self, index: int, tokenizer: PreTrainedTokenizerFast, settings: TextSettings) -> None:
+    def __init__(self, index: int, tokenizer: PreTrainedTokenizerFast, settings: TextSettings,
+                 eos_token_ids: Sequence[int] = ()) -> None:
         self.index = index
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.include_stop_text = settings.include_stop_str_in_output
         self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=settings.skip_special_tokens)
         self.matcher = StopStringMatcher(settings.stop, include_stop_str_in_output=settings.include_stop_str_in_output)
         self.finish_reason: str | None = None
@@ -139,7 +142,7 @@ class ChoiceState:
 
     def process(self, output: EngineCoreOutput) -> tuple[ChoiceDelta, bool]:
         """The delta for `output`, and whether a stop string ended the sequence here."""
-        text, stop = self.matcher.feed(self.detokenizer.push(output.new_token_ids))
+        text, stop = self.matcher.feed(self.detokenizer.push(self._text_token_ids(output)))
         delta = ChoiceDelta(self.index, text, output.new_token_ids, output.new_logprobs)
         delta.is_first = not self.has_output
         self.has_output = True
@@ -156,6 +159,15 @@ class ChoiceState:
             delta.finish_reason, delta.stop_reason = "stop", stop
         self.finish_reason = delta.finish_reason
         return delta, stop is not None
+
+    def _text_token_ids(self, output: EngineCoreOutput) -> list[int]:
+        """As vLLM does, the EOS or stop token id that ended the sequence adds no text (unless
+        include_stop_str_in_output); its id and logprob are still reported."""
+        ids = output.new_token_ids
+        if (output.finish_reason == FinishReason.STOP and ids and not self.include_stop_text
+                and (output.stop_reason is not None or ids[-1] in self.eos_token_ids)):
+            return ids[:-1]
+        return ids
 
 
 def _finish_reason(output: EngineCoreOutput) -> str:
@@ -264,7 +276,8 @@ class OpenAIServing:
         for prompt in prompts:
             for j in range(prompt.request.sampling_params.n):
                 index = prompt.first_choice_index + j
-                states[(prompt.request.request_id, j)] = ChoiceState(index, self.tokenizer, settings)
+                states[(prompt.request.request_id, j)] = ChoiceState(index, self.tokenizer, settings,
+                                                                  prompt.request.eos_token_ids)
         timing.num_prompt_tokens = usage.num_prompt_tokens
         num_unfinished = len(states)
         is_client_gone = False

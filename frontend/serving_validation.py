@@ -73,6 +73,8 @@ def check_sampling_fields(request: SamplingRequestFields, *, max_num_seqs: int) 
         )
         m = request.min_p
         _check(m is None or 0.0 <= m <= 1.0, "min_p", f"min_p must be in [0, 1], got {m}.")
+    lp = request.length_penalty
+    _check(lp is None or -10.0 <= lp <= 10.0, "length_penalty", f"length_penalty must be in [-10, 10], got {lp}.")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(request, name)
         _check(value is None or -2.0 <= value <= 2.0, name, f"{name} must be in [-2, 2], got {value}.")
@@ -84,6 +86,16 @@ def check_sampling_fields(request: SamplingRequestFields, *, max_num_seqs: int) 
     stop = request.stop
     if isinstance(stop, list):
         _check(all(isinstance(x, str) for x in stop), "stop", "stop must be a string or a list of strings.")
+
+
+# Below this, dividing float32 logits by the temperature overflows; vLLM treats it as greedy too.
+_MIN_SAMPLING_TEMPERATURE = 1e-5
+
+
+def _effective_temperature(temperature: float | None, beam: bool) -> float:
+    if beam or temperature is None:
+        return 1.0
+    return 0.0 if temperature < _MIN_SAMPLING_TEMPERATURE else temperature
 
 
 def stop_strings(request: SamplingRequestFields) -> list[str]:
@@ -165,7 +177,7 @@ def make_sampling_params(
     beam = request.use_beam_search
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if beam or request.temperature is None else request.temperature,
+        temperature=_effective_temperature(request.temperature, beam),
         top_p=1.0 if beam or request.top_p is None else request.top_p,
         top_k=0 if beam or request.top_k in (None, -1) else request.top_k,
         min_p=0.0 if beam or request.min_p is None else request.min_p,

@@ -197,3 +197,12 @@ def test_each_stop_id_widens_the_candidates_kept():
     three = BeamSearch(width=3, length_penalty=1.0, early_stopping=False, stop_token_ids=frozenset({0, 7, 9}),
                        max_new_tokens=5)
     assert (one.num_candidates_kept, three.num_candidates_kept) == (6, 12)
+
+
+def test_scores_with_extreme_length_penalties_do_not_raise():
+    from engine_core.beam_search import BeamSearch
+
+    for penalty in (300.0, -300.0):
+        search = BeamSearch(width=2, length_penalty=penalty, early_stopping=False, stop_token_ids=frozenset([2]),
+                            max_new_tokens=4, min_tokens=0)
+        assert search.score(-3.0, 16) <= 0.0 or search.score(-3.0, 16) == float("-inf")

@@ -122,16 +122,18 @@ def test_blocks_return_after_finished_aborted_and_preempted_requests(make_core):
     assert_all_blocks_free(core)
 
 
-def test_a_request_that_can_never_fit_ends_with_an_error(make_core):
+def test_the_context_is_capped_to_what_the_kv_cache_holds_so_no_sequence_outgrows_it(make_core):
     core = make_core(kv_cache_gib=4 * 737_280 / 2**30)  # 64 tokens of cache
+    assert core.ready_message().max_model_len == 64
     core.add_request(request("big", list(range(100, 200)), max_tokens=4))
     core.add_request(request("grows", list(range(100, 150)), temperature=0.0, max_tokens=40, ignore_eos=True))
     outputs = []
     while core.has_unfinished_requests:
         outputs += core.step()
     final = {o.request_id: o for o in outputs if o.finish_reason is not None}
-    assert final["big"].finish_reason == FinishReason.ERROR and "KV cache" in final["big"].error
-    assert final["grows"].finish_reason == FinishReason.ERROR and "KV cache" in final["grows"].error
+    assert final["big"].finish_reason == FinishReason.ERROR and "64" in final["big"].error
+    assert final["grows"].finish_reason == FinishReason.LENGTH
+    assert sum(len(o.new_token_ids) for o in outputs if o.request_id == "grows") == 64 - 50
     assert_all_blocks_free(core)
 
 
@@ -150,3 +152,27 @@ def test_freed_blocks_are_reused_first_so_untouched_cache_pages_stay_unmapped(ma
     # 4 requests of 44 tokens need 12 blocks at once; three rounds reuse the same ones
     assert used <= set(range(12))
     assert_all_blocks_free(core)
+
+
+def test_max_num_seqs_counts_the_candidates_a_prompt_will_fork_into(make_core):
+    core = make_core(max_num_seqs=4)
+    for i in range(2):
+        core.add_request(request(str(i), [10 + i, 11, 12], temperature=1.0, seed=i, n=4, max_tokens=3))
+    most_running = 0
+    while core.has_unfinished_requests:
+        core.step()
+        most_running = max(most_running, len(core.scheduler.running))
+    assert most_running == 4
+    assert_all_blocks_free(core)
+
+
+def test_prompt_logprobs_come_with_the_requests_first_output_whatever_its_index(make_core):
+    core = make_core()
+    core.add_request(request("r", [1, 9690, 198, 2683, 359], temperature=1.0, seed=3, n=3, max_tokens=1,
+                             prompt_logprobs=1))
+    outputs = []
+    while core.has_unfinished_requests:
+        outputs += core.step()
+    assert outputs[0].prompt_logprobs is not None and len(outputs[0].prompt_logprobs) == 5
+    assert all(o.prompt_logprobs is None for o in outputs[1:])
+    assert sorted(o.index for o in outputs) == [0, 1, 2]

@@ -288,14 +288,19 @@ def test_stop_token_id_ends_with_stop_reason(client, engine, tokenizer):
     engine.script = text_script(tokenizer, "Hello world! The end", eos=False)
     stop_id = tokenizer.encode("!")[0]
     body = complete(client, max_tokens=50, stop_token_ids=[stop_id])
-    assert body["choices"][0]["text"] == "Hello world!"
+    # as vLLM: the stop token's text is left out unless include_stop_str_in_output
+    assert body["choices"][0]["text"] == "Hello world"
     assert body["choices"][0]["stop_reason"] == stop_id
+    body = complete(client, max_tokens=50, stop_token_ids=[stop_id], include_stop_str_in_output=True)
+    assert body["choices"][0]["text"] == "Hello world!"
 
 
-def test_skip_special_tokens_false_keeps_eos_text(client, engine, tokenizer):
-    engine.script = text_script(tokenizer, "Hi")
+def test_skip_special_tokens_false_shows_special_tokens_but_not_the_ending_eos(client, engine, tokenizer):
+    engine.script = text_script(tokenizer, "Hi<|im_start|>")
     body = complete(client, max_tokens=50, skip_special_tokens=False)
-    assert body["choices"][0]["text"] == "Hi<|im_end|>"
+    assert body["choices"][0]["text"] == "Hi<|im_start|>"
+    body = complete(client, max_tokens=50, skip_special_tokens=False, include_stop_str_in_output=True)
+    assert body["choices"][0]["text"] == "Hi<|im_start|><|im_end|>"
 
 
 def test_n_choices_are_indexed_and_counted(client, engine, tokenizer):
@@ -500,3 +505,16 @@ def test_request_timing_is_recorded(client, engine):
 def test_finish_reason_enum_is_covered():
     # The frontend maps every engine finish reason; a new one must be handled here first.
     assert {r.name for r in FinishReason} == {"STOP", "LENGTH", "ABORT", "ERROR"}
+
+
+@pytest.mark.parametrize("penalty", [300.0, -300.0])
+def test_an_extreme_length_penalty_is_a_400_not_an_engine_crash(client, engine, penalty):
+    response = client.post("/v1/completions", json={"prompt": "Hello", "use_beam_search": True, "n": 2,
+                                                    "length_penalty": penalty})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "length_penalty"
+    assert engine.requests == []
+
+
+def test_a_vanishing_temperature_is_greedy(client, engine):
+    complete(client, temperature=1e-50)
+    assert engine.requests[0].sampling_params.temperature == 0.0
