@@ -140,12 +140,14 @@ def main() -> int:
         outside_blas = max(0.0, 1 - weight_gemm_seconds(core, overhead_batch) / step_s)
 
     compute_bound = gflops * 1e9 / (2 * matmul_params)
-    memory_bound = gbps * 1e9 / model.num_bytes
+    bytes_per_step = 4 * matmul_params  # what a batch-1 decode step reads (the embedding: one row)
+    memory_bound = gbps * 1e9 / bytes_per_step
     result = {
         "model": os.path.basename(args.model), "blas": blas, "threads": args.threads,
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
         "gemm_gflops": round(gflops, 1), "gemv_gbps": round(gbps, 1),
         "weights_mb": round(model.num_bytes / 1e6, 1), "matmul_params_m": round(matmul_params / 1e6, 1),
+        "bytes_read_per_decode_step_mb": round(bytes_per_step / 1e6, 1),
         "decode_tok_s": {str(b): round(v, 1) for b, v in decode.items()},
         "prefill_tok_s": {str(n): round(v, 1) for n, v in prefill.items()},
         "compute_roofline_tok_s": round(compute_bound, 1),
@@ -156,7 +158,7 @@ def main() -> int:
     }
     print(f"BLAS: {blas}  OPENBLAS_CORETYPE={result['openblas_coretype']}")
     print(f"GEMM {gflops:.0f} GFLOP/s -> compute roofline {compute_bound:.0f} tok/s; "
-          f"GEMV {gbps:.1f} GB/s over {model.num_bytes / 1e6:.0f} MB -> batch-1 bound {memory_bound:.0f} tok/s")
+          f"GEMV {gbps:.1f} GB/s over {bytes_per_step / 1e6:.0f} MB a step -> batch-1 bound {memory_bound:.0f} tok/s")
     print(f"{'batch':>6} {'decode tok/s':>13} {'of roofline':>12}")
     for b, v in decode.items():
         bound = memory_bound if b == 1 else compute_bound
