@@ -153,6 +153,12 @@ class JsonCallScanner:
         return self._emit(char)
 
     def _container(self, char: str) -> Event:
+        if self._scan(char):
+            self.state, self._depth = _State.TAIL, 1
+        return self._emit(char)
+
+    def _scan(self, char: str) -> bool:
+        """Track JSON strings and bracket depth; whether char closed the outermost bracket."""
         if self._is_in_string:
             if self._is_escaped:
                 self._is_escaped = False
@@ -166,9 +172,8 @@ class JsonCallScanner:
             self._depth += 1
         elif char in "}]":
             self._depth -= 1
-            if self._depth == 0:
-                self.state, self._depth = _State.TAIL, 1
-        return self._emit(char)
+            return self._depth == 0
+        return False
 
     def _string_value(self, char: str) -> Event:
         """Arguments written as a JSON string: pass its decoded characters on."""
@@ -200,22 +205,7 @@ class JsonCallScanner:
         return self._emit(_well_formed(decoded))
 
     def _tail(self, char: str) -> Event:
-        if self._is_in_string:
-            if self._is_escaped:
-                self._is_escaped = False
-            elif char == "\\":
-                self._is_escaped = True
-            elif char == '"':
-                self._is_in_string = False
-        elif char == '"':
-            self._is_in_string = True
-        elif char in "{[":
-            self._depth += 1
-        elif char in "}]":
-            self._depth -= 1
-            if self._depth == 0:
-                return Event.DONE
-        return Event.SKIP
+        return Event.DONE if self._scan(char) else Event.SKIP
 
     def _emit(self, text: str) -> Event:
         self.text = text
