@@ -96,6 +96,9 @@ class LlamaModel:
         lm_head = weights.get("lm_head.weight", self.embed)
         if c.tie_word_embeddings:
             lm_head = self.embed
+        # both layouts: OpenBLAS is fastest with [hidden, vocab] for one row (GEMV) and with
+        # [vocab, hidden] for several (30-40% faster at 2..64 rows than the other layout)
+        self.lm_head = np.ascontiguousarray(lm_head)  # [vocab, hidden]; the embedding itself if tied
         self.lm_head_t = np.ascontiguousarray(lm_head.T)  # [hidden, vocab]
         self.final_norm = weights["model.norm.weight"]
         self.layers = [self._fuse_layer(weights, i) for i in range(c.num_layers)]
@@ -128,11 +131,8 @@ class LlamaModel:
 
     @property
     def num_bytes(self) -> int:
-        arrays = [self.embed, self.lm_head_t] + [a for l in self.layers for a in l.values()]
-        seen = {id(a): a.nbytes for a in arrays}
-        if self.lm_head_t.base is self.embed:
-            seen.pop(id(self.lm_head_t))
-        return sum(seen.values())
+        arrays = [self.embed, self.lm_head, self.lm_head_t] + [a for l in self.layers for a in l.values()]
+        return sum({id(a): a.nbytes for a in arrays}.values())  # a tied lm_head is the embedding
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         variance = np.einsum("ij,ij->i", x, x) / x.shape[1]
@@ -174,7 +174,9 @@ class LlamaModel:
         return self.rms_norm(x[batch.output_rows], self.final_norm)
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
-        return hidden @ self.lm_head_t
+        if hidden.shape[0] == 1:
+            return hidden @ self.lm_head_t
+        return np.ascontiguousarray((self.lm_head @ hidden.T).T)
 
     @staticmethod
     def _write_cache(cache: KVCache, layer: int, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:

@@ -109,7 +109,7 @@ def weight_gemm_seconds(core: EngineCore, batch: int, repeats: int = 5) -> float
             attn @ layer["o"]
             x @ layer["gate_up"]
             inner @ layer["down"]
-        x @ model.lm_head_t
+        model.logits(x)
         best = min(best, time.perf_counter() - start)
     return best
 
