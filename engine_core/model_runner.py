@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine_core.loader import ModelConfig
-from engine_core.model import AttentionSpan, ForwardBatch, KVCache, LlamaModel
+from engine_core.model import AttentionSpan, ForwardBatch, KVCache, LlamaModel, group_decodes
 from engine_core.scheduler import SchedulerOutput, ScheduledSequence
 
 
@@ -42,27 +42,35 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput, prompt_logit_rows: dict[int, int]):
         bs = self.block_size
-        token_ids, positions, slots, spans = [], [], [], []
+        token_ids, positions, slots, starts = [], [], [], []
+        spans, decode_rows, decode_blocks, decode_lens = [], [], [], []
         for entry in out.scheduled:
             seq, start = entry.seq, entry.seq.num_computed_tokens
             context_len = start + entry.num_tokens
             pos = np.arange(start, context_len)
             blocks = np.asarray(seq.block_ids[: -(-context_len // bs)], dtype=np.int64)
-            spans.append(AttentionSpan(len(token_ids), entry.num_tokens, blocks, context_len))
+            starts.append(len(token_ids))
+            if entry.num_tokens == 1:
+                decode_rows.append(len(token_ids))
+                decode_blocks.append(blocks)
+                decode_lens.append(context_len)
+            else:
+                spans.append(AttentionSpan(len(token_ids), entry.num_tokens, blocks, context_len))
             token_ids.extend(seq.token_ids[start:context_len])
             positions.append(pos)
             slots.append(blocks[pos // bs] * bs + pos % bs)
         sample_entries = [e for e in out.scheduled if e.completes]
-        output_rows = [span.start + span.num_tokens - 1 for span, e in zip(spans, out.scheduled) if e.completes]
+        output_rows = [start + e.num_tokens - 1 for start, e in zip(starts, out.scheduled) if e.completes]
         prompt_slices = {}
         for index, count in prompt_logit_rows.items():
             prompt_slices[index] = (len(output_rows), len(output_rows) + count)
-            output_rows.extend(range(spans[index].start, spans[index].start + count))
+            output_rows.extend(range(starts[index], starts[index] + count))
         batch = ForwardBatch(
             token_ids=np.asarray(token_ids, dtype=np.int64),
             positions=np.concatenate(positions),
             slot_mapping=np.concatenate(slots),
             spans=spans,
+            decode_groups=group_decodes(decode_rows, decode_blocks, decode_lens, bs),
             output_rows=np.asarray(output_rows, dtype=np.int64),
         )
         return batch, sample_entries, prompt_slices

@@ -5,8 +5,13 @@ Runs `EngineCore` in-process on the default model (or --model), greedy, ignore_e
 - prefill tok/s for one 128-token and one 1024-token prompt,
 - the machine's fp32 GEMM GFLOP/s (the compute roofline) and GEMV bandwidth (the memory
   roofline for batch-1 decode), measured with the same BLAS thread count,
-- at batch 64, the share of a decode step spent outside the weight matmuls (Python and
-  small numpy ops), estimated by replaying the step's weight GEMM shapes in isolation.
+- at batch 64, how a decode step splits: the weight matmuls (replayed in isolation on the
+  step's shapes), the attention (KV gather, small matmuls, softmax; timed inside the steps),
+  and the rest (norms, RoPE, SiLU, cache writes, sampling, scheduling) as what remains.
+
+The KV cache is touched once before timing, as a server that has been up a while has done:
+the first write to each page of the (lazily mapped) cache costs a page fault, which otherwise
+lands in whichever batch first reaches that far. --cold-cache skips this.
 
 Prints a table and one JSON line. The OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE variables that some
 machines here set slow current numpy; to measure without them, unset both for this command only:
@@ -66,7 +71,8 @@ def add(core: EngineCore, request_id: str, prompt: list[int], max_tokens: int) -
     core.add_request(EngineCoreRequest(request_id, prompt, params, [], time.time()))
 
 
-def bench_decode(core: EngineCore, batch: int, context: int, steps: int) -> float:
+def bench_decode(core: EngineCore, batch: int, context: int, steps: int, attention: list | None = None) -> float:
+    """Decode tok/s; `attention` collects the seconds each timed step spends in attention."""
     rng = np.random.default_rng(batch)
     for i in range(batch):
         add(core, f"d{batch}-{i}", rng.integers(100, 40_000, size=context).tolist(), steps + 8)
@@ -74,10 +80,23 @@ def bench_decode(core: EngineCore, batch: int, context: int, steps: int) -> floa
         core.step()  # prefill everything first
     for _ in range(3):
         core.step()
+    model = core.runner.model
+    attend = model._attention
+
+    def timed(*args):
+        start = time.perf_counter()
+        out = attend(*args)
+        attention.append(time.perf_counter() - start)
+        return out
+
+    if attention is not None:
+        model._attention = timed  # timed where it runs: between the weight matmuls, caches cold
     start = time.perf_counter()
     for _ in range(steps):
         core.step()
     elapsed = time.perf_counter() - start
+    if attention is not None:
+        del model._attention
     core.abort_requests([f"d{batch}-{i}" for i in range(batch)])
     core.step()
     return batch * steps / elapsed
@@ -122,6 +141,7 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--steps", type=int, default=16, help="timed decode steps per batch size")
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
+    parser.add_argument("--cold-cache", action="store_true", help="do not touch the KV cache before timing")
     args = parser.parse_args()
     args.model = args.model or default_model_path()
 
@@ -132,12 +152,19 @@ def main() -> int:
         model = core.runner.model
         matmul_params = sum(l[k].size for l in model.layers for k in ("qkv", "o", "gate_up", "down"))
         matmul_params += model.lm_head_t.size
+        if not args.cold_cache:
+            core.runner.cache.keys.fill(0.0)
+            core.runner.cache.values.fill(0.0)
         gflops, gbps = gemm_gflops(), gemv_gbps()
-        decode = {b: bench_decode(core, b, args.context, args.steps) for b in args.batches}
+        overhead_batch = 64 if 64 in args.batches else max(args.batches)
+        attention: list[float] = []
+        decode = {b: bench_decode(core, b, args.context, args.steps, attention if b == overhead_batch else None)
+                  for b in args.batches}
         prefill = {n: bench_prefill(core, n, 3 if n <= 256 else 2) for n in (128, 1024)}
-        overhead_batch = 64 if 64 in decode else max(decode)
         step_s = overhead_batch / decode[overhead_batch]
-        outside_blas = max(0.0, 1 - weight_gemm_seconds(core, overhead_batch) / step_s)
+        gemm_share = weight_gemm_seconds(core, overhead_batch) / step_s
+        attention_share = sum(attention) / args.steps / step_s
+        outside_blas = max(0.0, 1 - gemm_share)
 
     compute_bound = gflops * 1e9 / (2 * matmul_params)
     bytes_per_step = 4 * matmul_params  # what a batch-1 decode step reads (the embedding: one row)
@@ -155,6 +182,9 @@ def main() -> int:
         f"batch{overhead_batch}_fraction_of_compute_roofline": round(decode[overhead_batch] / compute_bound, 3),
         "batch1_fraction_of_memory_roofline": round(decode.get(1, 0) / memory_bound, 3),
         f"batch{overhead_batch}_step_fraction_outside_weight_gemms": round(outside_blas, 3),
+        f"batch{overhead_batch}_step_fraction_attention": round(attention_share, 3),
+        f"batch{overhead_batch}_step_fraction_rest": round(max(0.0, 1 - gemm_share - attention_share), 3),
+        "kv_cache_pretouched": not args.cold_cache,
     }
     print(f"BLAS: {blas}  OPENBLAS_CORETYPE={result['openblas_coretype']}")
     print(f"GEMM {gflops:.0f} GFLOP/s -> compute roofline {compute_bound:.0f} tok/s; "
@@ -165,7 +195,8 @@ def main() -> int:
         print(f"{b:>6} {v:>13.1f} {v / bound:>11.0%}")
     for n, v in prefill.items():
         print(f"prefill {n:>5} tokens: {v:8.1f} tok/s ({v / compute_bound:.0%} of roofline)")
-    print(f"batch {overhead_batch}: {outside_blas:.0%} of a decode step is outside the weight GEMMs")
+    print(f"batch {overhead_batch}: {outside_blas:.0%} of a decode step is outside the weight GEMMs: "
+          f"attention {attention_share:.0%}, the rest {max(0.0, 1 - gemm_share - attention_share):.0%}")
     print(json.dumps(result))
     return 0
 
