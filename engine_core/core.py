@@ -57,7 +57,8 @@ class EngineCore:
             model_config, weights, num_blocks=self.num_blocks,
             block_size=config.block_size, max_model_len=self.max_model_len,
         )
-        self.kv = KVCacheManager(self.num_blocks, config.block_size)
+        self.kv = KVCacheManager(self.num_blocks, config.block_size,
+                                 enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
         self.structured_output = StructuredOutputManager(
@@ -96,6 +97,8 @@ class EngineCore:
             kv_cache_usage=self.kv.pool.usage,
             num_preemptions=self.scheduler.num_preemptions,
             num_prompt_tokens_computed=self.num_prompt_tokens_computed,
+            prefix_cache_queried_tokens=self.kv.num_queried_tokens,
+            prefix_cache_hit_tokens=self.kv.num_hit_tokens,
         )
 
     # ------------------------------------------------------------------ requests in
@@ -192,6 +195,7 @@ class EngineCore:
             if entry.seq.num_computed_tokens < entry.seq.request.num_prompt_tokens:
                 self.num_prompt_tokens_computed += entry.num_tokens
             entry.seq.num_computed_tokens += entry.num_tokens
+            self.kv.cache_full_blocks(entry.seq)
         seqs: list[Sequence] = []
         rows: list[int] = []
         beam_requests: dict[str, Request] = {}
@@ -299,7 +303,8 @@ class EngineCore:
         hypotheses = search.best(request.params.n) if reason is None else []
         for index in range(request.params.n):
             output = EngineCoreOutput(request.request_id, index, [], finish_reason=reason, error=error,
-                                      num_generated_tokens=search.num_generated_tokens)
+                                      num_generated_tokens=search.num_generated_tokens,
+                                      num_cached_tokens=self._num_cached_tokens(request))
             if index < len(hypotheses):
                 h = hypotheses[index]
                 output.new_token_ids = h.token_ids
@@ -368,7 +373,8 @@ class EngineCore:
         """Every one of the n choices the frontend waits for ends, with no tokens."""
         for index in range(request.params.n):
             output = EngineCoreOutput(request.request_id, index, [], finish_reason=reason,
-                                      error=error, num_generated_tokens=0)
+                                      error=error, num_generated_tokens=0,
+                                      num_cached_tokens=self._num_cached_tokens(request))
             self._push(request, output)
 
     def _push(self, request: Request, output: EngineCoreOutput) -> None:
@@ -395,9 +401,13 @@ class EngineCore:
         if seq.finish_reason is not None:
             output.cumulative_logprob = seq.cumulative_logprob
             output.num_generated_tokens = request.num_generated_tokens
+            output.num_cached_tokens = self._num_cached_tokens(request)
         seq.num_sent_tokens = seq.num_output_tokens
         seq.pending_logprobs = []
         self._push(request, output)
+
+    def _num_cached_tokens(self, request: Request) -> int | None:
+        return request.num_cached_tokens if self.kv.enable_prefix_caching else None
 
     def _emit_best(self, request: Request) -> None:
         """best_of > n: the n candidates with the highest cumulative logprob, renumbered."""

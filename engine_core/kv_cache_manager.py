@@ -1,28 +1,51 @@
-"""Paged KV cache bookkeeping: fixed-size blocks, a free list and reference counts.
+"""Paged KV cache bookkeeping: fixed-size blocks, a free list, reference counts, prefix caching.
 
 The arrays themselves live in the model runner (`engine_core.model.KVCache`); this module only
 decides which block ids a sequence owns. Shared blocks (forked candidates) are copied on write:
 allocation returns the (src, dst) copies the runner must make before the step runs.
+
+Prefix caching: a full block is named by a hash of its tokens chained with the hash of the
+block before it, so a name stands for the whole prefix up to the block's end. A block that
+fills up is registered under its name; when its last holder lets go it stays in the pool as a
+free but *cached* block, and a later sequence whose tokens begin the same way takes it instead
+of computing those tokens again. Cached free blocks are evicted least recently freed first,
+before any never-used block is touched: caching reuses memory, it never grows the process.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
 
 from engine_core.request import Sequence
+
+
+def block_hash(parent: bytes | None, token_ids: list[int]) -> bytes:
+    """A collision-resistant name (SHA-256), so no prompt can be crafted to read another's cache."""
+    digest = hashlib.sha256(parent or b"")
+    digest.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return digest.digest()
 
 
 class BlockPool:
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        # a stack: the most recently freed block is reused first, so the cache's memory pages
-        # are touched only as far as the load needs (the arrays are mapped lazily)
+        # uncached free blocks, a stack: the most recently freed block is reused first, so the
+        # cache's memory pages are touched only as far as the load needs (the arrays are mapped
+        # lazily); blocks below `num_touched` have been used at least once
         self.free_block_ids: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.num_touched = 0  # blocks [0, num_touched) have been used at least once
+        self.cached_free: OrderedDict[int, None] = OrderedDict()  # free blocks with a hash, oldest first
+        self.hash_of: list[bytes | None] = [None] * num_blocks
+        self.block_of: dict[bytes, int] = {}  # hash -> the block holding that prefix
         self.ref_counts = [0] * num_blocks
         self.peak_num_used = 0  # the most blocks ever in use at once
 
     @property
     def num_free(self) -> int:
-        return len(self.free_block_ids)
+        return len(self.free_block_ids) + len(self.cached_free)
 
     @property
     def num_used(self) -> int:
@@ -34,12 +57,25 @@ class BlockPool:
 
     def allocate(self, count: int) -> list[int]:
         assert count <= self.num_free, "allocate() without can_allocate()"
-        block_ids = [self.free_block_ids.pop() for _ in range(count)]
+        block_ids = [self._take_free() for _ in range(count)]
         for block_id in block_ids:
             assert self.ref_counts[block_id] == 0
             self.ref_counts[block_id] = 1
         self.peak_num_used = max(self.peak_num_used, self.num_used)
         return block_ids
+
+    def _take_free(self) -> int:
+        """A free block, in this order: an uncached one the load has touched before, the oldest
+        cached one (evicted), an untouched one. So a cached prefix lives in memory the load has
+        already used and never makes the process grow; it survives until that memory is needed."""
+        if self.free_block_ids and (self.free_block_ids[-1] < self.num_touched or not self.cached_free):
+            block_id = self.free_block_ids.pop()
+            self.num_touched = max(self.num_touched, block_id + 1)
+            return block_id
+        block_id, _ = self.cached_free.popitem(last=False)
+        del self.block_of[self.hash_of[block_id]]
+        self.hash_of[block_id] = None
+        return block_id
 
     def share(self, block_ids: list[int]) -> None:
         for block_id in block_ids:
@@ -51,13 +87,45 @@ class BlockPool:
             assert self.ref_counts[block_id] > 0, f"block {block_id} released twice"
             self.ref_counts[block_id] -= 1
             if self.ref_counts[block_id] == 0:
-                self.free_block_ids.append(block_id)
+                if self.hash_of[block_id] is not None:
+                    self.cached_free[block_id] = None
+                else:
+                    self.free_block_ids.append(block_id)
+
+    # ---------------------------------------------------------------- prefix caching
+
+    def lookup(self, hashes: list[bytes]) -> list[int]:
+        """The cached blocks for the longest run of hashes from the start."""
+        found = []
+        for h in hashes:
+            block_id = self.block_of.get(h)
+            if block_id is None:
+                break
+            found.append(block_id)
+        return found
+
+    def take_cached(self, block_ids: list[int]) -> None:
+        """Hold cached blocks for a new sequence (reviving them if they were free)."""
+        for block_id in block_ids:
+            if self.ref_counts[block_id] == 0:
+                del self.cached_free[block_id]
+            self.ref_counts[block_id] += 1
+        self.peak_num_used = max(self.peak_num_used, self.num_used)
+
+    def register(self, block_id: int, h: bytes) -> None:
+        """block_id now holds the prefix named h (unless another block already does)."""
+        if h not in self.block_of and self.hash_of[block_id] is None:
+            self.block_of[h] = block_id
+            self.hash_of[block_id] = h
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True):
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.num_queried_tokens = 0  # prompt tokens looked up in the prefix cache, since start
+        self.num_hit_tokens = 0  # of those, found cached
 
     def _needs_copy(self, seq: Sequence) -> bool:
         """Writing into a partly filled block that a sibling also holds needs a private copy."""
@@ -70,8 +138,14 @@ class KVCacheManager:
         needed = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
         return max(0, needed - len(seq.block_ids)) + int(self._needs_copy(seq))
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self.num_new_blocks(seq, num_new_tokens) <= self.pool.num_free
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int] = ()) -> bool:
+        """Room for num_new_tokens more; with `cached` (see cached_prefix) for a sequence about
+        to start on those blocks, num_new_tokens counts from their end."""
+        if not cached:
+            return self.num_new_blocks(seq, num_new_tokens) <= self.pool.num_free
+        revived = sum(1 for b in cached if self.pool.ref_counts[b] == 0)  # free now, not after
+        needed = -(-(len(cached) * self.block_size + num_new_tokens) // self.block_size) - len(cached)
+        return needed + revived <= self.pool.num_free
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
         """Give seq room for num_new_tokens more tokens; returns block copies to make first."""
@@ -87,11 +161,61 @@ class KVCacheManager:
             seq.block_ids.extend(self.pool.allocate(needed - len(seq.block_ids)))
         return copies
 
+    def _may_use_cache(self, seq: Sequence) -> bool:
+        """Only a sequence starting from nothing, and not one that wants every prompt
+        position's logits (prompt logprobs)."""
+        return (self.enable_prefix_caching and not seq.num_computed_tokens and not seq.block_ids
+                and seq.request.params.prompt_logprobs is None)
+
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """For a sequence about to start: the cached blocks of its longest cached prefix. The
+        last token is always left to compute, since its logits are needed."""
+        if not self._may_use_cache(seq):
+            return []
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        return self.pool.lookup(self._hashes(seq, max_blocks))
+
+    def start_from_cache(self, seq: Sequence, cached: list[int]) -> None:
+        """seq begins on the cached blocks: their tokens count as computed."""
+        if not self._may_use_cache(seq):
+            return
+        self.num_queried_tokens += seq.num_tokens
+        self.num_hit_tokens += len(cached) * self.block_size
+        self.pool.take_cached(cached)
+        seq.block_ids = list(cached)
+        seq.num_computed_tokens = len(cached) * self.block_size
+        seq.num_registered_blocks = len(cached)
+        if not seq.request.has_started:
+            seq.request.num_cached_tokens = seq.num_computed_tokens
+        seq.request.has_started = True
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the blocks that seq's computed tokens have filled."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
+        hashes = self._hashes(seq, num_full)
+        for index in range(seq.num_registered_blocks, num_full):
+            self.pool.register(seq.block_ids[index], hashes[index])
+        seq.num_registered_blocks = max(seq.num_registered_blocks, num_full)
+
+    def _hashes(self, seq: Sequence, count: int) -> list[bytes]:
+        """The names of seq's first `count` full blocks (computed once, kept on the sequence)."""
+        hashes = seq.block_hashes
+        bs = self.block_size
+        while len(hashes) < count:
+            index = len(hashes)
+            hashes.append(block_hash(hashes[-1] if hashes else None, seq.token_ids[index * bs : (index + 1) * bs]))
+        return hashes[:count]
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """The child already holds a copy of the parent's block list; count it as a holder."""
         assert child.block_ids == parent.block_ids
         self.pool.share(child.block_ids)
 
     def free(self, seq: Sequence) -> None:
-        self.pool.release(seq.block_ids)
+        # last block first: eviction takes the oldest, so a prefix loses its tail before its
+        # head (without its head, the rest of a chain can never be found)
+        self.pool.release(seq.block_ids[::-1])
         seq.block_ids = []
+        seq.num_registered_blocks = 0

@@ -38,6 +38,8 @@ class Request:
         self.beam_search: BeamSearch | None = None
         self.beam_logprobs: dict[int, np.ndarray] = {}  # sequence index -> [vocab]
         self.num_sequences_created = 1
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache when it first started
+        self.has_started = False
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -82,6 +84,8 @@ class Sequence:
         self.token_ids = token_ids  # prompt + output
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
+        self.block_hashes: list[bytes] = []  # prefix-cache names of its full blocks of tokens
+        self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | None = None
@@ -125,6 +129,8 @@ class Sequence:
         child = Sequence(self.request, index, list(self.token_ids))
         child.num_computed_tokens = self.num_computed_tokens
         child.block_ids = list(self.block_ids)
+        child.block_hashes = list(self.block_hashes)
+        child.num_registered_blocks = self.num_registered_blocks
         child.status = self.status
         child.grammar = self.grammar.fork() if self.grammar is not None else None
         return child

@@ -103,12 +103,15 @@ class Scheduler:
             index += 1
         while self.waiting and budget > 0 and not preempted_any:
             seq = self.waiting[0]
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
-            if not out.scheduled and not self._can_start(seq, num_tokens):
-                self._preempt_idle_for(seq, num_tokens)
+            cached = self.kv.cached_prefix(seq)  # blocks it can start on instead of computing
+            num_tokens = min(seq.num_uncomputed_tokens - len(cached) * self.kv.block_size, budget)
+            if not out.scheduled and not self._can_start(seq, num_tokens, cached):
+                self._preempt_idle_for(seq, num_tokens, cached)
+                cached = self.kv.cached_prefix(seq)  # preempted sequences may have freed some
+                num_tokens = min(seq.num_uncomputed_tokens - len(cached) * self.kv.block_size, budget)
             if self._num_seats() + _seats(seq) > self.max_num_seqs:
                 break
-            if not self.kv.can_allocate(seq, num_tokens):
+            if not self.kv.can_allocate(seq, num_tokens, cached):
                 if not self.running and not out.scheduled:
                     self.waiting.popleft()
                     self._drop(seq)
@@ -118,26 +121,27 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            self.kv.start_from_cache(seq, cached)
             out.block_copies += self.kv.allocate(seq, num_tokens)
             out.scheduled.append(ScheduledSequence(seq, num_tokens))
             budget -= num_tokens
         return out
 
-    def _can_start(self, seq: Sequence, num_tokens: int) -> bool:
+    def _can_start(self, seq: Sequence, num_tokens: int, cached: list[int]) -> bool:
         return (self._num_seats() + _seats(seq) <= self.max_num_seqs
-                and self.kv.can_allocate(seq, num_tokens))
+                and self.kv.can_allocate(seq, num_tokens, cached))
 
     def _num_seats(self) -> int:
         return sum(_seats(s) for s in self.running)
 
-    def _preempt_idle_for(self, seq: Sequence, num_tokens: int) -> None:
+    def _preempt_idle_for(self, seq: Sequence, num_tokens: int, cached: list[int]) -> None:
         """Idle running sequences (beams waiting for a sibling's logits) hold blocks and seats
         they do not need before the next beam step. When nothing else runs and the head of the
         queue cannot start, they give them up (newest first) so it can: otherwise a lagging
         beam could wait forever for room its idle siblings hold."""
         idle = [s for s in self.running if s.num_uncomputed_tokens == 0]
         self.waiting.popleft()  # preempted sequences go to the front; seq stays ahead of them
-        while idle and not self._can_start(seq, num_tokens):
+        while idle and not self._can_start(seq, num_tokens, cached):
             self._preempt(idle.pop())
         self.waiting.appendleft(seq)
 

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="token budget of one engine step (prefill chunks + decodes)")
     serve.add_argument("--kv-cache-gib", type=float, default=4.0, help="KV cache size in GiB")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                       help="reuse the KV blocks of prompt prefixes seen before")
     serve.add_argument("--num-threads", type=int, default=None,
                        help="BLAS threads in the engine core (default: 1, which stays fast while the frontend is busy)")
     serve.add_argument("--chat-template", default=None, metavar="FILE",
@@ -130,6 +132,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
         kv_cache_gib=args.kv_cache_gib,
+        enable_prefix_caching=args.enable_prefix_caching,
         num_threads=args.num_threads,
         chat_template=os.path.abspath(args.chat_template) if args.chat_template else None,
         response_role=args.response_role,

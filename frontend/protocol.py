@@ -112,10 +112,15 @@ class CompletionResponseChoice(msgspec.Struct):
     stop_reason: int | str | None = None
 
 
-class UsageInfo(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+class UsageInfo(msgspec.Struct, omit_defaults=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None  # when the engine caches prefixes
 
 
 class CompletionResponse(msgspec.Struct, kw_only=True):

@@ -36,7 +36,7 @@ from frontend.errors import (
     internal_error,
     model_not_found,
 )
-from frontend.protocol import UsageInfo
+from frontend.protocol import PromptTokensDetails, UsageInfo
 from frontend.serving_logprobs import TokenStrings
 from frontend.serving_validation import TextSettings
 from ipc.config import ServeConfig
@@ -106,10 +106,13 @@ class UsageCounter:
         }
         self._num_tokens: dict[str, int] = dict.fromkeys(self._is_candidate_count, 0)
         self._num_engine_tokens: dict[str, int] = dict.fromkeys(self._is_candidate_count, 0)
+        self._num_cached_tokens: dict[str, int] = {}  # from final outputs, when the engine caches prefixes
 
     def add(self, output: EngineCoreOutput, num_tokens: int) -> None:
         request_id = output.request_id
         self._num_tokens[request_id] += num_tokens
+        if output.num_cached_tokens is not None:
+            self._num_cached_tokens[request_id] = output.num_cached_tokens
         if output.num_generated_tokens is not None and self._is_candidate_count[request_id]:
             self._num_engine_tokens[request_id] = max(self._num_engine_tokens[request_id], output.num_generated_tokens)
 
@@ -119,7 +122,10 @@ class UsageCounter:
 
     def usage(self) -> UsageInfo:
         completion = self.num_completion_tokens
-        return UsageInfo(self.num_prompt_tokens, completion, self.num_prompt_tokens + completion)
+        details = None
+        if self._num_cached_tokens:
+            details = PromptTokensDetails(sum(self._num_cached_tokens.values()))
+        return UsageInfo(self.num_prompt_tokens, completion, self.num_prompt_tokens + completion, details)
 
 
 class ChoiceState:

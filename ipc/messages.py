@@ -114,6 +114,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     num_generated_tokens: int | None = None  # all candidates' tokens, on the final output
     # on a request's first output: seconds from its arrival in the engine to its first step
     queue_time_s: float | None = None
+    # on final outputs, with prefix caching on: prompt tokens the request found in the cache
+    num_cached_tokens: int | None = None
 
 
 class SchedulerStats(msgspec.Struct, array_like=True):
@@ -122,6 +124,8 @@ class SchedulerStats(msgspec.Struct, array_like=True):
     kv_cache_usage: float  # fraction of KV blocks in use
     num_preemptions: int  # since start
     num_prompt_tokens_computed: int  # since start
+    prefix_cache_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_cache_hit_tokens: int = 0  # of those, found there (not computed)
 
 
 class EngineReady(msgspec.Struct, tag="ready", array_like=True):

@@ -184,3 +184,29 @@ def test_health_version_models_tokenize_detokenize(server, client, model_name):
     assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 8192
     text = httpx.post(server.url + "/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
     assert text == "Hello world"
+
+
+def test_a_repeated_long_prompt_is_served_from_the_prefix_cache(server, client, model_name):
+    """The second request starts on the first one's cached blocks: usage says how many prompt
+    tokens came from the cache (as OpenAI's prompt_tokens_details does), the answer is the same,
+    and /metrics counts the hits."""
+    system = "You are a careful assistant. " + " ".join(f"Rule {i}: answer briefly and politely." for i in range(20))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Name a primary colour."}]
+    hits_before = _metric(server, "furiosa_llm:prefix_cache_hits_total")
+    first = client.chat.completions.create(model=model_name, messages=messages, temperature=0, max_tokens=12)
+    second = client.chat.completions.create(model=model_name, messages=messages, temperature=0, max_tokens=12)
+    assert second.choices[0].message.content == first.choices[0].message.content
+    prompt_tokens = second.usage.prompt_tokens
+    assert prompt_tokens > 200
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached == (prompt_tokens - 1) // 16 * 16  # every full block but the one with the last token
+    assert _metric(server, "furiosa_llm:prefix_cache_hits_total") - hits_before >= cached
+    raw = httpx.post(server.url + "/v1/completions", json={"model": model_name, "prompt": system, "max_tokens": 1}).json()
+    assert raw["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0
+
+
+def _metric(server, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} is not in /metrics")
