@@ -2,7 +2,8 @@
 
 Runs `EngineCore` in-process on the default model (or --model), greedy, ignore_eos:
 - decode tok/s at batch 1, 8, 32, 64, 128 with contexts of ~256 tokens,
-- prefill tok/s for one 128-token and one 1024-token prompt,
+- prefill tok/s for one 128-token and one 1024-token prompt, and the time to the first token
+  of a 1024-token prompt seen before (prefix caching),
 - the machine's fp32 GEMM GFLOP/s (the compute roofline) and GEMV bandwidth (the memory
   roofline for batch-1 decode), measured with the same BLAS thread count,
 - at batch 64, how a decode step splits: the weight matmuls (replayed in isolation on the
@@ -114,6 +115,20 @@ def bench_prefill(core: EngineCore, length: int, repeats: int) -> float:
     return length / min(times)
 
 
+def bench_cached_prompt(core: EngineCore, length: int) -> tuple[float, float]:
+    """Seconds to the first token of a prompt computed, then of the same prompt again (which
+    starts on its cached blocks)."""
+    prompt = np.random.default_rng(length + 1).integers(100, 40_000, size=length).tolist()
+    times = []
+    for r in range(2):
+        add(core, f"c{length}-{r}", prompt, 1)
+        start = time.perf_counter()
+        while core.has_unfinished_requests:
+            core.step()
+        times.append(time.perf_counter() - start)
+    return times[0], times[1]
+
+
 def weight_gemm_seconds(core: EngineCore, batch: int, repeats: int = 5) -> float:
     """The time of one decode step's weight matmuls alone (same shapes, same weights)."""
     model = core.runner.model
@@ -161,6 +176,7 @@ def main() -> int:
         decode = {b: bench_decode(core, b, args.context, args.steps, attention if b == overhead_batch else None)
                   for b in args.batches}
         prefill = {n: bench_prefill(core, n, 3 if n <= 256 else 2) for n in (128, 1024)}
+        computed_s, cached_s = bench_cached_prompt(core, 1024)
         step_s = overhead_batch / decode[overhead_batch]
         gemm_share = weight_gemm_seconds(core, overhead_batch) / step_s
         attention_share = sum(attention) / args.steps / step_s
@@ -184,6 +200,7 @@ def main() -> int:
         f"batch{overhead_batch}_step_fraction_outside_weight_gemms": round(outside_blas, 3),
         f"batch{overhead_batch}_step_fraction_attention": round(attention_share, 3),
         f"batch{overhead_batch}_step_fraction_rest": round(max(0.0, 1 - gemm_share - attention_share), 3),
+        "prompt_1024_first_token_s": {"computed": round(computed_s, 3), "prefix_cached": round(cached_s, 3)},
         "kv_cache_pretouched": not args.cold_cache,
     }
     print(f"BLAS: {blas}  OPENBLAS_CORETYPE={result['openblas_coretype']}")
@@ -195,6 +212,8 @@ def main() -> int:
         print(f"{b:>6} {v:>13.1f} {v / bound:>11.0%}")
     for n, v in prefill.items():
         print(f"prefill {n:>5} tokens: {v:8.1f} tok/s ({v / compute_bound:.0%} of roofline)")
+    print(f"a 1024-token prompt: first token after {computed_s * 1e3:.0f} ms computed, "
+          f"{cached_s * 1e3:.0f} ms when its prefix is cached")
     print(f"batch {overhead_batch}: {outside_blas:.0%} of a decode step is outside the weight GEMMs: "
           f"attention {attention_share:.0%}, the rest {max(0.0, 1 - gemm_share - attention_share):.0%}")
     print(json.dumps(result))
