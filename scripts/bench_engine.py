@@ -63,7 +63,8 @@ def gemv_gbps(seconds: float = 2.0) -> float:
 
 def make_core(model_config, weights, args, max_num_seqs: int) -> EngineCore:
     config = ServeConfig(model=args.model, served_model_name="bench", max_num_seqs=max_num_seqs,
-                         max_num_batched_tokens=max(2048, max_num_seqs), kv_cache_gib=args.kv_cache_gib)
+                         max_num_batched_tokens=max(2048, max_num_seqs), kv_cache_gib=args.kv_cache_gib,
+                         enable_prefix_caching=False)  # throughputs of computed tokens; see bench_cached_prompt
     return EngineCore(config, model_config, weights)
 
 
@@ -119,6 +120,7 @@ def bench_cached_prompt(core: EngineCore, length: int) -> tuple[float, float]:
     """Seconds to the first token of a prompt computed, then of the same prompt again (which
     starts on its cached blocks)."""
     prompt = np.random.default_rng(length + 1).integers(100, 40_000, size=length).tolist()
+    core.kv.enable_prefix_caching = True
     times = []
     for r in range(2):
         add(core, f"c{length}-{r}", prompt, 1)
@@ -126,6 +128,7 @@ def bench_cached_prompt(core: EngineCore, length: int) -> tuple[float, float]:
         while core.has_unfinished_requests:
             core.step()
         times.append(time.perf_counter() - start)
+    core.kv.enable_prefix_caching = False
     return times[0], times[1]
 
 
