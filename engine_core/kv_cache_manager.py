@@ -29,6 +29,11 @@ def block_hash(parent: bytes | None, token_ids: list[int]) -> bytes:
     return digest.digest()
 
 
+def _salt(cache_salt: str | None) -> bytes | None:
+    """The first block's parent: a salt puts a request's chain apart from every other salt's."""
+    return None if cache_salt is None else hashlib.sha256(b"salt:" + cache_salt.encode()).digest()
+
+
 class BlockPool:
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
@@ -205,7 +210,8 @@ class KVCacheManager:
         bs = self.block_size
         while len(hashes) < count:
             index = len(hashes)
-            hashes.append(block_hash(hashes[-1] if hashes else None, seq.token_ids[index * bs : (index + 1) * bs]))
+            parent = hashes[-1] if hashes else _salt(seq.params.cache_salt)
+            hashes.append(block_hash(parent, seq.token_ids[index * bs : (index + 1) * bs]))
         return hashes[:count]
 
     def fork(self, parent: Sequence, child: Sequence) -> None:

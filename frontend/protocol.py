@@ -82,6 +82,7 @@ class SamplingRequestFields(msgspec.Struct, kw_only=True):
     use_beam_search: bool = False
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
+    cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared only under the same salt
 
 
 # ---------------------------------------------------------------------------------------

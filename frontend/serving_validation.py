@@ -34,6 +34,7 @@ def _check(ok: bool, param: str, message: str) -> None:
 def check_sampling_fields(request: SamplingRequestFields, *, max_num_seqs: int) -> None:
     """Range checks that do not depend on the prompt."""
     _check(request.n >= 1, "n", f"n must be at least 1, got {request.n}.")
+    _check(request.cache_salt != "", "cache_salt", "cache_salt must be a non-empty string when given.")
     if request.best_of is not None:
         _check(
             request.best_of >= request.n,
@@ -195,4 +196,5 @@ def make_sampling_params(
         use_beam_search=beam,
         length_penalty=request.length_penalty,
         early_stopping=request.early_stopping,
+        cache_salt=request.cache_salt,
     )

@@ -59,6 +59,7 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, frozen
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
     structured_output: StructuredOutputSpec | None = None  # constrains generation; None: free
+    cache_salt: str | None = None  # only requests with the same salt share prefix-cache blocks
 
     @property
     def is_greedy(self) -> bool:

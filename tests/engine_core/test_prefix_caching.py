@@ -160,3 +160,18 @@ def test_a_sequence_preempted_and_restarted_resumes_from_its_own_cached_blocks(m
             assert core.kv.num_hit_tokens > 0  # the restart found the head of its prompt cached
         assert_all_blocks_free(core)
     assert results[0] == results[1]
+
+
+def test_only_requests_with_the_same_cache_salt_share_cached_blocks(tmp_path):
+    core = tiny_core(write_tiny_model(tmp_path), num_blocks=32)
+    for i in range(3):  # 21 blocks, cached, which the requests below evict first
+        core.add_request(tiny_request(f"touch{i}", [5 + i] * 112, max_tokens=1))
+    assert all(o.error is None for o in collect(core))
+    prompt = list(range(10, 60))  # 3 full blocks can be found
+    found = []
+    for salt in (None, "tenant-a", "tenant-b", "tenant-a", None):
+        before = core.kv.num_hit_tokens
+        core.add_request(tiny_request(f"{salt}-{len(found)}", prompt, max_tokens=1, cache_salt=salt))
+        collect(core)
+        found.append(core.kv.num_hit_tokens - before)
+    assert found == [0, 0, 0, 48, 48]

@@ -60,6 +60,7 @@ BAD_SAMPLING_VALUES = [
     ("stop_token_ids", [-1]),
     ("n", 17),  # more sequences than max_num_seqs (16)
     ("stream_options", {"include_usage": True}),  # without stream
+    ("cache_salt", ""),
 ]
 
 
@@ -518,3 +519,10 @@ def test_an_extreme_length_penalty_is_a_400_not_an_engine_crash(client, engine, 
 def test_a_vanishing_temperature_is_greedy(client, engine):
     complete(client, temperature=1e-50)
     assert engine.requests[0].sampling_params.temperature == 0.0
+
+
+def test_cache_salt_reaches_the_engine(client, engine):
+    for path, body in (("/v1/completions", {"prompt": "Hello"}), ("/v1/chat/completions", {"messages": USER_HI})):
+        response = client.post(path, json={**body, "max_tokens": 2, "cache_salt": "tenant-7"})
+        assert response.status_code == 200, response.text
+    assert [r.sampling_params.cache_salt for r in engine.requests] == ["tenant-7", "tenant-7"]
