@@ -1,7 +1,8 @@
 """The periodic one-line stats log of a busy server (off with `--disable-log-stats`).
 
-Every `interval_s` it logs prompt and generation throughput since the previous line and the
-engine's running, waiting and KV cache usage, as vLLM does; an idle server logs nothing.
+Every `interval_s` it logs prompt and generation throughput since the previous line, the
+engine's running, waiting and KV cache usage, and the share of prompt tokens found in the
+prefix cache since start, as vLLM does; an idle server logs nothing.
 """
 
 from __future__ import annotations
@@ -36,9 +37,13 @@ class StatsLogger:
         if prompt == last_prompt and generation == last_generation and running == 0 and waiting == 0:
             return None
         elapsed = max(now - last_time, 1e-9)
-        return (f"Avg prompt throughput: {(prompt - last_prompt) / elapsed:.1f} tokens/s, "
+        line = (f"Avg prompt throughput: {(prompt - last_prompt) / elapsed:.1f} tokens/s, "
                 f"Avg generation throughput: {(generation - last_generation) / elapsed:.1f} tokens/s, "
                 f"Running: {running} reqs, Waiting: {waiting} reqs, KV cache usage: {usage * 100:.1f}%")
+        if stats is not None and stats.prefix_cache_queried_tokens:
+            rate = stats.prefix_cache_hit_tokens / stats.prefix_cache_queried_tokens
+            line += f", Prefix cache hit rate: {rate * 100:.1f}%"  # of prompt tokens, since start
+        return line
 
     async def run(self) -> None:
         """Until cancelled (the app's lifespan owns this task)."""

@@ -88,3 +88,6 @@ def test_stats_line_reports_throughput_while_busy_and_nothing_while_idle():
                     "Running: 3 reqs, Waiting: 1 reqs, KV cache usage: 12.5%")
     engine.latest_stats = SchedulerStats(0, 0, 0.0, 0, 200)
     assert stats_logger.line(now=120.0) is None  # nothing new and nothing running
+    engine.latest_stats = SchedulerStats(1, 0, 0.25, 0, 300, prefix_cache_queried_tokens=400,
+                                         prefix_cache_hit_tokens=100)
+    assert stats_logger.line(now=130.0).endswith("KV cache usage: 25.0%, Prefix cache hit rate: 25.0%")
