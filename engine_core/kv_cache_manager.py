@@ -39,7 +39,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         # uncached free blocks, a stack: the most recently freed block is reused first, so the
         # cache's memory pages are touched only as far as the load needs (the arrays are mapped
-        # lazily); blocks below `num_touched` have been used at least once
+        # lazily)
         self.free_block_ids: list[int] = list(range(num_blocks - 1, -1, -1))
         self.num_touched = 0  # blocks [0, num_touched) have been used at least once
         self.cached_free: OrderedDict[int, None] = OrderedDict()  # free blocks with a hash, oldest first
@@ -199,6 +199,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
+        if num_full <= seq.num_registered_blocks:
+            return  # most steps: the last block is still filling
         hashes = self._hashes(seq, num_full)
         for index in range(seq.num_registered_blocks, num_full):
             self.pool.register(seq.block_ids[index], hashes[index])
