@@ -4,21 +4,17 @@ MAX_EXAMPLES cases per operation (a few hundred in all, seconds)."""
 
 from __future__ import annotations
 
-import json
-import zlib
-
 import schemathesis
 from fake_engine import FakeEngineClient
 from fake_model import MAX_MODEL_LEN, MODEL_NAME, build_tokenizer, rotating_script
+from fuzz_checks import check_response, name_model_and_half_stream
 from hypothesis import HealthCheck, settings
-from schemathesis.core.transport import STREAM_CUT_SHORT_ATTRIBUTE
 
 from frontend.app import create_app
 from ipc.config import ServeConfig
 from ipc.messages import EngineReady
 
 MAX_EXAMPLES = 60
-ERROR_FIELDS = {"message", "type", "param", "code"}
 
 
 def make_app():
@@ -35,32 +31,7 @@ schema.config.max_stream_events = 10_000  # read whole streams (at most 16 choic
 
 @schema.hook
 def map_body(context, body):
-    """Most generated model names are unknown (a 404 before anything else is looked at): name
-    the served model instead, so that the rest of the body is exercised. And as optional fields
-    are mostly left out, half the bodies without `stream` (by a hash of their text) stream."""
-    if isinstance(body, dict):
-        if isinstance(body.get("model"), str):
-            body["model"] = MODEL_NAME
-        if "stream" not in body and zlib.crc32(json.dumps(body, sort_keys=True).encode()) % 2:
-            body["stream"] = True
-    return body
-
-
-def check_response(response) -> None:
-    """No server error; every error body is exactly OpenAI's envelope; streams end with [DONE]
-    and carry errors as `data: {"error": ...}` events."""
-    where = f"{response.request.method} {response.request.url} -> {response.status_code}: {response.text[:500]}"
-    assert response.status_code < 500, where
-    if response.status_code >= 400:
-        error = json.loads(response.text)["error"]
-        assert set(error) == ERROR_FIELDS and isinstance(error["message"], str) and error["message"], where
-    elif response.headers.get("content-type", [""])[0].startswith("text/event-stream"):
-        events = [line[len("data: "):] for line in response.text.split("\n\n") if line]
-        assert events[-1] == "[DONE]" and not getattr(response, STREAM_CUT_SHORT_ATTRIBUTE, False), where
-        for event in events[:-1]:
-            payload = json.loads(event)
-            if "error" in payload:
-                assert set(payload["error"]) == ERROR_FIELDS, where
+    return name_model_and_half_stream(body, MODEL_NAME)
 
 
 @schema.parametrize()
