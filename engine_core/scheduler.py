@@ -106,9 +106,7 @@ class Scheduler:
             cached = self.kv.cached_prefix(seq)  # blocks it can start on instead of computing
             num_tokens = min(seq.num_uncomputed_tokens - len(cached) * self.kv.block_size, budget)
             if not out.scheduled and not self._can_start(seq, num_tokens, cached):
-                self._preempt_idle_for(seq, num_tokens, cached)
-                cached = self.kv.cached_prefix(seq)  # preempted sequences may have freed some
-                num_tokens = min(seq.num_uncomputed_tokens - len(cached) * self.kv.block_size, budget)
+                self._preempt_idle_for(seq, num_tokens, cached)  # frees blocks; names stay, so cached holds
             if self._num_seats() + _seats(seq) > self.max_num_seqs:
                 break
             if not self.kv.can_allocate(seq, num_tokens, cached):
