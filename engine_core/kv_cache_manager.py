@@ -39,8 +39,11 @@ class BlockPool:
         self.num_blocks = num_blocks
         # uncached free blocks, a stack: the most recently freed block is reused first, so the
         # cache's memory pages are touched only as far as the load needs (the arrays are mapped
-        # lazily)
+        # lazily). A block taken out of turn (see allocate's `after`) leaves a stale entry behind,
+        # skipped when popped; is_free_uncached says which entries are live.
         self.free_block_ids: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.is_free_uncached = bytearray(b"\x01") * num_blocks
+        self.num_free_uncached = num_blocks
         self.num_touched = 0  # blocks [0, num_touched) have been used at least once
         self.cached_free: OrderedDict[int, None] = OrderedDict()  # free blocks with a hash, oldest first
         self.hash_of: list[bytes | None] = [None] * num_blocks
@@ -50,7 +53,7 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return len(self.free_block_ids) + len(self.cached_free)
+        return self.num_free_uncached + len(self.cached_free)
 
     @property
     def num_used(self) -> int:
@@ -60,21 +63,70 @@ class BlockPool:
     def usage(self) -> float:
         return 1.0 - self.num_free / self.num_blocks
 
-    def allocate(self, count: int) -> list[int]:
+    def allocate(self, count: int, after: int | None = None) -> list[int]:
+        """`count` blocks for a sequence whose last block is `after` (None if it has none).
+
+        Each block is preferably the one right after the previous (when it is touched, free and
+        not cached), so a sequence's blocks tend to lie in one run: the attention's gather reads
+        a run at memory speed and scattered 12 KB blocks at about half of it. A new sequence
+        starts at the most recently freed block among the top of the stack that begins the
+        longest free run (up to `count`)."""
         assert count <= self.num_free, "allocate() without can_allocate()"
-        block_ids = [self._take_free() for _ in range(count)]
-        for block_id in block_ids:
+        block_ids = []
+        if after is None and count > 1:
+            after = self._before_free_run(count)
+        for _ in range(count):
+            following = -1 if after is None else after + 1
+            if 0 <= following < self.num_touched and self.is_free_uncached[following]:
+                self._mark_taken(following)  # its stack entry goes stale
+                block_id = following
+            else:
+                block_id = self._take_free()
             assert self.ref_counts[block_id] == 0
             self.ref_counts[block_id] = 1
+            block_ids.append(block_id)
+            after = block_id
         self.peak_num_used = max(self.peak_num_used, self.num_used)
         return block_ids
+
+    def _before_free_run(self, count: int, scan: int = 64) -> int | None:
+        """The block before the start of the longest run of touched, uncached free blocks (up
+        to `count` long) that starts at one of the `scan` most recently freed blocks; None when
+        no run is longer than one block (the usual choice is as good)."""
+        best, best_len, seen = None, 1, 0
+        want = min(count, 32)
+        is_free, touched = self.is_free_uncached, self.num_touched
+        for block_id in reversed(self.free_block_ids):
+            if seen == scan:
+                break
+            if not is_free[block_id]:
+                continue
+            seen += 1
+            if block_id >= touched:
+                break  # below here lies untouched memory only
+            run = 1
+            while run < want and block_id + run < touched and is_free[block_id + run]:
+                run += 1
+            if run > best_len:
+                best, best_len = block_id, run
+                if run == want:
+                    break
+        return None if best is None else best - 1
+
+    def _mark_taken(self, block_id: int) -> None:
+        self.is_free_uncached[block_id] = 0
+        self.num_free_uncached -= 1
 
     def _take_free(self) -> int:
         """A free block, in this order: an uncached one the load has touched before, the oldest
         cached one (evicted), an untouched one. So a cached prefix lives in memory the load has
         already used and never makes the process grow; it survives until that memory is needed."""
-        if self.free_block_ids and (self.free_block_ids[-1] < self.num_touched or not self.cached_free):
-            block_id = self.free_block_ids.pop()
+        stack = self.free_block_ids
+        while stack and not self.is_free_uncached[stack[-1]]:
+            stack.pop()  # stale: taken out of turn
+        if stack and (stack[-1] < self.num_touched or not self.cached_free):
+            block_id = stack.pop()
+            self._mark_taken(block_id)
             self.num_touched = max(self.num_touched, block_id + 1)
             return block_id
         block_id, _ = self.cached_free.popitem(last=False)
@@ -95,7 +147,22 @@ class BlockPool:
                 if self.hash_of[block_id] is not None:
                     self.cached_free[block_id] = None
                 else:
-                    self.free_block_ids.append(block_id)
+                    self._push_free(block_id)
+
+    def _push_free(self, block_id: int) -> None:
+        self.is_free_uncached[block_id] = 1
+        self.num_free_uncached += 1
+        self.free_block_ids.append(block_id)
+        if len(self.free_block_ids) > 2 * self.num_free_uncached + 64:
+            # drop stale entries and the older duplicates of blocks freed again, keeping order
+            seen: set[int] = set()
+            live = []
+            for b in reversed(self.free_block_ids):
+                if self.is_free_uncached[b] and b not in seen:
+                    seen.add(b)
+                    live.append(b)
+            live.reverse()
+            self.free_block_ids = live
 
     # ---------------------------------------------------------------- prefix caching
 
@@ -157,13 +224,14 @@ class KVCacheManager:
         copies = []
         if self._needs_copy(seq):
             slot = seq.num_computed_tokens // self.block_size
-            (private,) = self.pool.allocate(1)
+            (private,) = self.pool.allocate(1, seq.block_ids[slot - 1] if slot else None)
             copies.append((seq.block_ids[slot], private))
             self.pool.release([seq.block_ids[slot]])
             seq.block_ids[slot] = private
         needed = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
         if needed > len(seq.block_ids):
-            seq.block_ids.extend(self.pool.allocate(needed - len(seq.block_ids)))
+            last = seq.block_ids[-1] if seq.block_ids else None
+            seq.block_ids.extend(self.pool.allocate(needed - len(seq.block_ids), last))
         return copies
 
     def _may_use_cache(self, seq: Sequence) -> bool:

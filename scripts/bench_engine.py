@@ -1,7 +1,8 @@
 """Offline engine benchmark: decode throughput by batch size, prefill throughput, and rooflines.
 
 Runs `EngineCore` in-process on the default model (or --model), greedy, ignore_eos:
-- decode tok/s at batch 1, 8, 32, 64, 128 with contexts of ~256 tokens,
+- decode tok/s at batch 1, 8, 32, 64, 128 with contexts of ~256 tokens, and at batch 64 again
+  on an aged block pool (where blocks are scattered as after hours of serving; see age_pool),
 - prefill tok/s for one 128-token and one 1024-token prompt, and the time to the first token
   of a 1024-token prompt seen before (prefix caching),
 - the machine's fp32 GEMM GFLOP/s (the compute roofline) and GEMV bandwidth (the memory
@@ -104,6 +105,31 @@ def bench_decode(core: EngineCore, batch: int, context: int, steps: int, attenti
     return batch * steps / elapsed
 
 
+def age_pool(core: EngineCore, steps: int = 2000, seed: int = 0) -> list[list[int]]:
+    """Put the block pool in the state a server that has been up a while leaves it in: run
+    `steps` simulated decode steps of 64 requests (prompts of 20..600 tokens, 10..400 outputs,
+    a new one as soon as one ends) through the pool's own allocate/release, as the KV manager
+    calls them. Returns the block lists of half the requests still running, left allocated so
+    that the timed batch is placed around them, as new requests are on a busy server."""
+    rng = np.random.default_rng(seed)
+    pool, bs = core.kv.pool, core.kv.block_size
+    live: list[list] = []  # [tokens so far, final length, block ids]
+    for _ in range(steps):
+        while len(live) < 64:
+            prompt = int(rng.integers(20, 601))
+            live.append([prompt, prompt + int(rng.integers(10, 401)), pool.allocate(-(-prompt // bs))])
+        for entry in live:
+            entry[0] += 1
+            if -(-entry[0] // bs) > len(entry[2]):
+                entry[2] += pool.allocate(1, entry[2][-1])
+        for entry in [e for e in live if e[0] >= e[1]]:
+            pool.release(entry[2][::-1])
+        live = [e for e in live if e[0] < e[1]]
+    for entry in live[::2]:
+        pool.release(entry[2][::-1])
+    return [entry[2] for entry in live[1::2]]
+
+
 def bench_prefill(core: EngineCore, length: int, repeats: int) -> float:
     rng = np.random.default_rng(length)
     times = []
@@ -158,7 +184,7 @@ def main() -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128])
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--steps", type=int, default=16, help="timed decode steps per batch size")
-    parser.add_argument("--kv-cache-gib", type=float, default=2.0)
+    parser.add_argument("--kv-cache-gib", type=float, default=4.0)
     parser.add_argument("--cold-cache", action="store_true", help="do not touch the KV cache before timing")
     args = parser.parse_args()
     args.model = args.model or default_model_path()
@@ -178,6 +204,10 @@ def main() -> int:
         attention: list[float] = []
         decode = {b: bench_decode(core, b, args.context, args.steps, attention if b == overhead_batch else None)
                   for b in args.batches}
+        held = age_pool(core)
+        aged = bench_decode(core, overhead_batch, args.context, args.steps)
+        for block_ids in held:
+            core.kv.pool.release(block_ids[::-1])
         prefill = {n: bench_prefill(core, n, 3 if n <= 256 else 2) for n in (128, 1024)}
         computed_s, cached_s = bench_cached_prompt(core, 1024)
         step_s = overhead_batch / decode[overhead_batch]
@@ -200,6 +230,7 @@ def main() -> int:
         "memory_roofline_tok_s_batch1": round(memory_bound, 1),
         f"batch{overhead_batch}_fraction_of_compute_roofline": round(decode[overhead_batch] / compute_bound, 3),
         "batch1_fraction_of_memory_roofline": round(decode.get(1, 0) / memory_bound, 3),
+        f"batch{overhead_batch}_aged_pool_decode_tok_s": round(aged, 1),
         f"batch{overhead_batch}_step_fraction_outside_weight_gemms": round(outside_blas, 3),
         f"batch{overhead_batch}_step_fraction_attention": round(attention_share, 3),
         f"batch{overhead_batch}_step_fraction_rest": round(max(0.0, 1 - gemm_share - attention_share), 3),
@@ -213,6 +244,7 @@ def main() -> int:
     for b, v in decode.items():
         bound = memory_bound if b == 1 else compute_bound
         print(f"{b:>6} {v:>13.1f} {v / bound:>11.0%}")
+    print(f"{overhead_batch:>6} {aged:>13.1f} {aged / compute_bound:>11.0%}  on an aged block pool (see age_pool)")
     for n, v in prefill.items():
         print(f"prefill {n:>5} tokens: {v:8.1f} tok/s ({v / compute_bound:.0%} of roofline)")
     print(f"a 1024-token prompt: first token after {computed_s * 1e3:.0f} ms computed, "

@@ -138,7 +138,7 @@ def test_the_pool_reuses_touched_blocks_then_evicts_the_oldest_cached_before_tou
     for block_id, h in zip(first[:2], [b"x", b"y"]):
         pool.register(block_id, h)
     pool.release(first)  # 0 and 1 cached; 2 and 3 plain free
-    assert pool.allocate(2) == [3, 2]  # touched and uncached
+    assert pool.allocate(2) == [2, 3]  # touched and uncached (as one run)
     assert pool.lookup([b"x", b"y"]) == [0, 1]
     assert pool.allocate(1) == [0]  # the oldest cached, evicted
     assert pool.lookup([b"x", b"y"]) == []  # y's chain starts with x
