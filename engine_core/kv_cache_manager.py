@@ -15,6 +15,7 @@ before any never-used block is touched: caching reuses memory, it never grows th
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import OrderedDict
 
 import numpy as np
@@ -93,15 +94,17 @@ class BlockPool:
         """The block before the start of the longest run of touched, uncached free blocks (up
         to `count` long) that starts at one of the `scan` most recently freed blocks; None when
         no run is longer than one block (the usual choice is as good)."""
-        best, best_len, seen = None, 1, 0
+        stack, is_free, touched = self.free_block_ids, self.is_free_uncached, self.num_touched
+        while stack and not is_free[stack[-1]]:
+            stack.pop()  # stale entries on top would otherwise be stepped over on every call
+        best, best_len, seen = None, 1, set()
         want = min(count, 32)
-        is_free, touched = self.is_free_uncached, self.num_touched
-        for block_id in reversed(self.free_block_ids):
-            if seen == scan:
+        for block_id in itertools.islice(reversed(stack), 4 * scan):  # stale or repeated ones too
+            if len(seen) == scan:
                 break
-            if not is_free[block_id]:
+            if not is_free[block_id] or block_id in seen:
                 continue
-            seen += 1
+            seen.add(block_id)
             if block_id >= touched:
                 break  # below here lies untouched memory only
             run = 1

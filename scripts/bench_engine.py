@@ -166,10 +166,12 @@ def age_pool(core: EngineCore, steps: int = 2000, seed: int = 0) -> list[list[in
     for _ in range(steps):
         while len(live) < 64:
             prompt = int(rng.integers(20, 601))
+            if pool.num_free < -(-prompt // bs) + 64:  # a small --kv-cache-gib: admit no more now
+                break
             live.append([prompt, prompt + int(rng.integers(10, 401)), pool.allocate(-(-prompt // bs))])
         for entry in live:
             entry[0] += 1
-            if -(-entry[0] // bs) > len(entry[2]):
+            if -(-entry[0] // bs) > len(entry[2]) and pool.num_free:
                 entry[2] += pool.allocate(1, entry[2][-1])
         for entry in [e for e in live if e[0] >= e[1]]:
             pool.release(entry[2][::-1])

@@ -43,6 +43,16 @@ def test_a_new_sequence_starts_where_a_free_run_is_long_enough():
     assert pool.allocate(1) == [4]
 
 
+def test_new_sequences_served_from_runs_leave_no_pile_of_stale_stack_entries():
+    pool = BlockPool(4000)
+    pool.release(pool.allocate(4000)[::-1])
+    for _ in range(100):
+        blocks = pool.allocate(32)
+        assert blocks == list(range(blocks[0], blocks[0] + 32))
+    # each call's blocks left stale entries; the next call clears those on the stack's top
+    assert len(pool.free_block_ids) <= pool.num_free_uncached + 32
+
+
 def test_random_churn_never_hands_out_a_block_twice_and_keeps_the_free_stack_bounded():
     rng = random.Random(0)
     pool = BlockPool(200)
