@@ -2,12 +2,13 @@
 
 Every weight matmul is one 2-D `[tokens, hidden] @ W` over all tokens of the step (decodes
 and prefill chunks together). Attention reads keys and values from the paged cache: a prefill
-chunk one sequence at a time with a causal mask; decodes in small groups of sequences with
+chunk one sequence at a time, in query tiles with a causal mask; decodes in small groups of sequences with
 similar lengths, padded to the longest in the group and masked.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -19,6 +20,9 @@ from engine_core.loader import ModelConfig
 # Decodes attended together: one gather, two matmuls and one softmax per group instead of per
 # sequence. Eight 300-token contexts gather ~3 MB, which stays in cache for the two matmuls.
 DECODE_GROUP_SIZE = 8
+
+# Prefill queries attended at a time (see LlamaModel._attention).
+PREFILL_QUERY_TILE = 128
 
 
 @dataclass
@@ -256,14 +260,20 @@ class LlamaModel:
             n, length = span.num_tokens, span.context_len
             k = keys[span.block_ids].reshape(-1, kv_heads, head_dim)[:length].transpose(1, 2, 0)
             v = values[span.block_ids].reshape(-1, kv_heads, head_dim)[:length].transpose(1, 0, 2)
-            qs = q[span.start : span.start + n].reshape(n, kv_heads, group, head_dim)
-            qs = qs.transpose(1, 2, 0, 3).reshape(kv_heads, group * n, head_dim)
-            scores = qs @ k  # [kv_heads, group * n, length]
-            if n > 1:
-                scores = (scores.reshape(kv_heads, group, n, length) + _causal_mask(n, length))
-                scores = scores.reshape(kv_heads, group * n, length)
-            o = (_softmax(scores) @ v).reshape(kv_heads, group, n, head_dim)
-            out[span.start : span.start + n] = o.transpose(2, 0, 1, 3).reshape(n, -1)
+            # queries in tiles, each against the keys up to its own last position: the causal
+            # triangle above the diagonal tiles is never computed, and only a tile's last
+            # `rows` keys need the mask
+            for first in range(0, n, PREFILL_QUERY_TILE):
+                rows = min(PREFILL_QUERY_TILE, n - first)
+                visible = length - n + first + rows
+                start = span.start + first
+                qs = q[start : start + rows].reshape(rows, kv_heads, group, head_dim)
+                qs = qs.transpose(1, 2, 0, 3).reshape(kv_heads, group * rows, head_dim)
+                scores = qs @ k[:, :, :visible]  # [kv_heads, group * rows, visible]
+                if rows > 1:
+                    scores.reshape(kv_heads, group, rows, visible)[..., visible - rows :] += _causal_mask(rows)
+                o = (_softmax(scores) @ v[:, :visible]).reshape(kv_heads, group, rows, head_dim)
+                out[start : start + rows] = o.transpose(2, 0, 1, 3).reshape(rows, -1)
         return out
 
     def _decode_attention(self, g: DecodeGroup, keys: np.ndarray, values: np.ndarray, q: np.ndarray,
@@ -297,9 +307,9 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _causal_mask(num_queries: int, context_len: int) -> np.ndarray:
-    """Query i sits at position context_len - num_queries + i and sees keys up to there."""
-    first = context_len - num_queries
-    query_pos = np.arange(first, context_len)[:, None]
-    key_pos = np.arange(context_len)[None, :]
-    return np.where(key_pos <= query_pos, 0.0, -np.inf).astype(np.float32)
+@functools.lru_cache(maxsize=8)
+def _causal_mask(size: int) -> np.ndarray:
+    """[size, size]: 0 where key j <= query i, -inf above the diagonal (read-only, shared)."""
+    mask = np.triu(np.full((size, size), -np.inf, dtype=np.float32), k=1)
+    mask.flags.writeable = False
+    return mask

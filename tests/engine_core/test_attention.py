@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import engine_core.model as model_module
 from engine_core.loader import ModelConfig
 from engine_core.model import DECODE_GROUP_SIZE, AttentionSpan, ForwardBatch, KVCache, LlamaModel, group_decodes
 
@@ -80,6 +81,20 @@ def test_grouped_decodes_and_prefill_chunks_match_a_float64_reference(seed):
     batch, q, truth = build(lengths, chunks, cache, rng)
     assert len(batch.decode_groups) == -(-19 // DECODE_GROUP_SIZE)
     assert any(g.padding is not None for g in batch.decode_groups)
+    out = attention_model()._attention(batch, cache, 0, q)
+    for start, n, k, v in truth:
+        np.testing.assert_allclose(out[start : start + n], reference(q[start : start + n], k, v, n),
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tile", [7, 128])
+def test_long_prefill_chunks_attended_in_query_tiles_match_a_float64_reference(tile, monkeypatch):
+    """Query tiles see keys up to their own last position only: a chunk after 100 cached tokens,
+    a whole prompt, tiles that do not divide the chunk, and a decode beside them."""
+    monkeypatch.setattr(model_module, "PREFILL_QUERY_TILE", tile)
+    rng = np.random.default_rng(11)
+    cache = KVCache(CONFIG, num_blocks=512, block_size=BLOCK_SIZE)
+    batch, q, truth = build([400, 300, 9], [300, 300, 1], cache, rng)
     out = attention_model()._attention(batch, cache, 0, q)
     for start, n, k, v in truth:
         np.testing.assert_allclose(out[start : start + n], reference(q[start : start + n], k, v, n),
