@@ -94,9 +94,8 @@ class BlockPool:
         """The block before the start of the longest run of touched, uncached free blocks (up
         to `count` long) that starts at one of the `scan` most recently freed blocks; None when
         no run is longer than one block (the usual choice is as good)."""
+        self._drop_stale_top()  # they would otherwise be stepped over on every call
         stack, is_free, touched = self.free_block_ids, self.is_free_uncached, self.num_touched
-        while stack and not is_free[stack[-1]]:
-            stack.pop()  # stale entries on top would otherwise be stepped over on every call
         best, best_len, seen = None, 1, set()
         want = min(count, 32)
         for block_id in itertools.islice(reversed(stack), 4 * scan):  # stale or repeated ones too
@@ -116,6 +115,12 @@ class BlockPool:
                     break
         return None if best is None else best - 1
 
+    def _drop_stale_top(self) -> None:
+        """Pop the stack's stale entries (blocks taken out of turn) down to a live one."""
+        stack = self.free_block_ids
+        while stack and not self.is_free_uncached[stack[-1]]:
+            stack.pop()
+
     def _mark_taken(self, block_id: int) -> None:
         self.is_free_uncached[block_id] = 0
         self.num_free_uncached -= 1
@@ -124,9 +129,8 @@ class BlockPool:
         """A free block, in this order: an uncached one the load has touched before, the oldest
         cached one (evicted), an untouched one. So a cached prefix lives in memory the load has
         already used and never makes the process grow; it survives until that memory is needed."""
+        self._drop_stale_top()
         stack = self.free_block_ids
-        while stack and not self.is_free_uncached[stack[-1]]:
-            stack.pop()  # stale: taken out of turn
         if stack and (stack[-1] < self.num_touched or not self.cached_free):
             block_id = stack.pop()
             self._mark_taken(block_id)

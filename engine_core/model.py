@@ -2,8 +2,8 @@
 
 Every weight matmul is one 2-D `[tokens, hidden] @ W` over all tokens of the step (decodes
 and prefill chunks together). Attention reads keys and values from the paged cache: a prefill
-chunk one sequence at a time, in query tiles with a causal mask; decodes in small groups of sequences with
-similar lengths, padded to the longest in the group and masked.
+chunk one sequence at a time, in query tiles with a causal mask; decodes in small groups of
+sequences with similar lengths, padded to the longest in the group and masked.
 """
 
 from __future__ import annotations
