@@ -25,6 +25,7 @@ The kernel OpenBLAS picked is printed (threadpoolctl) so a figure always says wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -76,9 +77,6 @@ def add(core: EngineCore, request_id: str, prompt: list[int], max_tokens: int) -
     core.add_request(EngineCoreRequest(request_id, prompt, params, [], time.time()))
 
 
-attention_blas_share: list[float] = []  # bench_decode appends the batch-64 figure
-
-
 class _MatmulTimer:
     """Stands in for numpy inside engine_core.model, timing np.matmul (the attention's BLAS)."""
 
@@ -97,33 +95,47 @@ class _MatmulTimer:
         return out
 
 
-def attention_blas_fraction(core: EngineCore, steps: int = 4) -> float:
-    """The share of the attention's time spent in its (BLAS) matmuls, over a few more steps
-    (apart from the timed ones: the stand-in module costs a little on every numpy call)."""
-    model = core.runner.model
-    attend, timer, spent = model._attention, _MatmulTimer(), [0.0]
+@contextlib.contextmanager
+def timing_attention(model, matmuls: _MatmulTimer | None = None):
+    """Time model._attention where it runs (between the weight matmuls, caches cold); yields
+    the list of seconds per call. With `matmuls`, its timer counts only inside the attention."""
+    attend, spent = model._attention, []
 
     def timed(*args):
-        timer.active = True
+        if matmuls is not None:
+            matmuls.active = True
         start = time.perf_counter()
         out = attend(*args)
-        spent[0] += time.perf_counter() - start
-        timer.active = False
+        spent.append(time.perf_counter() - start)
+        if matmuls is not None:
+            matmuls.active = False
         return out
 
     model._attention = timed
+    try:
+        yield spent
+    finally:
+        del model._attention
+
+
+def attention_blas_fraction(core: EngineCore, steps: int = 4) -> float:
+    """The share of the attention's time spent in its (BLAS) matmuls, over a few more steps
+    (apart from the timed ones: the stand-in module costs a little on every numpy call)."""
+    timer = _MatmulTimer()
     model_module.np = timer
     try:
-        for _ in range(steps):
-            core.step()
+        with timing_attention(core.runner.model, timer) as spent:
+            for _ in range(steps):
+                core.step()
     finally:
         model_module.np = np
-        del model._attention
-    return timer.seconds / spent[0]
+    return timer.seconds / sum(spent)
 
 
-def bench_decode(core: EngineCore, batch: int, context: int, steps: int, attention: list | None = None) -> float:
-    """Decode tok/s; `attention` collects the seconds each timed step spends in attention."""
+def bench_decode(core: EngineCore, batch: int, context: int, steps: int,
+                 split: dict | None = None) -> float:
+    """Decode tok/s. With `split`, also records split["attention_s"] (the seconds each timed
+    step's attention took) and split["attention_blas_share"] (see attention_blas_fraction)."""
     rng = np.random.default_rng(batch)
     for i in range(batch):
         add(core, f"d{batch}-{i}", rng.integers(100, 40_000, size=context).tolist(), steps + 8)
@@ -131,24 +143,14 @@ def bench_decode(core: EngineCore, batch: int, context: int, steps: int, attenti
         core.step()  # prefill everything first
     for _ in range(3):
         core.step()
-    model = core.runner.model
-    attend = model._attention
-
-    def timed(*args):
+    with timing_attention(core.runner.model) if split is not None else contextlib.nullcontext([]) as spent:
         start = time.perf_counter()
-        out = attend(*args)
-        attention.append(time.perf_counter() - start)
-        return out
-
-    if attention is not None:
-        model._attention = timed  # timed where it runs: between the weight matmuls, caches cold
-    start = time.perf_counter()
-    for _ in range(steps):
-        core.step()
-    elapsed = time.perf_counter() - start
-    if attention is not None:
-        del model._attention
-        attention_blas_share.append(attention_blas_fraction(core))
+        for _ in range(steps):
+            core.step()
+        elapsed = time.perf_counter() - start
+    if split is not None:
+        split["attention_s"] = spent
+        split["attention_blas_share"] = attention_blas_fraction(core)
     core.abort_requests([f"d{batch}-{i}" for i in range(batch)])
     core.step()
     return batch * steps / elapsed
@@ -252,8 +254,8 @@ def main() -> int:
             core.runner.cache.values.fill(0.0)
         gflops, gbps = gemm_gflops(), gemv_gbps()
         overhead_batch = 64 if 64 in args.batches else max(args.batches)
-        attention: list[float] = []
-        decode = {b: bench_decode(core, b, args.context, args.steps, attention if b == overhead_batch else None)
+        split: dict = {}
+        decode = {b: bench_decode(core, b, args.context, args.steps, split if b == overhead_batch else None)
                   for b in args.batches}
         held = age_pool(core)
         aged = bench_decode(core, overhead_batch, args.context, args.steps)
@@ -263,9 +265,10 @@ def main() -> int:
         computed_s, cached_s = bench_cached_prompt(core, 1024)
         step_s = overhead_batch / decode[overhead_batch]
         gemm_share = weight_gemm_seconds(core, overhead_batch) / step_s
-        attention_share = sum(attention) / args.steps / step_s
+        attention_share = sum(split["attention_s"]) / args.steps / step_s
+        attention_blas = split["attention_blas_share"]
         outside_gemms = max(0.0, 1 - gemm_share)
-        outside_blas = max(0.0, outside_gemms - attention_share * attention_blas_share[0])
+        outside_blas = max(0.0, outside_gemms - attention_share * attention_blas)
 
     compute_bound = gflops * 1e9 / (2 * matmul_params)
     bytes_per_step = 4 * matmul_params  # what a batch-1 decode step reads (the embedding: one row)
@@ -304,7 +307,7 @@ def main() -> int:
           f"{cached_s * 1e3:.0f} ms when its prefix is cached")
     print(f"batch {overhead_batch}: {outside_gemms:.0%} of a decode step is outside the weight GEMMs: "
           f"attention {attention_share:.0%}, the rest {max(0.0, 1 - gemm_share - attention_share):.0%}; "
-          f"outside any BLAS call (the attention's matmuls being {attention_blas_share[0]:.0%} of it): "
+          f"outside any BLAS call (the attention's matmuls being {attention_blas:.0%} of it): "
           f"{outside_blas:.0%}")
     print(json.dumps(result))
     return 0
