@@ -1,7 +1,8 @@
 """The Llama family forward pass in numpy float32, over a flattened batch and a paged KV cache.
 
 Every weight matmul is one 2-D `[tokens, hidden] @ W` over all tokens of the step (decodes
-and prefill chunks together). Attention reads keys and values from the paged cache: a prefill
+and prefill chunks together), or one GEMV per token when the step has only a few (see
+GEMV_MAX_ROWS). Attention reads keys and values from the paged cache: a prefill
 chunk one sequence at a time, in query tiles with a causal mask; decodes in small groups of
 sequences with similar lengths, padded to the longest in the group and masked.
 """
@@ -23,6 +24,17 @@ DECODE_GROUP_SIZE = 8
 
 # Prefill queries attended at a time (see LlamaModel._attention).
 PREFILL_QUERY_TILE = 128
+
+# A step of 2..GEMV_MAX_ROWS tokens multiplies each weight matrix one row at a time (GEMV), as a
+# single token does. OpenBLAS packs a GEMM's weight matrix afresh on every call, which for so
+# few rows costs more than reading the matrix once per row (the next rows find it in cache).
+# Decoding SmolLM2-135M (bench_engine.py), batch 2 went from 24 to 40 tok/s (slower than batch 1
+# before), batch 4 from 43 to 55 and batch 6 from 50 to 60; at 7 rows the two ways tie.
+GEMV_MAX_ROWS = 6
+
+# The vocabulary columns of the lm_head read per pass when its rows are done one at a time: a
+# 576 x 2048 slice (4.7 MB) stays in cache for the next row.
+LM_HEAD_SLICE = 2048
 
 
 @dataclass
@@ -197,7 +209,7 @@ class LlamaModel:
         num_tokens = x.shape[0]
         for index, layer in enumerate(self.layers):
             h = self.rms_norm(x, layer["attn_norm"])
-            qkv = h @ layer["qkv"]
+            qkv = _project(h, layer["qkv"])
             if "qkv_bias" in layer:
                 qkv += layer["qkv_bias"]
             # rotate-half RoPE on queries and keys together
@@ -209,12 +221,12 @@ class LlamaModel:
             v = qkv[:, num_q + num_kv :].reshape(num_tokens, c.num_kv_heads, c.head_dim)
             self._write_cache(cache, index, batch.slot_mapping, k, v)
             attn = self._attention(batch, cache, index, q)
-            attn_out = attn @ layer["o"]
+            attn_out = _project(attn, layer["o"])
             if "o_bias" in layer:
                 attn_out += layer["o_bias"]
             x = x + attn_out
             h = self.rms_norm(x, layer["mlp_norm"])
-            gate_up = h @ layer["gate_up"]
+            gate_up = _project(h, layer["gate_up"])
             gate = gate_up[:, : c.intermediate_size]
             up = gate_up[:, c.intermediate_size :]
             act = np.negative(gate)  # SiLU(gate) * up, in place: gate / (1 + e^-gate) * up
@@ -222,15 +234,23 @@ class LlamaModel:
             act += 1.0
             np.divide(gate, act, out=act)
             act *= up
-            x = x + act @ layer["down"]
+            x = x + _project(act, layer["down"])
         return self.rms_norm(x[batch.output_rows], self.final_norm)
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         if hidden.shape[0] == 1:
             return hidden @ self.lm_head_t
+        rows, vocab = hidden.shape[0], self.lm_head.shape[0]
+        if rows <= GEMV_MAX_ROWS:
+            # one GEMV per row and vocabulary slice, the slice read from memory once
+            logits = np.empty((rows, vocab), dtype=np.float32)
+            for start in range(0, vocab, LM_HEAD_SLICE):
+                weights = self.lm_head_t[:, start : start + LM_HEAD_SLICE]
+                for row in range(rows):
+                    np.matmul(hidden[row], weights, out=logits[row, start : start + LM_HEAD_SLICE])
+            return logits
         # [vocab, hidden] @ hidden.T in vocabulary slices, each transposed into the output while
         # still in cache (one [vocab, rows] result transposed at the end costs ~10% more)
-        rows, vocab = hidden.shape[0], self.lm_head.shape[0]
         logits = np.empty((rows, vocab), dtype=np.float32)
         hidden_t = np.ascontiguousarray(hidden.T)
         step = 4096
@@ -297,6 +317,17 @@ class LlamaModel:
             v[g.padding] = 0.0
         _softmax(scores)
         out[g.rows] = np.matmul(scores, v.transpose(0, 2, 1, 3)).reshape(count, -1)
+
+
+def _project(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x [rows, in] @ weight [in, out]; see GEMV_MAX_ROWS."""
+    rows = x.shape[0]
+    if not 1 < rows <= GEMV_MAX_ROWS:
+        return x @ weight
+    out = np.empty((rows, weight.shape[1]), dtype=np.float32)
+    for row in range(rows):
+        np.matmul(x[row], weight, out=out[row])
+    return out
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

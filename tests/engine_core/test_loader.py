@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import engine_core.model as model_module
 from engine_core.loader import ArtifactError, load_artifact
 from engine_core.sampler import log_softmax
 from tiny_engine import collect, tiny_core, tiny_request, write_tiny_model
@@ -80,6 +81,21 @@ def test_logits_at_every_position_match_transformers(tiny_dirs, variant):
     expected, atol = golden_logits(variant)
     assert got.shape == expected.shape == (20, 300)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=atol)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("length", [2, 3, 6, 7])
+def test_logits_of_a_step_of_a_few_tokens_match_transformers(tiny_dirs, variant, length, monkeypatch):
+    """Steps of up to GEMV_MAX_ROWS tokens take each weight one row at a time (length 7 does not),
+    and the lm_head in vocabulary slices: here three of the 300 columns' (the last one short)."""
+    assert model_module.GEMV_MAX_ROWS == 6
+    monkeypatch.setattr(model_module, "LM_HEAD_SLICE", 128)
+    core = tiny_core(tiny_dirs[variant])
+    core.add_request(tiny_request("few", INPUT_IDS[:length], max_tokens=1))
+    result = core.runner.execute(core.scheduler.schedule(), {0: length - 1})
+    got = np.concatenate([result.prompt_logits[0], result.sample_logits])
+    expected, atol = golden_logits(variant)
+    np.testing.assert_allclose(got, expected[:length], rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
