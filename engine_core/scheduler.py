@@ -4,8 +4,8 @@ Each step hands `max_num_batched_tokens` out over running sequences first (a dec
 token, an unfinished prompt takes what is left in chunks), then over waiting sequences in
 arrival order, with at most `max_num_seqs` running. When the KV cache has no block for a
 running sequence, the newest running sequence is preempted: its blocks are freed and it waits
-to be recomputed from its tokens. Nothing is dropped: a sequence that cannot fit even alone
-is finished with an error.
+to be recomputed from its tokens (a beam whose logits are already in waits for its siblings
+instead). Nothing is dropped: a sequence that cannot fit even alone is finished with an error.
 """
 
 from __future__ import annotations
@@ -101,8 +101,10 @@ class Scheduler:
             out.scheduled.append(ScheduledSequence(seq, num_tokens))
             budget -= num_tokens
             index += 1
-        while self.waiting and budget > 0 and not preempted_any:
-            seq = self.waiting[0]
+        while budget > 0 and not preempted_any:
+            seq = next((s for s in self.waiting if not _is_parked(s)), None)
+            if seq is None:
+                break
             cached = self.kv.cached_prefix(seq)  # blocks it can start on instead of computing
             num_tokens = min(seq.num_uncomputed_tokens - len(cached) * self.kv.block_size, budget)
             if not out.scheduled and not self._can_start(seq, num_tokens, cached):
@@ -111,12 +113,12 @@ class Scheduler:
                 break
             if not self.kv.can_allocate(seq, num_tokens, cached):
                 if not self.running and not out.scheduled:
-                    self.waiting.popleft()
+                    self.waiting.remove(seq)
                     self._drop(seq)
                     out.unfittable.append(seq)
                     continue
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self.kv.start_from_cache(seq, cached)
@@ -138,7 +140,7 @@ class Scheduler:
         queue cannot start, they give them up (newest first) so it can: otherwise a lagging
         beam could wait forever for room its idle siblings hold."""
         idle = [s for s in self.running if s.num_uncomputed_tokens == 0]
-        self.waiting.popleft()  # preempted sequences go to the front; seq stays ahead of them
+        self.waiting.remove(seq)  # preempted sequences go to the front; seq stays ahead of them
         while idle and not self._can_start(seq, num_tokens, cached):
             self._preempt(idle.pop())
         self.waiting.appendleft(seq)
@@ -155,6 +157,15 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+
+def _is_parked(seq: Sequence) -> bool:
+    """A beam preempted after its logits for this beam step were recorded: it needs nothing
+    computed until its siblings have theirs too, so it waits without a place in line. (Were it
+    recomputed, making room for it would preempt a sibling, and a search whose beams cannot all
+    fit at once would go round in circles instead of taking them one at a time.)"""
+    request = seq.request
+    return request.beam_search is not None and seq.index in request.beam_logprobs
 
 
 def _seats(seq: Sequence) -> int:

@@ -18,6 +18,7 @@ import pytest
 from engine_core.beam_search import BeamSearch
 from engine_helpers import assert_all_blocks_free, request, run_to_completion
 from ipc.messages import FinishReason
+from tiny_engine import collect, tiny_core, tiny_request, write_tiny_model
 
 GOLDEN = json.loads((pathlib.Path(__file__).parents[1] / "golden" / "smollm2_beam.json").read_text())
 BLOCK_BYTES = 737_280  # 2 * 30 layers * 3 kv heads * 16 tokens * 64 dims * 4 bytes
@@ -131,6 +132,29 @@ def test_aborting_a_beam_search_ends_every_choice(make_core):
         assert sum(lp.logprob for lp in out.new_logprobs) == pytest.approx(out.cumulative_logprob, abs=1e-4)
         assert all(len(lp.top_token_ids) == 2 for lp in out.new_logprobs)
     assert_all_blocks_free(core)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_beams_that_cannot_all_fit_at_once_take_turns_and_give_the_same_result(tmp_path, prefix_caching):
+    """8 beams of a 60-token prompt and 40 new tokens need about 35 blocks at once; 10 hold one
+    beam (7 blocks) at a time. Each beam computes its logits and then waits, preempted, for its siblings
+    instead of being recomputed at once (which used to preempt a sibling in turn, forever),
+    and a short request sent beside it finishes too."""
+    model_dir = write_tiny_model(tmp_path)
+    results = {}
+    for num_blocks in (64, 10):
+        core = tiny_core(model_dir, num_blocks=num_blocks, enable_prefix_caching=prefix_caching)
+        core.add_request(tiny_request("beams", list(range(3, 63)), use_beam_search=True, n=8, max_tokens=40,
+                                      ignore_eos=True))
+        core.add_request(tiny_request("short", [5, 6, 7], max_tokens=3))
+        outputs = collect(core, max_steps=2000)  # raises if the requests are not done by then
+        beams = {o.index: o for o in outputs if o.request_id == "beams"}
+        results[num_blocks] = [beams[i].new_token_ids for i in range(8)]
+        assert all(len(tokens) == 40 for tokens in results[num_blocks])
+        assert sum(len(o.new_token_ids) for o in outputs if o.request_id == "short") == 3
+        assert (core.scheduler.num_preemptions > 0) == (num_blocks == 10)
+        assert_all_blocks_free(core)
+    assert results[10] == results[64]
 
 
 # ---------------------------------------------------------------- the search alone, on made-up logprobs
