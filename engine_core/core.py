@@ -207,7 +207,7 @@ class EngineCore:
                 self._finish(entry.seq, FinishReason.LENGTH)
                 continue
             if request.beam_search is not None:
-                request.beam_logprobs[entry.seq.index] = log_softmax(result.sample_logits[row])
+                request.beam_logprobs[entry.seq.index] = log_softmax(_biased(result.sample_logits[row], request.params))
                 beam_requests[request.request_id] = request
                 continue
             family = self._fork(entry.seq) if not request.is_forked_or_single else [entry.seq]
@@ -415,3 +415,13 @@ class EngineCore:
         for index, seq in enumerate(ranked):
             seq.index = index
             self._emit(seq)
+
+
+def _biased(logits: np.ndarray, params) -> np.ndarray:
+    """A beam's logits with the request's logit_bias added (beams rank by the biased scores)."""
+    if not params.logit_bias:
+        return logits
+    row = logits.copy()
+    for token_id, bias in params.logit_bias.items():
+        row[token_id] += bias
+    return row

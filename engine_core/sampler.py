@@ -1,13 +1,14 @@
 """Turn a step's logits into tokens, one row per sequence that reached the end of its tokens.
 
-Rows that are plain greedy (no penalties, no logprobs) are decided by one vectorized argmax;
-the others go through the full pipeline row by row: penalties, min_tokens suppression,
-temperature, min-p, top-k, top-p (vLLM V1's order), then one uniform draw from the sequence's
-own generator (seeded requests reproduce whatever else is in the batch). Logprobs are those of
-the raw model distribution, as vLLM reports them.
+Rows that are plain greedy (no penalties, no logit bias, no logprobs) are decided by one
+vectorized argmax; the others go through the full pipeline row by row: logit bias, penalties,
+min_tokens suppression, temperature, min-p, top-k, top-p (vLLM V1's order), then one uniform
+draw from the sequence's own generator (seeded requests reproduce whatever else is in the
+batch). Logprobs are those of the raw model distribution, as vLLM reports them.
 
 The rows of constrained requests are masked first, in place: the tokens a row's grammar does not
-allow get -inf (see `engine_core.structured_output`).
+allow get -inf (see `engine_core.structured_output`). As in vLLM, their logprobs are taken after
+that mask: a token the grammar forces has logprob 0.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def _is_plain_greedy(p: SamplingParams, needs_logprob: bool) -> bool:
         and p.frequency_penalty == 0.0
         and p.repetition_penalty == 1.0
         and p.min_tokens == 0
+        and not p.logit_bias
     )
 
 
@@ -89,14 +91,20 @@ class Sampler:
 
     @staticmethod
     def process_logits(raw: np.ndarray, seq: Sequence) -> np.ndarray:
-        """Penalties and min_tokens suppression, as vLLM applies them."""
+        """Logit bias, penalties and min_tokens suppression, as vLLM applies them."""
         p = seq.params
         row = raw.astype(np.float32, copy=True)
         output = seq.output_token_ids
+        if p.logit_bias:
+            ids = np.fromiter(p.logit_bias.keys(), dtype=np.int64, count=len(p.logit_bias))
+            row[ids] += np.fromiter(p.logit_bias.values(), dtype=np.float32, count=len(p.logit_bias))
         if p.repetition_penalty != 1.0:
             seen = np.unique(np.asarray(seq.token_ids, dtype=np.int64))
             values = row[seen]
-            row[seen] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+            # at least 1e-4: a smaller penalty (the API allows any above 0) would divide the
+            # float32 logits to inf, and the softmax of inf is NaN
+            penalty = max(p.repetition_penalty, 1e-4)
+            row[seen] = np.where(values > 0, values / penalty, values * penalty)
         if (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and output:
             ids, counts = np.unique(np.asarray(output, dtype=np.int64), return_counts=True)
             row[ids] -= p.frequency_penalty * counts + p.presence_penalty

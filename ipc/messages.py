@@ -60,6 +60,7 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, frozen
     early_stopping: bool | Literal["never"] = False
     structured_output: StructuredOutputSpec | None = None  # constrains generation; None: free
     cache_salt: str | None = None  # only requests with the same salt share prefix-cache blocks
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
 
     @property
     def is_greedy(self) -> bool:

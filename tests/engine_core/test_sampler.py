@@ -116,6 +116,36 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_s
     np.testing.assert_array_equal(raw, [2.0, -2.0, 1.0, -1.0, 0.5, 3.0])  # the raw logits are untouched
 
 
+def test_a_vanishing_repetition_penalty_still_samples_a_seen_token_and_no_nan():
+    """The API allows any penalty above 0; 1e-300 would divide float32 logits to inf (and the
+    softmax to NaN, which drew the last token of the vocabulary). It acts as 1e-4 instead."""
+    raw = np.array([2.0, -2.0, 1.0, 0.5], dtype=np.float32)
+    seq = sequence(SamplingParams(max_tokens=8, repetition_penalty=1e-300, seed=3), prompt=(2,))
+    processed = Sampler.process_logits(raw, seq)
+    assert np.isfinite(processed).all()
+    np.testing.assert_allclose(processed, [2.0, -2.0, 1e4, 0.5])
+    tokens = {Sampler().sample(raw[None, :], [seq], [False])[0].token_id for _ in range(20)}
+    assert tokens == {2}
+
+
+def test_logit_bias_is_added_before_penalties_and_moves_greedy_and_sampled_choices():
+    raw = np.array([0.0, 5.0, 4.0, 1.0], dtype=np.float32)
+    seq = sequence(SamplingParams(max_tokens=8, temperature=0.0, logit_bias={3: 10.0, 1: -100.0},
+                                  repetition_penalty=2.0), prompt=(3,))
+    # token 3: (1 + 10) / 2 (seen, so penalized after the bias); token 1: 5 - 100
+    np.testing.assert_allclose(Sampler.process_logits(raw, seq), [0.0, -95.0, 4.0, 5.5])
+    (token,) = Sampler().sample(raw[None, :], [seq], [False])  # not the vectorized greedy path
+    assert token.token_id == 3
+    banned = draw_counts(2000, logit_bias={IDS_BY_RANK[0]: -100.0, IDS_BY_RANK[1]: -100.0})
+    assert counts_of(banned, IDS_BY_RANK[:2]) == 0 and banned.sum() == 2000
+    forced = draw_counts(200, logit_bias={IDS_BY_RANK[9]: 100.0})
+    assert forced[IDS_BY_RANK[9]] == 200
+
+
+def counts_of(counts: np.ndarray, ids: list[int]) -> int:
+    return int(counts[ids].sum())
+
+
 def test_frequency_and_presence_penalties_count_output_tokens_only():
     raw = np.zeros(6, dtype=np.float32)
     seq = sequence(SamplingParams(max_tokens=8, frequency_penalty=0.5, presence_penalty=0.25),
@@ -338,3 +368,19 @@ def test_abort_is_idempotent_and_frees_blocks(model_dir):
     core.abort_requests(["a", "b", "waiting"])  # all finished: nothing happens
     assert core.step() == []
     assert_all_blocks_free(core)
+
+
+def test_logit_bias_steers_sampling_and_beam_search_in_the_engine(model_dir, greedy_reference):
+    banned = greedy_reference[0]
+    core = tiny_core(model_dir)
+    core.add_request(tiny_request("forced", PROMPT, temperature=0.0, max_tokens=5, logit_bias={77: 100.0}))
+    core.add_request(tiny_request("banned", PROMPT, temperature=0.0, max_tokens=1, logit_bias={banned: -100.0}))
+    core.add_request(tiny_request("beams", PROMPT, use_beam_search=True, n=2, max_tokens=4, ignore_eos=True,
+                                  logit_bias={120: 100.0}))
+    outputs = collect(core)
+    tokens = {}
+    for out in outputs:
+        tokens.setdefault((out.request_id, out.index), []).extend(out.new_token_ids)
+    assert tokens["forced", 0] == [77] * 5
+    assert tokens["banned", 0] != [banned]
+    assert tokens["beams", 0] == [120] * 4  # the best hypothesis follows the bias at every step
