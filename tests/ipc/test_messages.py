@@ -43,6 +43,7 @@ FULL_PARAMS = SamplingParams(
     use_beam_search=True,
     length_penalty=0.8,
     early_stopping="never",
+    logit_bias={28: 100.0, 49151: -0.5},
 )
 
 
