@@ -28,7 +28,7 @@ from litestar.response import Stream
 
 from frontend.chat_template import load_chat_template
 from frontend.engine_client import EngineClient
-from frontend.errors import EXCEPTION_HANDLERS, OpenAIError, bad_request, decode_body
+from frontend.errors import EXCEPTION_HANDLERS, OpenAIError, bad_request, client_closed_request, decode_body
 from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from frontend.metrics import FrontendMetrics
 from frontend.openapi import OpenAIJsonRenderPlugin
@@ -197,7 +197,7 @@ async def _unless_disconnected(work, request: Request):
         logger.info("client disconnected; aborting %s %s", request.method, request.url.path)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        raise OpenAIError(499, "The client closed the request.", type="client_closed_request")
+        raise client_closed_request()
     finally:
         watcher.cancel()
         task.cancel()

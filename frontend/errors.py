@@ -12,7 +12,7 @@ import re
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, InternalServerException
 
 from frontend.protocol import ErrorInfo, ErrorResponse
 
@@ -83,6 +83,11 @@ def internal_error() -> OpenAIError:
     return OpenAIError(500, "The server had an error while processing the request.")
 
 
+def client_closed_request() -> OpenAIError:
+    """The client went away before its response: nginx's 499, never a server error."""
+    return OpenAIError(499, "The client closed the request.", type="client_closed_request")
+
+
 _MSGSPEC_PATH = re.compile(r" - at `\$\.?(.*)`$")
 _MSGSPEC_MISSING = re.compile(r"^Object missing required field `([^`]*)`")
 
@@ -96,7 +101,7 @@ def from_decode_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> Ope
     if not isinstance(exc, msgspec.ValidationError):
         return bad_request(f"The request body is not valid JSON: {text}")
     match = _MSGSPEC_PATH.search(text)
-    param = match.group(1) if match else ""
+    param = match.group(1).replace("[...]", "") if match else ""  # "[...]": some value of a map
     missing = _MSGSPEC_MISSING.match(text)
     if missing:  # "Object missing required field `prompt` - at `$.x`" names the field itself
         param = f"{param}.{missing.group(1)}" if param else missing.group(1)
@@ -123,8 +128,20 @@ def _handle_openai_error(_: Request, exc: OpenAIError) -> Response[ErrorResponse
     return error_response(exc)
 
 
+# What Litestar's `Request.stream()` raises (as a 500) when the client disconnects while it
+# is still sending the body.
+_CLIENT_DISCONNECTED_DETAIL = "client disconnected prematurely"
+
+
+def _is_client_disconnect(exc: HTTPException) -> bool:
+    return isinstance(exc, InternalServerException) and exc.detail == _CLIENT_DISCONNECTED_DETAIL
+
+
 def _handle_http_exception(request: Request, exc: HTTPException) -> Response[ErrorResponse]:
     status = exc.status_code
+    if _is_client_disconnect(exc):
+        logger.info("client disconnected while sending %s %s", request.method, request.url.path)
+        return error_response(client_closed_request())
     if status == 404:
         message = f"Invalid URL ({request.method} {request.url.path})"
     elif status == 405:

@@ -4,10 +4,15 @@ Requests ignore unknown fields (clients send fields we do not implement). Types 
 by msgspec when a body is decoded; value ranges are checked in `serving`, which knows the
 model's limits. Parameters beyond OpenAI's (`top_k`, `min_tokens`, `use_beam_search`, ...)
 follow vLLM's OpenAI server.
+
+An optional request field sent as `null` means its default, as in OpenAI's API: every
+request field with a default is typed `T | None`, and `RequestStruct` replaces a null by the
+field's declared default once the object is built.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Literal
 
@@ -17,49 +22,67 @@ import msgspec
 # Shared request pieces
 
 
-class StreamOptions(msgspec.Struct):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+class RequestStruct(msgspec.Struct):
+    """A request object: a null in a field whose default is not None becomes that default."""
+
+    def __post_init__(self) -> None:
+        for name, default in _null_means_default(type(self)):
+            if getattr(self, name) is None:
+                setattr(self, name, default)
 
 
-class FunctionDefinition(msgspec.Struct):
+@functools.cache
+def _null_means_default(cls: type[msgspec.Struct]) -> tuple[tuple[str, Any], ...]:
+    return tuple(
+        (f.name, f.default)
+        for f in msgspec.structs.fields(cls)
+        if f.default is not None and f.default is not msgspec.NODEFAULT
+    )
+
+
+class StreamOptions(RequestStruct):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
+class FunctionDefinition(RequestStruct):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(msgspec.Struct):
+class Tool(RequestStruct):
     function: FunctionDefinition
-    type: Literal["function"] = "function"
+    type: Literal["function"] | None = "function"
 
 
-class NamedFunction(msgspec.Struct):
+class NamedFunction(RequestStruct):
     name: str
 
 
-class NamedToolChoice(msgspec.Struct):
+class NamedToolChoice(RequestStruct):
     function: NamedFunction
-    type: Literal["function"] = "function"
+    type: Literal["function"] | None = "function"
 
 
-class JsonSchemaFormat(msgspec.Struct):
+class JsonSchemaFormat(RequestStruct):
     name: str | None = None
     description: str | None = None
     schema: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ResponseFormat(msgspec.Struct):
+class ResponseFormat(RequestStruct):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class SamplingRequestFields(msgspec.Struct, kw_only=True):
+class SamplingRequestFields(RequestStruct, kw_only=True):
     """The sampling parameters shared by both generation endpoints."""
 
     model: str | None = None
-    n: int = 1
+    n: int | None = 1
     best_of: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -68,20 +91,21 @@ class SamplingRequestFields(msgspec.Struct, kw_only=True):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    include_stop_str_in_output: bool = False
+    include_stop_str_in_output: bool | None = False
     max_tokens: int | None = None
-    min_tokens: int = 0
-    ignore_eos: bool = False
+    min_tokens: int | None = 0
+    ignore_eos: bool | None = False
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    skip_special_tokens: bool = True
-    stream: bool = False
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
+    skip_special_tokens: bool | None = True
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    use_beam_search: bool = False
-    length_penalty: float = 1.0
-    early_stopping: bool | Literal["never"] = False
+    use_beam_search: bool | None = False
+    length_penalty: float | None = 1.0
+    early_stopping: bool | Literal["never"] | None = False
     cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared only under the same salt
 
 
@@ -93,7 +117,7 @@ class CompletionRequest(SamplingRequestFields, kw_only=True):
     # A string, a list of strings, a list of token ids, or a list of token-id lists. msgspec
     # allows one array type per union, so the element shapes are checked in `serving`.
     prompt: str | list[str | int | list[int]]
-    echo: bool = False
+    echo: bool | None = False
     logprobs: int | None = None
     suffix: str | None = None
 
@@ -155,25 +179,25 @@ class CompletionStreamResponse(msgspec.Struct, omit_defaults=True):
 # Chat completions
 
 
-class ContentPart(msgspec.Struct):
+class ContentPart(RequestStruct):
     # Not a tagged union: an unsupported part (an image) gets a clear 400 from `serving`
     # rather than a schema error.
     type: str
     text: str | None = None
 
 
-class FunctionCall(msgspec.Struct):
+class FunctionCall(RequestStruct):
     name: str
     arguments: str
 
 
-class ToolCall(msgspec.Struct):
+class ToolCall(RequestStruct):
     id: str
     function: FunctionCall
-    type: Literal["function"] = "function"
+    type: Literal["function"] | None = "function"
 
 
-class ChatMessage(msgspec.Struct):
+class ChatMessage(RequestStruct):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -184,14 +208,14 @@ class ChatMessage(msgspec.Struct):
 class ChatCompletionRequest(SamplingRequestFields, kw_only=True):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -290,15 +314,15 @@ class ModelList(msgspec.Struct):
     object: str = "list"
 
 
-class TokenizeRequest(msgspec.Struct, kw_only=True):
+class TokenizeRequest(RequestStruct, kw_only=True):
     """vLLM's /tokenize: exactly one of `prompt` and `messages`."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
     tools: list[Tool] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -309,7 +333,7 @@ class TokenizeResponse(msgspec.Struct):
     tokens: list[int]
 
 
-class DetokenizeRequest(msgspec.Struct, kw_only=True):
+class DetokenizeRequest(RequestStruct, kw_only=True):
     tokens: list[int]
     model: str | None = None
 

@@ -36,7 +36,7 @@ from frontend.errors import (
     internal_error,
     model_not_found,
 )
-from frontend.protocol import PromptTokensDetails, UsageInfo
+from frontend.protocol import PromptTokensDetails, SamplingRequestFields, UsageInfo
 from frontend.serving_logprobs import TokenStrings
 from frontend.serving_validation import TextSettings
 from ipc.config import ServeConfig
@@ -95,9 +95,13 @@ class RequestTiming:
 
 class UsageCounter:
     """Token counts of a response. With best_of or beam search the engine reports all
-    candidates' tokens on its final outputs, which is what was really generated."""
+    candidates' tokens on its final outputs, which is what was really generated.
 
-    def __init__(self, prompts: Sequence[PreparedPrompt]) -> None:
+    With prefix caching the engine reports each request's cached prompt tokens on its final
+    outputs, including the ABORT that answers our abort of a sequence a stop string ended; if
+    `expects_cached_tokens`, `is_complete` stays false until every request has reported them."""
+
+    def __init__(self, prompts: Sequence[PreparedPrompt], *, expects_cached_tokens: bool) -> None:
         self.num_prompt_tokens = sum(len(p.request.prompt_token_ids) for p in prompts)
         self._is_candidate_count = {
             p.request.request_id: p.request.sampling_params.num_candidates > p.request.sampling_params.n
@@ -106,15 +110,25 @@ class UsageCounter:
         }
         self._num_tokens: dict[str, int] = dict.fromkeys(self._is_candidate_count, 0)
         self._num_engine_tokens: dict[str, int] = dict.fromkeys(self._is_candidate_count, 0)
-        self._num_cached_tokens: dict[str, int] = {}  # from final outputs, when the engine caches prefixes
+        self._expects_cached_tokens = expects_cached_tokens
+        self._num_cached_tokens: dict[str, int] = {}  # whenever the engine reports them
 
     def add(self, output: EngineCoreOutput, num_tokens: int) -> None:
         request_id = output.request_id
         self._num_tokens[request_id] += num_tokens
-        if output.num_cached_tokens is not None:
-            self._num_cached_tokens[request_id] = output.num_cached_tokens
+        self.note_cached_tokens(output)
         if output.num_generated_tokens is not None and self._is_candidate_count[request_id]:
             self._num_engine_tokens[request_id] = max(self._num_engine_tokens[request_id], output.num_generated_tokens)
+
+    def note_cached_tokens(self, output: EngineCoreOutput) -> None:
+        """Any output may carry them, even one of a choice that has already ended here."""
+        if output.num_cached_tokens is not None:
+            self._num_cached_tokens[output.request_id] = output.num_cached_tokens
+
+    @property
+    def is_complete(self) -> bool:
+        """Whether the engine has reported everything the usage shows."""
+        return not self._expects_cached_tokens or len(self._num_cached_tokens) == len(self._num_tokens)
 
     @property
     def num_completion_tokens(self) -> int:
@@ -126,6 +140,13 @@ class UsageCounter:
         if self._num_cached_tokens:
             details = PromptTokensDetails(sum(self._num_cached_tokens.values()))
         return UsageInfo(self.num_prompt_tokens, completion, self.num_prompt_tokens + completion, details)
+
+
+def waits_for_cached_tokens(config: ServeConfig, request: SamplingRequestFields) -> bool:
+    """Whether a response whose last choices a stop string ended waits for the engine's count of
+    cached prompt tokens: only with prefix caching, and only if it shows usage."""
+    shows_usage = not request.stream or (request.stream_options is not None and request.stream_options.include_usage)
+    return config.enable_prefix_caching and shows_usage
 
 
 class ChoiceState:
@@ -298,21 +319,26 @@ class OpenAIServing:
                         if output.queue_time_s is not None:
                             timing.queue_times_s.append(output.queue_time_s)
                         state = states.get((output.request_id, output.index))
-                        if state is None or state.is_finished:
-                            continue  # tokens in flight after our own stop-string abort
-                        if output.new_token_ids:
-                            _note_token_time(timing, state)
-                        usage.add(output, len(output.new_token_ids))
-                        delta, hit_stop = state.process(output)
-                        if delta.is_first:
-                            delta.prompt_logprobs = prompt_logprobs.get(output.request_id)
-                        if hit_stop and output.finish_reason is None:
-                            await self.engine_client.abort([output.request_id], [output.index])
-                        yield delta
-                        if state.is_finished:
-                            num_unfinished -= 1
-                            if num_unfinished == 0:
-                                break
+                        if state is not None and not state.is_finished:
+                            if output.new_token_ids:
+                                _note_token_time(timing, state)
+                            usage.add(output, len(output.new_token_ids))
+                            delta, hit_stop = state.process(output)
+                            if delta.is_first:
+                                delta.prompt_logprobs = prompt_logprobs.get(output.request_id)
+                            if hit_stop and output.finish_reason is None:
+                                await self.engine_client.abort([output.request_id], [output.index])
+                            yield delta
+                            if state.is_finished:
+                                num_unfinished -= 1
+                        else:
+                            # In flight after our own stop-string abort: only its usage counts.
+                            usage.note_cached_tokens(output)
+                        # Every choice has ended; if a stop string ended some, the engine's
+                        # final outputs for them (which carry the usage) may still be coming.
+                        # The outputs end by themselves once every sequence has its final one.
+                        if num_unfinished == 0 and usage.is_complete:
+                            break
                 except (asyncio.CancelledError, GeneratorExit):
                     # The consumer went away mid-generation (client disconnect): what the engine
                     # still makes for these requests is counted as wasted.
@@ -320,7 +346,8 @@ class OpenAIServing:
                     self.engine_client.mark_client_gone(request_ids)
                     raise
         except EngineDeadError as exc:
-            raise engine_unavailable(f"The engine is not running: {exc}", code="engine_dead") from None
+            if num_unfinished > 0:  # else only the engine's report of cached tokens is missing
+                raise engine_unavailable(f"The engine is not running: {exc}", code="engine_dead") from None
         finally:
             self.load.num_requests -= 1
             timing.finish_time = time.time()

@@ -41,6 +41,7 @@ from frontend.serving import (
     UsageCounter,
     random_id,
     sse_stream,
+    waits_for_cached_tokens,
 )
 from frontend.serving_logprobs import (
     TokenStrings,
@@ -53,6 +54,7 @@ from frontend.serving_validation import (
     check_sampling_fields,
     check_stop_token_ids,
     make_sampling_params,
+    resolve_logit_bias,
     resolve_max_tokens,
     text_settings,
 )
@@ -218,6 +220,7 @@ class OpenAIServingChat(OpenAIServing):
         info = self.engine_info()
         check_sampling_fields(request, max_num_seqs=self.config.max_num_seqs)
         check_stop_token_ids(request, info.vocab_size)
+        bias = resolve_logit_bias(request, info.vocab_size)
         plan = ChatOutputPlan.for_request(request, self.config)
         if plan.structured_output is not None and request.use_beam_search:
             raise bad_request("Beam search cannot be combined with constrained output.", param="use_beam_search")
@@ -239,7 +242,7 @@ class OpenAIServingChat(OpenAIServing):
             max_model_len=info.max_model_len,
             clamp=self.config.clamp_max_tokens,
         )
-        params = make_sampling_params(request, max_tokens=max_tokens, logprobs=logprobs)
+        params = make_sampling_params(request, max_tokens=max_tokens, logprobs=logprobs, logit_bias=bias)
         if plan.structured_output is not None:
             params = msgspec.structs.replace(params, structured_output=plan.structured_output)
         chat_id = random_id("chatcmpl")
@@ -276,7 +279,7 @@ class _ChatJob:
         self.settings = settings
         self.created = int(arrival_time)
         self.timing = RequestTiming(arrival_time)
-        self.usage = UsageCounter([prompt])
+        self.usage = UsageCounter([prompt], expects_cached_tokens=waits_for_cached_tokens(serving.config, request))
         self.logprobs_builder = ChatLogprobsBuilder(serving.token_strings, logprobs or 0) if logprobs is not None else None
         self.role = serving.config.response_role
         self.tool_parser = plan.tool_parser

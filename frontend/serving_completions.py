@@ -28,6 +28,7 @@ from frontend.serving import (
     UsageCounter,
     random_id,
     sse_stream,
+    waits_for_cached_tokens,
 )
 from frontend.serving_logprobs import (
     TokenStrings,
@@ -39,6 +40,7 @@ from frontend.serving_validation import (
     check_sampling_fields,
     check_stop_token_ids,
     make_sampling_params,
+    resolve_logit_bias,
     resolve_max_tokens,
     text_settings,
 )
@@ -100,6 +102,7 @@ class OpenAIServingCompletion(OpenAIServing):
         check_stop_token_ids(request, info.vocab_size)
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
             raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}.", param="logprobs")
+        bias = resolve_logit_bias(request, info.vocab_size)
         completion_id = random_id("cmpl")
         prompts: list[PreparedPrompt] = []
         for i, prompt in enumerate(_split_prompts(request.prompt)):
@@ -117,6 +120,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 max_tokens=max_tokens,
                 logprobs=request.logprobs,
                 prompt_logprobs=request.logprobs if request.echo else None,
+                logit_bias=bias,
             )
             engine_request = self.make_engine_request(f"{completion_id}-{i}", token_ids, params, arrival_time)
             prompt_text = prompt if isinstance(prompt, str) else self.tokenizer.decode(token_ids)
@@ -170,7 +174,7 @@ class _CompletionJob:
         self.settings = settings
         self.created = int(arrival_time)
         self.timing = RequestTiming(arrival_time)
-        self.usage = UsageCounter(prompts)
+        self.usage = UsageCounter(prompts, expects_cached_tokens=waits_for_cached_tokens(serving.config, request))
         num_top = request.logprobs or 0
         self.logprobs_builders = {
             p.first_choice_index + j: CompletionLogprobsBuilder(serving.token_strings, num_top)

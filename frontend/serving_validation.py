@@ -7,6 +7,7 @@ limits as arguments.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from frontend.errors import bad_request
@@ -160,12 +161,43 @@ def check_stop_token_ids(request: SamplingRequestFields, vocab_size: int) -> Non
         )
 
 
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a bias is [-100, 100]
+_TOKEN_ID = re.compile(r"-?[0-9]+")
+
+
+def resolve_logit_bias(request: SamplingRequestFields, vocab_size: int) -> dict[int, float] | None:
+    """`logit_bias` with token ids as ints; None when absent or empty."""
+    if not request.logit_bias:
+        return None
+    result = {}
+    for key, bias in request.logit_bias.items():
+        _check(
+            _TOKEN_ID.fullmatch(key) is not None,
+            "logit_bias",
+            f"logit_bias keys must be token ids (integers written as strings), got {key!r}.",
+        )
+        token_id = int(key)
+        _check(
+            0 <= token_id < vocab_size,
+            "logit_bias",
+            f"logit_bias: {token_id} is not a token id (the vocabulary has {vocab_size}).",
+        )
+        _check(
+            -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS,
+            "logit_bias",
+            f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}.",
+        )
+        result[token_id] = bias
+    return result
+
+
 def make_sampling_params(
     request: SamplingRequestFields,
     *,
     max_tokens: int,
     logprobs: int | None,
     prompt_logprobs: int | None = None,
+    logit_bias: dict[int, float] | None = None,
 ) -> SamplingParams:
     _check(
         request.min_tokens <= max_tokens,
@@ -197,4 +229,5 @@ def make_sampling_params(
         length_penalty=request.length_penalty,
         early_stopping=request.early_stopping,
         cache_salt=request.cache_salt,
+        logit_bias=logit_bias,
     )

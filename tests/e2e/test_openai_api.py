@@ -205,6 +205,47 @@ def test_a_repeated_long_prompt_is_served_from_the_prefix_cache(server, client, 
     assert raw["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0
 
 
+def test_logit_bias_forces_and_bans_tokens_and_null_parameters_mean_their_defaults(server, client, model_name):
+    comma = httpx.post(server.url + "/tokenize", json={"model": model_name, "prompt": ","}).json()["tokens"]
+    assert len(comma) == 1
+    forced = client.completions.create(model=model_name, prompt="The sky is", max_tokens=4, temperature=0,
+                                       logit_bias={str(comma[0]): 100})
+    assert forced.choices[0].text == ",,,,"
+    plain = client.completions.create(model=model_name, prompt="The sky is", max_tokens=1, temperature=0).choices[0]
+    first = httpx.post(server.url + "/tokenize", json={"model": model_name, "prompt": plain.text}).json()["tokens"]
+    assert len(first) == 1
+    banned = client.completions.create(model=model_name, prompt="The sky is", max_tokens=1, temperature=0,
+                                       logit_bias={str(first[0]): -100})
+    assert banned.choices[0].text != plain.text
+    bad = httpx.post(server.url + "/v1/completions",
+                     json={"model": model_name, "prompt": "x", "max_tokens": 1, "logit_bias": {"-1": 5}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "logit_bias"
+    nulls = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+        "model": model_name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0,
+        "n": None, "logprobs": None, "stream": None, "stop": None, "seed": None, "logit_bias": None})
+    assert nulls.status_code == 200 and len(nulls.json()["choices"]) == 1
+
+
+def test_cached_tokens_are_reported_when_a_stop_string_ends_the_request(server, model_name):
+    """A stop string ends the sequence in the frontend, which aborts it in the engine; the usage
+    still says how many prompt tokens came from the cache, streamed or not."""
+    system = "You are a patient tutor. " + " ".join(f"Hint {i}: explain every step with care." for i in range(20))
+    body = {"model": model_name, "temperature": 0, "max_tokens": 30, "stop": ["e"],
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Describe the sea."}]}
+    first = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
+    second = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
+    assert second["choices"][0]["finish_reason"] == "stop" and second["choices"][0]["stop_reason"] == "e"
+    assert second["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+    usage = second["usage"]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": (usage["prompt_tokens"] - 1) // 16 * 16}
+    assert "prompt_tokens_details" in first["usage"]
+    streamed = httpx.post(server.url + "/v1/chat/completions", timeout=120,
+                          json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    events = [json.loads(line[len("data: "):]) for line in streamed.text.splitlines()
+              if line.startswith("data: {")]
+    assert events[-1]["usage"] == usage
+
+
 def _metric(server, name: str) -> float:
     for line in httpx.get(server.url + "/metrics").text.splitlines():
         if line.startswith(name + "{"):

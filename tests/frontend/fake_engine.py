@@ -3,7 +3,8 @@
 Each sequence plays a token script (by default a fixed text, rotated by seed and sequence
 index, so equal seeds give equal outputs), one token per step, the sequences of a request
 interleaved step by step as the engine does. It finishes sequences the way the engine does
-(max_tokens -> LENGTH, an EOS or stop token id -> STOP, an abort -> ABORT) and records every
+(max_tokens -> LENGTH, an EOS or stop token id -> STOP, an abort -> ABORT; each final output
+carries `num_cached_tokens` when set, as the engine's do with prefix caching) and records every
 request and abort. Knobs script the failures: hang after k steps (until cancelled), die after
 k steps, finish with ERROR.
 """
@@ -42,6 +43,8 @@ class FakeEngineClient:
         self.error_message: str | None = None  # finish every sequence with ERROR at once
         self.unrequested_abort = False  # the engine aborts sequences on its own
         self.num_generated_tokens: int | None = None  # reported on final outputs
+        self.num_cached_tokens: int | None = None  # reported on every final output, ABORT too
+        self.reports_cached_tokens_first = False  # num_cached_tokens on each sequence's first output too
         self.num_generation_tokens = 0  # every token yielded, as the real client counts them
         self.num_tokens_after_disconnect = 0
         self.client_gone_ids: list[str] = []
@@ -101,6 +104,8 @@ class FakeEngineClient:
                     output = self._output(request, j, step, scripts[j])
                     if output.finish_reason is not None:
                         finished.add(j)
+                    if output.finish_reason is not None or (step == 0 and self.reports_cached_tokens_first):
+                        output.num_cached_tokens = self.num_cached_tokens
                     self.num_generation_tokens += len(output.new_token_ids)
                     yield output
                 step += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgspec
+import msgspec.inspect as mi
 import pytest
 
 from frontend.protocol import (
@@ -14,9 +15,12 @@ from frontend.protocol import (
     CompletionStreamChoice,
     CompletionStreamResponse,
     DeltaMessage,
+    DetokenizeRequest,
     ErrorInfo,
     ErrorResponse,
     NamedToolChoice,
+    RequestStruct,
+    TokenizeRequest,
     UsageInfo,
 )
 
@@ -31,7 +35,7 @@ def test_completion_prompt_shapes_decode(prompt):
 
 
 def test_unknown_fields_are_ignored():
-    request = decode({"prompt": "x", "logit_bias": {"5": 1}, "frobnicate": True}, CompletionRequest)
+    request = decode({"prompt": "x", "service_tier": "auto", "frobnicate": True}, CompletionRequest)
     assert request.prompt == "x"
 
 
@@ -41,6 +45,85 @@ def test_defaults_follow_openai_and_vllm():
     assert (request.skip_special_tokens, request.include_stop_str_in_output, request.early_stopping) == (True, False, False)
     chat = decode({"messages": []}, ChatCompletionRequest)
     assert (chat.add_generation_prompt, chat.continue_final_message, chat.logprobs) == (True, False, False)
+
+
+# ---- null means the default -------------------------------------------------------------
+
+# The bodies, and every object nested in them, with only their required fields.
+MINIMAL = {
+    CompletionRequest: {"prompt": "x"},
+    ChatCompletionRequest: {"messages": []},
+    TokenizeRequest: {},
+    DetokenizeRequest: {"tokens": []},
+}
+NESTED_MINIMAL = {
+    "StreamOptions": {},
+    "ChatMessage": {"role": "user"},
+    "ContentPart": {"type": "text"},
+    "ToolCall": {"id": "c", "function": {"name": "f", "arguments": "{}"}},
+    "FunctionCall": {"name": "f", "arguments": "{}"},
+    "Tool": {"function": {"name": "f"}},
+    "FunctionDefinition": {"name": "f"},
+    "NamedToolChoice": {"function": {"name": "f"}},
+    "NamedFunction": {"name": "f"},
+    "ResponseFormat": {"type": "text"},
+    "JsonSchemaFormat": {},
+}
+
+
+def _request_structs() -> set[type]:
+    """Every Struct a request body can contain, found from the bodies' own types."""
+    found: set[type] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, mi.StructType):
+            if node.cls in found:
+                return
+            found.add(node.cls)
+        if isinstance(node, (list, tuple)):
+            for item in node:
+                walk(item)
+        elif isinstance(node, (mi.Type, mi.Field)):
+            for name in node.__struct_fields__:
+                walk(getattr(node, name))
+
+    walk(mi.multi_type_info(list(MINIMAL)))
+    return found
+
+
+def _optional_fields() -> list[tuple[type, str]]:
+    return [
+        (cls, f.name)
+        for cls in sorted(_request_structs(), key=lambda c: c.__name__)
+        for f in msgspec.structs.fields(cls)
+        if not f.required
+    ]
+
+
+def test_every_request_struct_treats_null_as_its_default():
+    structs = _request_structs()
+    assert {c.__name__ for c in structs} == {c.__name__ for c in MINIMAL} | set(NESTED_MINIMAL)
+    assert all(issubclass(cls, RequestStruct) for cls in structs), "a nested request object is a plain Struct"
+
+
+@pytest.mark.parametrize("cls, name", _optional_fields(), ids=lambda x: getattr(x, "__name__", x))
+def test_an_optional_field_sent_as_null_is_as_if_absent(cls, name):
+    minimal = MINIMAL.get(cls, NESTED_MINIMAL.get(cls.__name__))
+    assert decode({**minimal, name: None}, cls) == decode(minimal, cls)
+
+
+def test_null_nested_fields_take_their_defaults():
+    request = decode({"messages": [], "stream_options": {"include_usage": None, "continuous_usage_stats": None},
+                      "tools": [{"type": None, "function": {"name": "f"}}]}, ChatCompletionRequest)
+    assert request.stream_options == msgspec.convert({}, type(request.stream_options))
+    assert request.stream_options.include_usage is False and request.tools[0].type == "function"
+
+
+@pytest.mark.parametrize("name, value", [("n", "two"), ("stream", "yes"), ("echo", 1), ("min_tokens", 1.5),
+                                         ("logit_bias", {"1": "x"}), ("logit_bias", [1])])
+def test_wrong_types_are_still_rejected(name, value):
+    with pytest.raises(msgspec.ValidationError, match=name):
+        decode({"prompt": "x", name: value}, CompletionRequest)
 
 
 @pytest.mark.parametrize("stop", ["END", ["a", "b"], None])

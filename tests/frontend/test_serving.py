@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
-from fake_model import EOS_ID, MAX_MODEL_LEN, MODEL_NAME, text_script
+from fake_model import EOS_ID, MAX_MODEL_LEN, MODEL_NAME, parse_sse, text_script
 from litestar.testing import TestClient
 
 from frontend.app import create_app
+from frontend.protocol import ChatCompletionRequest, CompletionRequest
 from frontend.serving import RequestTiming
 from ipc.messages import FinishReason
 
@@ -526,3 +528,154 @@ def test_cache_salt_reaches_the_engine(client, engine):
         response = client.post(path, json={**body, "max_tokens": 2, "cache_salt": "tenant-7"})
         assert response.status_code == 200, response.text
     assert [r.sampling_params.cache_salt for r in engine.requests] == ["tenant-7", "tenant-7"]
+
+
+# ---- null means the default -----------------------------------------------------------------
+
+ENDPOINTS = [("/v1/completions", CompletionRequest, {"prompt": "Hello"}),
+             ("/v1/chat/completions", ChatCompletionRequest, {"messages": USER_HI})]
+
+
+@pytest.mark.parametrize("path, cls, body", ENDPOINTS, ids=["completions", "chat"])
+def test_every_optional_field_sent_as_null_means_its_default(client, engine, path, cls, body):
+    nulls = {f.name: None for f in msgspec.structs.fields(cls) if not f.required}
+    assert {"n", "logprobs", "stream", "stream_options", "min_tokens", "ignore_eos", "include_stop_str_in_output",
+            "skip_special_tokens", "use_beam_search", "early_stopping", "logit_bias"} <= set(nulls)
+    with_nulls = client.post(path, json={**body, **nulls})
+    assert with_nulls.status_code == 200, with_nulls.text
+    without = client.post(path, json=body)
+    assert with_nulls.json()["choices"] == without.json()["choices"]
+    assert with_nulls.json()["usage"] == without.json()["usage"]
+    first, second = engine.requests
+    assert first.sampling_params == second.sampling_params
+    assert first.prompt_token_ids == second.prompt_token_ids
+
+
+def test_null_chat_extras_mean_their_defaults(client, engine):
+    chat(client, max_tokens=1, add_generation_prompt=None, continue_final_message=None, echo=None)
+    chat(client, max_tokens=1)
+    assert engine.requests[0].prompt_token_ids == engine.requests[1].prompt_token_ids
+
+
+def test_null_stream_options_fields_mean_their_defaults(client):
+    response = client.post("/v1/chat/completions", json={"messages": USER_HI, "max_tokens": 2, "stream": True,
+                                                         "stream_options": {"include_usage": None,
+                                                                            "continuous_usage_stats": None}})
+    events = parse_sse(response.text)
+    assert events and all("usage" not in e for e in events)
+    response = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "stream": True,
+                                                    "stream_options": {"include_usage": True,
+                                                                       "continuous_usage_stats": None}})
+    events = parse_sse(response.text)
+    assert [("usage" in e) for e in events] == [False] * (len(events) - 1) + [True]
+
+
+@pytest.mark.parametrize("param, value", [("n", "two"), ("stream", "yes"), ("min_tokens", 1.5),
+                                          ("use_beam_search", 1), ("early_stopping", "sometimes")])
+def test_a_wrong_type_is_still_a_400(client, engine, param, value):
+    for path, _, body in ENDPOINTS:
+        assert_400(client.post(path, json={**body, param: value}), param)
+    assert engine.requests == []
+
+
+# ---- logit_bias -----------------------------------------------------------------------------
+
+
+def test_logit_bias_reaches_the_engine_with_integer_token_ids(client, engine, tokenizer):
+    last = len(tokenizer) - 1
+    bias = {"1": 5, "28": -100, "0": 100, str(last): 0.5}
+    complete(client, prompt=["Hello", "world"], max_tokens=2, logit_bias=bias)
+    chat(client, max_tokens=2, logit_bias=bias)
+    assert [r.sampling_params.logit_bias for r in engine.requests] == [{1: 5.0, 28: -100.0, 0: 100.0, last: 0.5}] * 3
+
+
+@pytest.mark.parametrize("bias", [None, {}])
+def test_null_or_empty_logit_bias_is_none(client, engine, bias):
+    complete(client, max_tokens=1, logit_bias=bias)
+    chat(client, max_tokens=1, logit_bias=bias)
+    assert [r.sampling_params.logit_bias for r in engine.requests] == [None, None]
+
+
+@pytest.mark.parametrize("bias", [
+    {"abc": 1}, {"1.5": 1}, {"": 1}, {" 1": 1}, {"+1": 1}, {"0x1": 1}, {"-1": 1}, {"99999": 1},
+    {"1" * 30: 1}, {"1": 100.5}, {"1": -101}, {"1": 1e300}, {"1": "x"}, {"1": None}, [1], 5,
+], ids=repr)
+def test_invalid_logit_bias_is_a_400(client, engine, bias):
+    for path, _, body in ENDPOINTS:
+        assert_400(client.post(path, json={**body, "logit_bias": bias}), "logit_bias")
+    assert engine.requests == []
+
+
+def test_an_infinite_logit_bias_is_a_400(client, engine):
+    assert_400(client.post("/v1/completions", content=b'{"prompt": "x", "logit_bias": {"1": 1e999}}'), "logit_bias")
+    assert engine.requests == []
+
+
+def test_logit_bias_token_ids_end_at_the_vocabulary(client, engine, tokenizer):
+    vocab_size = engine.model_info.vocab_size
+    message = assert_400(client.post("/v1/completions", json={"prompt": "x", "logit_bias": {str(vocab_size): 1}}),
+                         "logit_bias")
+    assert str(vocab_size) in message
+    complete(client, max_tokens=1, logit_bias={str(vocab_size - 1): 1})
+    assert engine.requests[0].sampling_params.logit_bias == {vocab_size - 1: 1.0}
+
+
+# ---- usage: prompt tokens served from the prefix cache -----------------------------------------
+
+
+def test_cached_tokens_are_reported_when_a_stop_string_ends_the_request(client, engine):
+    """The frontend ends such a sequence itself; the engine's count comes with the ABORT that
+    answers its abort, so the usage looks the same however the request ended."""
+    engine.num_cached_tokens = 32
+    by_length = chat(client, max_tokens=3)
+    by_stop = chat(client, stop=["quick"])
+    assert by_stop["choices"][0]["finish_reason"] == "stop" and by_stop["choices"][0]["stop_reason"] == "quick"
+    assert engine.abort_calls == [([engine.requests[1].request_id], [0])]
+    assert by_stop["usage"]["prompt_tokens_details"] == by_length["usage"]["prompt_tokens_details"] == {
+        "cached_tokens": 32}
+
+
+def test_cached_tokens_of_every_prompt_and_choice_ended_by_stop_strings(client, engine):
+    engine.num_cached_tokens = 16
+    body = complete(client, prompt=["Hello", "world"], n=2, stop="quick", max_tokens=50)
+    assert [c["finish_reason"] for c in body["choices"]] == ["stop"] * 4
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}  # 16 for each prompt
+    events = parse_sse(client.post("/v1/chat/completions", json={
+        "messages": USER_HI, "n": 2, "stop": ["quick"], "stream": True,
+        "stream_options": {"include_usage": True}}).text)
+    assert events[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 16}
+
+
+def test_without_prefix_caching_a_stop_string_ends_the_request_at_once(config, engine, tokenizer):
+    config.enable_prefix_caching = False
+    with TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer)) as client:
+        body = chat(client, stop=["quick"])
+    assert "prompt_tokens_details" not in body["usage"]
+    # the frontend stopped reading before the engine's ABORT: nothing was worth waiting for
+    assert engine.closed_unfinished == [engine.requests[0].request_id]
+
+
+def test_a_stream_without_usage_ends_without_waiting_for_the_abort(client, engine):
+    engine.num_cached_tokens = 16
+    response = client.post("/v1/chat/completions", json={"messages": USER_HI, "stop": ["quick"], "stream": True})
+    events = parse_sse(response.text)
+    assert events[-1]["choices"][0]["finish_reason"] == "stop" and all("usage" not in e for e in events)
+    assert engine.closed_unfinished == [engine.requests[0].request_id]
+
+
+def test_cached_tokens_sent_early_need_no_wait_for_the_abort(client, engine):
+    engine.num_cached_tokens, engine.reports_cached_tokens_first = 48, True
+    body = chat(client, stop=["quick"])
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 48}
+    assert engine.closed_unfinished == [engine.requests[0].request_id]
+
+
+def test_engine_death_after_every_choice_ended_still_answers(client, engine, tokenizer):
+    """Only the cached-token count was still to come; the answer itself was complete."""
+    engine.num_cached_tokens = 16
+    engine.script = text_script(tokenizer, "Hello world! The quick brown fox")
+    engine.die_after_steps = 4  # right after step 3, whose token completes the stop string
+    body = chat(client, stop=["world"])
+    assert body["choices"][0]["message"]["content"] == "Hello " and body["choices"][0]["finish_reason"] == "stop"
+    assert engine.abort_calls and engine.dead_reason == "scripted death"
+    assert "prompt_tokens_details" not in body["usage"]

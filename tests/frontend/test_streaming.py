@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 
 import pytest
 from fake_model import EOS_ID, parse_sse, text_script
@@ -199,9 +200,8 @@ async def running(app):
         await task
 
 
-async def post_then_disconnect(app, path: str, body: dict, disconnect_after) -> list[dict]:
-    """POSTs `body`; the client disconnects once `disconnect_after` completes."""
-    scope = {
+def post_scope(path: str) -> dict:
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -216,6 +216,11 @@ async def post_then_disconnect(app, path: str, body: dict, disconnect_after) -> 
         "server": ("test", 80),
         "state": {},
     }
+
+
+async def post_then_disconnect(app, path: str, body: dict, disconnect_after) -> list[dict]:
+    """POSTs `body`; the client disconnects once `disconnect_after` completes."""
+    scope = post_scope(path)
     sent: list[dict] = []
     requested = False
 
@@ -273,6 +278,30 @@ async def test_multi_prompt_disconnect_aborts_every_prompt(config, engine, token
     assert sorted(engine.closed_unfinished) == sorted(r.request_id for r in engine.requests)
     assert len(engine.requests) == 3
     assert sorted(engine.client_gone_ids) == sorted(engine.closed_unfinished)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_a_client_gone_while_sending_the_body_is_not_a_server_error(config, engine, tokenizer, path, caplog):
+    """Litestar raises a 500 for it; it is the client's doing: a 499 logged at INFO."""
+    app = create_app(config, engine_client=engine, tokenizer=tokenizer)
+    messages = [{"type": "http.request", "body": b'{"prompt": "Hel', "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async with running(app):
+        with caplog.at_level(logging.INFO):
+            await asyncio.wait_for(app(post_scope(path), receive, send), timeout=10)
+    assert sent[0]["status"] == 499
+    assert json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["error"]["type"] == "client_closed_request"
+    assert engine.requests == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert any("client disconnected" in r.getMessage() and r.levelno == logging.INFO for r in caplog.records)
 
 
 def test_eos_id_constant_matches_tokenizer(tokenizer):
