@@ -401,6 +401,9 @@ class EngineCore:
         if seq.finish_reason is not None:
             output.cumulative_logprob = seq.cumulative_logprob
             output.num_generated_tokens = request.num_generated_tokens
+        if seq.finish_reason is not None or seq.num_sent_tokens == 0:
+            # known once the request has started: the frontend need not wait for the end (a
+            # choice it stops on a stop string never sees its final output)
             output.num_cached_tokens = self._num_cached_tokens(request)
         seq.num_sent_tokens = seq.num_output_tokens
         seq.pending_logprobs = []

@@ -116,7 +116,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     num_generated_tokens: int | None = None  # all candidates' tokens, on the final output
     # on a request's first output: seconds from its arrival in the engine to its first step
     queue_time_s: float | None = None
-    # on final outputs, with prefix caching on: prompt tokens the request found in the cache
+    # on each choice's first and final outputs, with prefix caching on: prompt tokens the request
+    # found in the cache
     num_cached_tokens: int | None = None
 
 

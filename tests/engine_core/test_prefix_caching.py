@@ -29,6 +29,10 @@ def test_a_repeated_prompt_starts_on_its_cached_blocks_and_gives_the_same_tokens
     while core.has_unfinished_requests:
         outputs += core.step()
     assert [t for o in outputs for t in o.new_token_ids] == first
+    # the first output already says how many prompt tokens were cached, not only the final one
+    assert outputs[0].finish_reason is None and outputs[0].num_cached_tokens == 192
+    assert outputs[-1].num_cached_tokens == 192
+    assert all(o.num_cached_tokens is None for o in outputs[1:-1])
     # (200 - 1) // 16 = 12 full blocks come from the cache; the last 8 tokens are computed
     assert computed(core) == 200 + 8
     stats = core.stats()
