@@ -1,5 +1,6 @@
 """Soak test of a running (or self-started) `furiosa-llm serve`: many requests, many clients,
-a share of them walking away mid-stream, some invalid; then the server must be as it was.
+a share of them walking away mid-stream, some invalid, some with stop strings, several choices,
+beam search, nulls or a logit bias; then the server must be as it was.
 
     python scripts/soak.py                       # starts the default model on a free port
     python scripts/soak.py --url http://127.0.0.1:8000 --pid LAUNCHER_PID
@@ -113,6 +114,18 @@ def make_request(rng: random.Random, args) -> tuple[str, str, bytes, bool, int |
         path = "/v1/completions"
     if stream and rng.random() < 0.5:
         body["stream_options"] = {"include_usage": True}
+    # the less common paths: stop strings (the frontend ends and aborts the choice), several
+    # choices, beam search, explicit nulls, a logit bias
+    if rng.random() < 0.2:
+        body["stop"] = rng.choice([["e"], [" the", "."], ["\n"]])
+    if rng.random() < 0.1:
+        body["n"] = 2
+    elif not stream and rng.random() < 0.05:
+        body.update(use_beam_search=True, n=2, temperature=0)
+    if rng.random() < 0.1:
+        body.update(logprobs=None, echo=None, min_tokens=None, stop_token_ids=None)
+    if rng.random() < 0.05:
+        body["logit_bias"] = {"28": 5, "13": -100}
     drop_after = rng.randint(1, max(1, max_tokens // 2)) if drop else None
     return ("drop" if drop else "ok"), path, json.dumps(body).encode(), stream, drop_after
 
