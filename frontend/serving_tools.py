@@ -64,6 +64,8 @@ def _tool_choice(request: ChatCompletionRequest, config: ServeConfig) -> str | N
         if choice is not None and choice != "none":
             raise bad_request("tool_choice needs tools: the request has none.", param="tool_choice")
         return "none"
+    if any(not tool.function.name for tool in request.tools):
+        raise bad_request("Every tool's function needs a name: one of them is empty.", param="tools")
     if choice is None:  # OpenAI's default with tools is "auto"; without a parser, plain text
         return "auto" if is_auto_enabled else "none"
     if choice == "auto" and not is_auto_enabled:

@@ -204,6 +204,9 @@ def test_response_format_json_schema_and_json_object(make_client):
         ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
          "response_format", "cannot be combined"),
         ({"response_format": {"type": "json_object"}, "use_beam_search": True, "n": 2}, "use_beam_search", "Beam"),
+        ({"tools": [WEATHER_TOOL, {"type": "function", "function": {"name": ""}}], "tool_choice": "required"},
+         "tools", "needs a name"),
+        ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools", "needs a name"),
     ],
 )
 def test_impossible_requests_are_400_before_generation(make_client, body, param, words):
