@@ -23,7 +23,7 @@ from engine_core.loader import ModelConfig, load_artifact
 from engine_core.model import KVCache
 from engine_core.model_runner import ModelRunner, RunnerOutput
 from engine_core.request import Request, Sequence
-from engine_core.sampler import Sampler, log_softmax, token_logprobs
+from engine_core.sampler import Sampler, add_logit_bias, log_softmax, token_logprobs
 from engine_core.structured_output import StructuredOutputManager
 from engine_core.scheduler import Scheduler, SchedulerOutput
 from ipc.config import ServeConfig
@@ -425,6 +425,5 @@ def _biased(logits: np.ndarray, params) -> np.ndarray:
     if not params.logit_bias:
         return logits
     row = logits.copy()
-    for token_id, bias in params.logit_bias.items():
-        row[token_id] += bias
+    add_logit_bias(row, params.logit_bias)
     return row

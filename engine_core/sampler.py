@@ -47,6 +47,12 @@ def token_logprobs(row_logprobs: np.ndarray, token_id: int, num_top: int) -> Tok
     return TokenLogprobs(token_id, chosen, rank, top_ids, top_values)
 
 
+def add_logit_bias(row: np.ndarray, bias: dict[int, float]) -> None:
+    """In place: each token id's bias added to its logit."""
+    ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+    row[ids] += np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
+
+
 def _is_plain_greedy(p: SamplingParams, needs_logprob: bool) -> bool:
     return (
         p.is_greedy
@@ -96,8 +102,7 @@ class Sampler:
         row = raw.astype(np.float32, copy=True)
         output = seq.output_token_ids
         if p.logit_bias:
-            ids = np.fromiter(p.logit_bias.keys(), dtype=np.int64, count=len(p.logit_bias))
-            row[ids] += np.fromiter(p.logit_bias.values(), dtype=np.float32, count=len(p.logit_bias))
+            add_logit_bias(row, p.logit_bias)
         if p.repetition_penalty != 1.0:
             seen = np.unique(np.asarray(seq.token_ids, dtype=np.int64))
             values = row[seen]
