@@ -127,7 +127,7 @@ class Sampler:
         probs = np.exp(values - values.max())  # unnormalized: the most likely token has 1
         if p.min_p > 0.0:  # as vLLM V1: over the whole distribution, before top-k and top-p
             probs = np.where(probs >= p.min_p, probs, 0.0)
-        candidates = None  # None: the whole vocabulary, in id order
+        candidates = None  # None: the whole vocabulary
         if 0 < p.top_k < values.shape[0]:
             candidates = np.argpartition(values, -p.top_k)[-p.top_k :]
             probs = probs[candidates]
@@ -138,7 +138,16 @@ class Sampler:
             mass = np.cumsum(probs)
             # the smallest prefix whose mass reaches top_p (the token crossing it is kept)
             probs = probs[: int(np.searchsorted(mass, p.top_p * mass[-1])) + 1]
+            candidates = candidates[: len(probs)]
+        if candidates is not None:
+            # the draw walks the kept tokens in id order, not in the order their values put them:
+            # two near-equal values may swap between two computations that differ in the last
+            # bits (another batch shape, a cached prefix, another BLAS kernel), and a seeded draw
+            # would then land on the other token half the time. In id order it flips only when
+            # it falls within that last-bit difference of a boundary.
+            weights = np.zeros(values.shape[0], dtype=probs.dtype)
+            weights[candidates] = probs
+            probs, candidates = weights, None
         cumulative = np.cumsum(probs)
         choice = int(np.searchsorted(cumulative, generator.random() * cumulative[-1], side="right"))
-        choice = min(choice, len(probs) - 1)
-        return int(choice if candidates is None else candidates[choice])
+        return min(choice, len(probs) - 1)

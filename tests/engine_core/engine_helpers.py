@@ -9,6 +9,14 @@ from ipc.messages import EngineCoreRequest, FinishReason, SamplingParams
 
 SMOLLM2_EOS = [2]
 
+# Sampling for comparing seeded draws between two computations that differ in the last bits
+# (another batch shape, chunking, a cached prefix, another CPU's BLAS kernel). Over the whole
+# vocabulary, neighbouring tokens' boundaries in the cumulative distribution lie ~1e-5 apart and
+# such a difference moves a draw to the next id on some CPU (seen: 44028 vs 44029 on an AMD EPYC
+# running OpenBLAS' Haswell kernels). Between two candidates a draw flips only if it lands
+# within ~1e-6 of their one boundary.
+TWO_CANDIDATES = dict(temperature=1.0, top_k=2)
+
 
 def request(request_id: str, prompt: list[int], **params) -> EngineCoreRequest:
     params.setdefault("max_tokens", 8)

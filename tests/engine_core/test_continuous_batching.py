@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine_helpers import request, run_to_completion
+from engine_helpers import TWO_CANDIDATES, request, run_to_completion
 from ipc.messages import FinishReason
 
 
@@ -82,7 +82,7 @@ def test_a_run_forced_to_preempt_gives_the_same_tokens(make_core):
 
 def test_a_seeded_sampled_request_gives_the_same_tokens_alone_and_in_a_batch(make_core):
     prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646]
-    params = dict(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=24, ignore_eos=True)
+    params = dict(seed=1234, max_tokens=24, ignore_eos=True, **TWO_CANDIDATES)
     alone = make_core()
     alone.add_request(request("seeded", prompt, **params))
     tokens_alone = run_to_completion(alone)["seeded"][0]

@@ -3,7 +3,7 @@ blocks; best_of > n returns the n candidates with the highest cumulative logprob
 
 from __future__ import annotations
 
-from engine_helpers import assert_all_blocks_free, request
+from engine_helpers import TWO_CANDIDATES, assert_all_blocks_free, request
 from ipc.messages import EngineCoreOutput, FinishReason
 
 PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712,
@@ -47,7 +47,7 @@ def test_n_candidates_prefill_the_prompt_once_and_each_index_finishes(make_core)
 
 
 def test_seeded_n_reproduces_in_any_batch(make_core):
-    params = dict(n=3, temperature=0.8, top_p=0.95, seed=2024, max_tokens=10, ignore_eos=True)
+    params = dict(n=3, seed=2024, max_tokens=10, ignore_eos=True, **TWO_CANDIDATES)
     alone = by_index(run(make_core(), request("s", PROMPT, **params)), "s")
     busy = make_core()
     others = [request(f"o{i}", PROMPT[: 10 + 5 * i], temperature=1.0, max_tokens=15, n=2) for i in range(3)]

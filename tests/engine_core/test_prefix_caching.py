@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine_core.kv_cache_manager import BlockPool, block_hash
-from engine_helpers import assert_all_blocks_free, request, run_to_completion
+from engine_helpers import TWO_CANDIDATES, assert_all_blocks_free, request, run_to_completion
 from tiny_engine import collect, tiny_core, tiny_request, write_tiny_model
 
 
@@ -81,7 +81,7 @@ def test_n_candidates_and_beams_fork_from_a_cached_prefix(make_core):
         core = make_core(enable_prefix_caching=enable)
         core.add_request(request("warm", prompt, max_tokens=1, temperature=0.0))
         run_to_completion(core)
-        core.add_request(request("n", prompt, n=3, temperature=1.0, seed=5, max_tokens=10, ignore_eos=True))
+        core.add_request(request("n", prompt, n=3, seed=5, max_tokens=10, ignore_eos=True, **TWO_CANDIDATES))
         core.add_request(request("beam", prompt, n=2, use_beam_search=True, temperature=0.0, max_tokens=6,
                                  ignore_eos=True))
         runs.append(run_to_completion(core))

@@ -218,6 +218,27 @@ def test_a_seed_reproduces_its_draws_whatever_the_sampler_or_batch():
     assert len(set(reference)) > 5  # really sampling, not a constant
 
 
+@pytest.mark.parametrize("params", [{"top_k": 2}, {"top_p": 0.5}, {"top_k": 4, "top_p": 0.9}])
+def test_a_seeded_draw_does_not_flip_when_two_near_equal_logits_swap_order(params):
+    """Two computations of the same row differ in the last bits (another batch shape, a cached
+    prefix, another CPU's BLAS kernel); where that swaps two near-equal logits, the same seed
+    still draws the same token."""
+    row = np.full(50, -4.0, dtype=np.float32)
+    row[[11, 37]] = 2.0
+    row[37] += 1e-6
+    swapped = row.copy()
+    swapped[[11, 37]] = row[[37, 11]]
+
+    def draws(logits):
+        seq = sequence(SamplingParams(max_tokens=1, seed=2, temperature=1.0, **params))
+        sampler = Sampler()
+        return [sampler.sample(logits[None, :].copy(), [seq], [False])[0].token_id for _ in range(200)]
+
+    reference = draws(row)
+    assert set(reference) == {11, 37}
+    assert draws(swapped) == reference
+
+
 def test_an_unseeded_request_follows_the_samplers_generator():
     def draws(sampler_seed):
         sampler, seq = Sampler(seed=sampler_seed), sequence(SamplingParams(max_tokens=1))

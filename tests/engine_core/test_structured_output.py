@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 
 from engine_core.core import EngineCore
 from engine_core.structured_output import StructuredOutputManager, apply_grammar_masks
+from engine_helpers import TWO_CANDIDATES
 from ipc.config import ServeConfig
 from ipc.messages import (
     EngineCoreRequest,
@@ -95,10 +96,10 @@ def test_unconstrained_requests_in_the_same_batch_are_untouched(core, tiny_dir):
     alone = run(core)[("free", 0)][0]
     add(core, "free", temperature=0.0, max_tokens=12)
     add(core, "json", temperature=0.0, structured_output=json_spec(SCHEMA))
-    add(core, "free-seeded", temperature=0.8, seed=7, max_tokens=12)
+    add(core, "free-seeded", seed=7, max_tokens=12, **TWO_CANDIDATES)
     mixed = run(core)
     assert mixed[("free", 0)][0] == alone
-    add(core, "free-seeded", temperature=0.8, seed=7, max_tokens=12)
+    add(core, "free-seeded", seed=7, max_tokens=12, **TWO_CANDIDATES)
     assert run(core)[("free-seeded", 0)][0] == mixed[("free-seeded", 0)][0]
 
 
