@@ -114,6 +114,10 @@ class StopStringMatcher:
     first), as if the text had been checked one character at a time, so the result does not
     depend on how the text was cut into pieces. After a stop is found the matcher is done:
     later feeds return nothing.
+
+    Text fed with `can_stop=False` (a sequence still short of its `min_tokens`) never ends a
+    stop string there, as in vLLM; a stop string that begins in it and ends in text fed later
+    still counts.
     """
 
     def __init__(self, stop: list[str], *, include_stop_str_in_output: bool) -> None:
@@ -122,17 +126,18 @@ class StopStringMatcher:
         self.max_held_chars = max((len(s) for s in self.stop), default=1) - 1
         self.stop_str: str | None = None  # the stop string found, once found
         self._held = ""
+        self._num_held_unstoppable = 0  # leading chars of `_held` in which no stop may end
 
     @property
     def is_stopped(self) -> bool:
         return self.stop_str is not None
 
-    def feed(self, text: str) -> tuple[str, str | None]:
+    def feed(self, text: str, *, can_stop: bool = True) -> tuple[str, str | None]:
         """(text safe to emit now, the stop string if this text completed one)."""
         if self.is_stopped:
             return "", None
         buffer = self._held + text
-        found = self._first_stop(buffer)
+        found = self._first_stop(buffer, min_end=self._num_held_unstoppable + 1) if can_stop else None
         if found is not None:
             start, stop_str = found
             self.stop_str = stop_str
@@ -141,6 +146,7 @@ class StopStringMatcher:
             return buffer[:end], stop_str
         num_held = self._num_chars_to_hold(buffer)
         self._held = buffer[len(buffer) - num_held :]
+        self._num_held_unstoppable = 0 if can_stop else num_held
         return buffer[: len(buffer) - num_held], None
 
     def flush(self) -> str:
@@ -148,18 +154,20 @@ class StopStringMatcher:
         held, self._held = self._held, ""
         return held
 
-    def _first_stop(self, text: str) -> tuple[int, str] | None:
+    def _first_stop(self, text: str, *, min_end: int) -> tuple[int, str] | None:
+        """The first stop string in `text` that ends at or after character `min_end`."""
         best: tuple[int, int, str] | None = None  # (end, start, stop)
         for stop_str in self.stop:
-            start = text.find(stop_str)
+            start = text.find(stop_str, max(0, min_end - len(stop_str)))
             if start >= 0 and (best is None or (start + len(stop_str), start) < best[:2]):
                 best = (start + len(stop_str), start, stop_str)
         return None if best is None else (best[1], best[2])
 
     def _num_chars_to_hold(self, text: str) -> int:
-        """The length of the longest suffix of `text` that begins some stop string."""
+        """The length of the longest suffix of `text` that begins (and is shorter than) some stop
+        string."""
         for length in range(min(len(text), self.max_held_chars), 0, -1):
             suffix = text[-length:]
-            if any(stop_str.startswith(suffix) for stop_str in self.stop):
+            if any(len(stop_str) > length and stop_str.startswith(suffix) for stop_str in self.stop):
                 return length
         return 0

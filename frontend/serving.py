@@ -159,6 +159,8 @@ class ChoiceState:
         self.include_stop_text = settings.include_stop_str_in_output
         self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=settings.skip_special_tokens)
         self.matcher = StopStringMatcher(settings.stop, include_stop_str_in_output=settings.include_stop_str_in_output)
+        self.min_tokens = settings.min_tokens
+        self.num_tokens = 0
         self.finish_reason: str | None = None
         self.has_output = False
         self.last_token_time: float | None = None
@@ -169,14 +171,16 @@ class ChoiceState:
 
     def process(self, output: EngineCoreOutput) -> tuple[ChoiceDelta, bool]:
         """The delta for `output`, and whether a stop string ended the sequence here."""
-        text, stop = self.matcher.feed(self.detokenizer.push(self._text_token_ids(output)))
+        self.num_tokens += len(output.new_token_ids)
+        can_stop = self.num_tokens > self.min_tokens  # vLLM: only past min_tokens
+        text, stop = self.matcher.feed(self.detokenizer.push(self._text_token_ids(output)), can_stop=can_stop)
         delta = ChoiceDelta(self.index, text, output.new_token_ids, output.new_logprobs)
         delta.is_first = not self.has_output
         self.has_output = True
         if stop is None and output.finish_reason is not None:
             # The sequence ended: release what the detokenizer held (it may still complete a
             # stop string), then what the matcher held.
-            tail, stop = self.matcher.feed(self.detokenizer.flush())
+            tail, stop = self.matcher.feed(self.detokenizer.flush(), can_stop=can_stop)
             delta.text += tail
             if stop is None:
                 delta.text += self.matcher.flush()

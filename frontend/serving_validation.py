@@ -25,6 +25,7 @@ class TextSettings:
     stop: list[str]
     include_stop_str_in_output: bool
     skip_special_tokens: bool
+    min_tokens: int = 0  # stop strings count only once this many tokens exist, as in vLLM
 
 
 def _check(ok: bool, param: str, message: str) -> None:
@@ -112,6 +113,7 @@ def text_settings(request: SamplingRequestFields) -> TextSettings:
         stop=stop_strings(request),
         include_stop_str_in_output=request.include_stop_str_in_output,
         skip_special_tokens=request.skip_special_tokens,
+        min_tokens=request.min_tokens,
     )
 
 

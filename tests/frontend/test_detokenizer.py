@@ -358,6 +358,24 @@ def test_after_a_stop_nothing_more_is_emitted():
     assert matcher.flush() == ""
 
 
+def test_no_stop_ends_in_text_fed_before_min_tokens_but_one_may_begin_there():
+    matcher = StopStringMatcher([",", "END"], include_stop_str_in_output=False)
+    assert matcher.feed("1,", can_stop=False) == ("1,", None)
+    assert matcher.feed(" 2, E", can_stop=False) == (" 2, ", None)  # "E" may begin "END"
+    assert matcher.feed("N", can_stop=False) == ("", None)  # still held, still cannot end
+    assert matcher.feed("D 3, 4") == ("", "END")  # began before, ends now: counts
+    matcher = StopStringMatcher([","], include_stop_str_in_output=True)
+    assert matcher.feed("1, 2", can_stop=False) == ("1, 2", None)
+    assert matcher.feed(", 3,") == (",", ",")
+
+
+def test_a_stop_held_back_while_it_could_not_end_does_not_end_later():
+    matcher = StopStringMatcher(["ab", "b"], include_stop_str_in_output=False)
+    assert matcher.feed("xa", can_stop=False) == ("x", None)  # "a" may begin "ab"
+    assert matcher.feed("b", can_stop=False) == ("ab", None)
+    assert matcher.feed("cb") == ("c", "b")
+
+
 def test_without_stop_strings_text_passes_through():
     matcher = StopStringMatcher([], include_stop_str_in_output=False)
     assert matcher.feed("anything at all") == ("anything at all", None)

@@ -287,6 +287,25 @@ def test_held_back_text_is_released_when_no_stop_matches(client, engine, tokeniz
     assert body["choices"][0]["finish_reason"] == "stop" and body["choices"][0]["stop_reason"] == EOS_ID
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_count_only_once_min_tokens_exist(client, engine, tokenizer, stream):
+    """As vLLM: a stop string ending within the first min_tokens tokens does not end the choice."""
+    text = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12"
+    engine.script = text_script(tokenizer, text)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    body = {"max_tokens": 50, "stop": [","], "min_tokens": 10}
+    if stream:
+        events = parse_sse(client.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "count",
+                                                               "stream": True, **body}).text)
+        got = "".join(e["choices"][0]["text"] for e in events if isinstance(e, dict) and e["choices"])
+    else:
+        got = complete(client, **body)["choices"][0]["text"]
+    # the first "," ending at or after the 11th token
+    end = len(tokenizer.decode(ids[:11]))
+    assert got == text[: text.index(",", end - 1)]
+    assert got.count(",") >= 3  # "1" alone without min_tokens
+
+
 def test_stop_token_id_ends_with_stop_reason(client, engine, tokenizer):
     engine.script = text_script(tokenizer, "Hello world! The end", eos=False)
     stop_id = tokenizer.encode("!")[0]
