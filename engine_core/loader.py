@@ -75,11 +75,7 @@ def load_hf_directory(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
 
 
 def _config_from_hf(raw: dict, where: str, name: str) -> ModelConfig:
-    archs = raw.get("architectures") or []
-    if archs and not set(archs) & SUPPORTED_ARCHITECTURES:
-        raise ArtifactError(f"{where}: architecture {archs} is not supported (Llama family only)")
-    if raw.get("mlp_bias"):
-        raise ArtifactError(f"{where}: mlp_bias is not supported")
+    _refuse_unsupported_hf(raw, where)
     try:
         hidden = int(raw["hidden_size"])
         num_heads = int(raw["num_attention_heads"])
@@ -89,7 +85,12 @@ def _config_from_hf(raw: dict, where: str, name: str) -> ModelConfig:
             rope_theta = raw["rope_parameters"].get("rope_theta")
             if raw["rope_parameters"].get("rope_type", "default") != "default":
                 rope_scaling = raw["rope_parameters"]
-        return ModelConfig(
+        max_positions = int(raw.get("max_position_embeddings", 2048))
+        # Mistral's sliding window: within it, attention over the full context is the same
+        # math, so the context is capped at the window (as vLLM's --disable-sliding-window does).
+        if raw.get("sliding_window") is not None:
+            max_positions = min(max_positions, int(raw["sliding_window"]))
+        config = ModelConfig(
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(raw["intermediate_size"]),
@@ -99,7 +100,7 @@ def _config_from_hf(raw: dict, where: str, name: str) -> ModelConfig:
             head_dim=int(raw.get("head_dim") or hidden // num_heads),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope_theta or 10000.0),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=bool(raw.get("attention_bias", False)),
             rope_scaling=rope_scaling,
@@ -107,6 +108,60 @@ def _config_from_hf(raw: dict, where: str, name: str) -> ModelConfig:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{where}: missing or invalid field {e}") from e
+    _refuse_unsupported_rope(config.rope_scaling, where)
+    return config
+
+
+SUPPORTED_HIDDEN_ACTS = {"silu", "swish"}  # the same function; the MLP computes SiLU
+SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3"}  # what model.rope_inv_freq computes
+
+
+def _refuse_unsupported_hf(raw: dict, where: str) -> None:
+    """Settings that change the model's math and that the Llama forward does not compute are
+    refused by name: running without them would give a different model's output, silently."""
+    archs = raw.get("architectures") or []
+    if archs and not set(archs) & SUPPORTED_ARCHITECTURES:
+        raise ArtifactError(f"{where}: architecture {archs} is not supported (Llama family only)")
+    if raw.get("mlp_bias"):
+        raise ArtifactError(f"{where}: mlp_bias is not supported")
+    hidden_act = raw.get("hidden_act", "silu")
+    if hidden_act not in SUPPORTED_HIDDEN_ACTS:
+        raise ArtifactError(f"{where}: hidden_act {hidden_act!r} is not supported (silu only)")
+    rope_parameters = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+    for source in (raw, rope_parameters):
+        factor = source.get("partial_rotary_factor", 1.0)
+        if factor is not None and factor != 1:
+            raise ArtifactError(f"{where}: partial_rotary_factor {factor} is not supported "
+                                "(rotary embedding over the whole head only)")
+    if raw.get("quantization_config"):
+        method = raw["quantization_config"].get("quant_method", "?") if isinstance(raw["quantization_config"], dict) else "?"
+        raise ArtifactError(f"{where}: quantization_config ({method}) is not supported "
+                            "(float checkpoints or GGUF only)")
+
+
+def _refuse_unsupported_rope(rope_scaling: dict | None, where: str) -> None:
+    if not rope_scaling:
+        return
+    if not isinstance(rope_scaling, dict):
+        raise ArtifactError(f"{where}: rope_scaling {rope_scaling!r} is not a JSON object")
+    kind = rope_scaling.get("rope_type") or rope_scaling.get("type") or "default"
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ArtifactError(f"{where}: rope_scaling type {kind!r} is not supported "
+                            f"(supported: {', '.join(sorted(SUPPORTED_ROPE_TYPES))})")
+    if kind in ("linear", "llama3") and not isinstance(rope_scaling.get("factor"), (int, float)):
+        raise ArtifactError(f"{where}: rope_scaling type {kind!r} needs a numeric factor")
+
+
+def check_max_model_len(config: ModelConfig, max_model_len: int | None, *, is_long_allowed: bool,
+                        where: str) -> None:
+    """A context longer than the model's positions is refused unless explicitly allowed."""
+    if max_model_len is None or max_model_len <= config.max_position_embeddings or is_long_allowed:
+        return
+    raise ArtifactError(
+        f"{where}: --max-model-len {max_model_len} is more than the model's context length "
+        f"({config.max_position_embeddings}, its max_position_embeddings); positions past it were "
+        "never trained and may give wrong output (--allow-long-max-model-len accepts it anyway)"
+    )
 
 
 def _safetensors_files(path: str) -> list[str]:
@@ -287,8 +342,23 @@ def _config_from_gguf(reader, path: str) -> ModelConfig:
     if vocab is None:
         raise ArtifactError(f"{path}: cannot tell the vocabulary size")
     rope_scaling = None
-    if _gguf_value(reader, "llama.rope.scaling.type") == "linear":
+    scaling_type = _gguf_value(reader, "llama.rope.scaling.type")
+    if scaling_type == "linear":
         rope_scaling = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
+    elif scaling_type not in (None, "none"):
+        raise ArtifactError(f"{path}: GGUF llama.rope.scaling.type {scaling_type!r} is not supported (linear only)")
+    num_experts = int(_gguf_value(reader, "llama.expert_count", 0) or 0)
+    if num_experts > 0:
+        raise ArtifactError(f"{path}: GGUF llama.expert_count {num_experts}: mixture of experts is not supported")
+    head_dim = int(_gguf_value(reader, "llama.attention.key_length", hidden // num_heads))
+    value_dim = int(_gguf_value(reader, "llama.attention.value_length", head_dim))
+    rope_dim = int(_gguf_value(reader, "llama.rope.dimension_count", head_dim))
+    if value_dim != head_dim:
+        raise ArtifactError(f"{path}: GGUF llama.attention.value_length {value_dim} differs from "
+                            f"key_length {head_dim}; not supported")
+    if rope_dim != head_dim:
+        raise ArtifactError(f"{path}: GGUF llama.rope.dimension_count {rope_dim} is not the head "
+                            f"dimension {head_dim}: partial rotary embedding is not supported")
     name = os.path.basename(path)
     return ModelConfig(
         vocab_size=int(vocab),
@@ -297,7 +367,7 @@ def _config_from_gguf(reader, path: str) -> ModelConfig:
         num_layers=int(need("block_count")),
         num_heads=num_heads,
         num_kv_heads=int(_gguf_value(reader, "llama.attention.head_count_kv", num_heads)),
-        head_dim=int(_gguf_value(reader, "llama.rope.dimension_count", hidden // num_heads)),
+        head_dim=head_dim,
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
         rope_theta=float(_gguf_value(reader, "llama.rope.freq_base", 10000.0)),
         max_position_embeddings=int(need("context_length")),

@@ -4,6 +4,8 @@ Three threads: an input thread (ZMQ -> decode -> queue), the busy loop on the ma
 (drain queue -> step -> outputs), and an output thread (queue -> encode -> ZMQ), so socket IO
 overlaps the numpy work. The loop blocks on the input queue when there is nothing to do.
 Any fatal error sends a `dead` message with the reason before the process exits non-zero.
+A start-up failure (the artifact, a setting) is one line to the launcher (`ipc.notify`) and
+the exit code `STARTUP_FAILED_EXIT_CODE`; its traceback is logged at debug level only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import traceback
 import zmq
 
 from engine_core.core import EngineCore
+from engine_core.loader import ArtifactError, check_max_model_len, load_artifact
 from ipc.config import ServeConfig
 from ipc.messages import (
     EngineCoreAbort,
@@ -30,6 +33,7 @@ from ipc.messages import (
     decode_to_engine,
     encode,
 )
+from ipc.notify import report_startup_error
 from ipc.sockets import make_socket
 
 logger = logging.getLogger("furiosa_llm.engine")
@@ -59,7 +63,12 @@ class EngineCoreProc:
         threading.Thread(target=self._input_loop, name="engine-input", daemon=True).start()
         try:
             if self.core is None:
-                self.core = EngineCore.from_config(self.config)
+                try:
+                    self.core = load_engine_core(self.config)
+                except Exception as e:
+                    return self._fail_startup(e)
+                if self._stop.is_set():  # stopped while loading: nothing to report
+                    return 0
             self.output_queue.put(self.core.ready_message())
             logger.info("engine ready: %s", self.core.ready_message())
             self._busy_loop()
@@ -74,6 +83,12 @@ class EngineCoreProc:
             output_thread.join(timeout=5)
             # each socket is closed by the thread that uses it; term() wakes the input thread
             self.ctx.term()
+
+    def _fail_startup(self, error: Exception) -> int:
+        line = startup_error_line(self.config.model, error)
+        logger.debug("the engine core cannot start", exc_info=True)
+        self.output_queue.put(EngineDead(line))
+        return report_startup_error(line)
 
     def stop(self) -> None:
         self._stop.set()
@@ -154,6 +169,23 @@ class EngineCoreProc:
             logger.error("cannot send to the frontend: %s", e)
         finally:
             self.output_socket.close(linger=2000)  # let a final "dead" message reach the frontend
+
+
+def load_engine_core(config: ServeConfig) -> EngineCore:
+    model_config, weights = load_artifact(config.model)
+    check_max_model_len(model_config, config.max_model_len,
+                        is_long_allowed=config.allow_long_max_model_len, where=config.model)
+    return EngineCore(config, model_config, weights)
+
+
+def startup_error_line(model: str, error: Exception) -> str:
+    """One line for the operator: an ArtifactError's text already starts with the file at fault."""
+    if isinstance(error, ArtifactError):
+        return f"furiosa-llm: cannot load {error}"
+    if isinstance(error, MemoryError):
+        return f"furiosa-llm: cannot load {model}: out of memory (try a smaller --kv-cache-gib)"
+    return (f"furiosa-llm: the engine core cannot start with {model}: {type(error).__name__}: {error} "
+            "(--log-level debug shows where)")
 
 
 class QueueTimes:

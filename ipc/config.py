@@ -16,6 +16,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     port: int = 8000
     devices: str = "cpu"
     max_model_len: int | None = None  # None: the model's own context length
+    allow_long_max_model_len: bool = False  # max_model_len may exceed max_position_embeddings
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     block_size: int = 16

@@ -8,6 +8,7 @@ poll or an event with a timeout, never a sleep.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from ipc.messages import (
     decode_to_frontend,
     encode,
 )
+from ipc.notify import STARTUP_FAILED_EXIT_CODE
 from ipc.sockets import ipc_addresses, make_ipc_dir, make_socket
 from tiny_engine import collect, tiny_config, tiny_core, tiny_request, write_tiny_model
 
@@ -211,6 +213,7 @@ def start_engine_process(config: ServeConfig) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "engine_core", "--config-json", config.to_json()],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},  # no launcher: it prints
     )
 
 
@@ -246,7 +249,9 @@ def test_engine_process_serves_and_exits_zero_on_sigterm(config, frontend, model
     assert process.poll() == 0  # reaped: nothing left running
 
 
-def test_engine_process_that_cannot_load_the_model_sends_dead_and_exits_one(config, frontend, tmp_path):
+def test_engine_process_that_cannot_load_the_model_sends_dead_and_says_why_in_one_line(config, frontend, tmp_path):
+    """Run on its own (no launcher's notify socket), it prints the line itself; the traceback
+    is for --log-level debug."""
     broken = ServeConfig.from_json(config.to_json())
     broken.model = str(tmp_path / "missing-model")
     process = start_engine_process(broken)
@@ -257,6 +262,7 @@ def test_engine_process_that_cannot_load_the_model_sends_dead_and_exits_one(conf
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert isinstance(dead, EngineDead)
-    assert dead.reason.startswith("ArtifactError: ") and "missing-model" in dead.reason
-    assert code == 1 and "ArtifactError" in stderr
+    line = f"furiosa-llm: cannot load {broken.model}: no such file or directory"
+    assert isinstance(dead, EngineDead) and dead.reason == line
+    assert code == STARTUP_FAILED_EXIT_CODE
+    assert stderr == line + "\n"
