@@ -58,7 +58,7 @@ from frontend.serving_validation import (
     resolve_max_tokens,
     text_settings,
 )
-from frontend.tool_parsers import ParsedDelta, ToolCallStream
+from frontend.tool_parsers import ParsedDelta, StopCutToolCallStream, ToolCallStream
 from frontend.tool_parsers import ToolCall as ParsedToolCall
 from ipc.messages import TokenLogprobs
 
@@ -305,7 +305,7 @@ class _ChatJob:
                     finish[delta.index] = (delta.finish_reason, delta.stop_reason)
         choices = []
         for i in range(n):
-            message = self._message("".join(texts[i]))
+            message = self._message("".join(texts[i]), is_cut_by_stop=isinstance(finish[i][1], str))
             choices.append(
                 ChatCompletionResponseChoice(
                     index=i,
@@ -319,10 +319,10 @@ class _ChatJob:
             id=self.chat_id, model=self.serving.model_name, choices=choices, usage=self.usage.usage(), created=self.created
         )
 
-    def _message(self, text: str) -> ChatResponseMessage:
+    def _message(self, text: str, *, is_cut_by_stop: bool) -> ChatResponseMessage:
         if self.tool_parser is None:
             return ChatResponseMessage(role=self.role, content=text)
-        content, calls = self.tool_parser.extract(text)
+        content, calls = self.tool_parser.extract(text, is_cut_by_stop=is_cut_by_stop)
         if not calls:
             return ChatResponseMessage(role=self.role, content=content or "")
         return ChatResponseMessage(role=self.role, content=content, tool_calls=[_tool_call(c) for c in calls])
@@ -339,14 +339,13 @@ class _ChatJob:
         for i in range(self.request.n):
             role_delta = DeltaMessage(role=self.role, content="")
             yield self._chunk([ChatCompletionStreamChoice(i, role_delta)], usage())
-        # One tool-call parser per choice; it holds back text that may start a call.
-        parsers: list[ToolCallStream | None] = [
-            self.tool_parser.stream() if self.tool_parser is not None else None for _ in range(self.request.n)
-        ]
+        # One tool-call parser per choice; it holds back text that may start a call (and, where
+        # a stop string may cut a call short, a call's deltas until the output ends).
+        parsers: list[ToolCallStream | StopCutToolCallStream | None] = [self._tool_stream() for _ in range(self.request.n)]
         async with contextlib.aclosing(self._deltas()) as deltas:
             async for delta in deltas:
                 entries = self._logprobs(delta)
-                message, has_tool_calls = _delta_message(delta.text, delta.finish_reason is not None, parsers[delta.index])
+                message, has_tool_calls = _delta_message(delta, parsers[delta.index])
                 if message is None and delta.finish_reason is None and not entries:
                     continue  # nothing to say yet (text held back for a stop string or a tool call)
                 choice = ChatCompletionStreamChoice(
@@ -360,6 +359,12 @@ class _ChatJob:
         if include_usage:
             yield self._chunk([], self.usage.usage())
 
+    def _tool_stream(self) -> ToolCallStream | StopCutToolCallStream | None:
+        if self.tool_parser is None:
+            return None
+        stream = self.tool_parser.stream()
+        return StopCutToolCallStream(stream) if self.settings.stop else stream
+
     def _chunk(self, choices: list[ChatCompletionStreamChoice], usage) -> ChatCompletionStreamResponse:
         return ChatCompletionStreamResponse(
             id=self.chat_id,
@@ -371,14 +376,20 @@ class _ChatJob:
         )
 
 
-def _delta_message(text: str, is_last: bool, parser: ToolCallStream | None) -> tuple[DeltaMessage | None, bool]:
+def _delta_message(
+    delta: ChoiceDelta, parser: ToolCallStream | StopCutToolCallStream | None
+) -> tuple[DeltaMessage | None, bool]:
     """What a text delta says once tool calls are parsed out (None: nothing yet), and whether
     the choice has made tool calls so far."""
+    text = delta.text
     if parser is None:
         return (DeltaMessage(content=text) if text else None), False
     parsed = parser.feed(text)
-    if is_last:
-        tail = parser.finish()
+    if delta.finish_reason is not None:
+        if isinstance(parser, StopCutToolCallStream):
+            tail = parser.finish(is_cut_by_stop=isinstance(delta.stop_reason, str))
+        else:
+            tail = parser.finish()
         parsed = ParsedDelta(parsed.content + tail.content, parsed.tool_calls + tail.tool_calls)
     if parsed.is_empty:
         return None, parser.num_calls > 0

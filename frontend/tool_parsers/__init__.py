@@ -10,6 +10,7 @@ The streamed deltas of any chunking concatenate to exactly what `extract` return
 
 from frontend.tool_parsers.base import (
     ParsedDelta,
+    StopCutToolCallStream,
     ToolCall,
     ToolCallDelta,
     ToolCallStream,
@@ -21,6 +22,7 @@ from frontend.tool_parsers.registry import ToolParserRegistry, UnknownToolParser
 
 __all__ = [
     "ParsedDelta",
+    "StopCutToolCallStream",
     "ToolCall",
     "ToolCallDelta",
     "ToolCallStream",

@@ -141,6 +141,11 @@ class ToolCallStream:
     def _is_in_call(self) -> bool:
         return self._scanner is not None and self._scanner.is_committed
 
+    @property
+    def has_unfinished_call(self) -> bool:
+        """After `finish`: the output ended inside a call's arguments."""
+        return self._is_in_call
+
     def _fail(self) -> str:
         """The candidate is not a call: its first character is content; the rest is read again."""
         pending, self._pending, self._scanner = self._pending, "", None
@@ -194,10 +199,52 @@ class ToolParser:
     def stream(self) -> ToolCallStream:
         raise NotImplementedError
 
-    def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """The content (None when there is none) and the tool calls of a complete output."""
-        stream = self.stream()
-        return fold_deltas([stream.feed(text), stream.finish()])
+    def extract(self, text: str, *, is_cut_by_stop: bool = False) -> tuple[str | None, list[ToolCall]]:
+        """The content (None when there is none) and the tool calls of a complete output;
+        `is_cut_by_stop`: a stop string ended it (see `StopCutToolCallStream`)."""
+        stream = StopCutToolCallStream(self.stream())
+        return fold_deltas([stream.feed(text), stream.finish(is_cut_by_stop=is_cut_by_stop)])
+
+
+class StopCutToolCallStream:
+    """A parser for an output that a stop string may end. A call cut short by a stop string is
+    not a call (its arguments are not JSON) but the text it was, and the choice ends with
+    "stop"; so once a call begins, its deltas and everything after are held until the output
+    ends. They are then released as they are, or, if a stop string cut a call, the text not yet
+    sent as content is sent instead. Without stop strings in the request nothing can cut a call
+    this way, and the serving code uses the plain stream (calls stream as they are written).
+    """
+
+    def __init__(self, stream: ToolCallStream) -> None:
+        self._stream = stream
+        self._text = ""  # every character fed
+        self._sent_content = ""  # content released before the first call
+        self._held: list[ParsedDelta] = []
+        self.num_calls = 0  # calls released
+
+    def feed(self, text: str) -> ParsedDelta:
+        self._text += text
+        delta = self._stream.feed(text)
+        if self._held or delta.tool_calls:
+            self._held.append(delta)
+            return ParsedDelta()
+        self._sent_content += delta.content
+        return delta
+
+    def finish(self, *, is_cut_by_stop: bool) -> ParsedDelta:
+        held, self._held = [*self._held, self._stream.finish()], []
+        if is_cut_by_stop and self._stream.has_unfinished_call:
+            # the content sent is where the text starts (less any marker the parser drops, such
+            # as a visible <|python_tag|>, which this leaves one marker's length off)
+            return ParsedDelta(self._text[len(self._sent_content) :])
+        self.num_calls = self._stream.num_calls
+        calls: list[ToolCallDelta] = []
+        for call in (c for d in held for c in d.tool_calls):
+            if calls and calls[-1].index == call.index:
+                calls[-1].arguments += call.arguments
+            else:
+                calls.append(ToolCallDelta(call.index, call.id, call.name, call.arguments))
+        return ParsedDelta("".join(d.content for d in held), calls)
 
 
 def fold_deltas(deltas: list[ParsedDelta]) -> tuple[str | None, list[ToolCall]]:

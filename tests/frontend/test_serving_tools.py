@@ -109,6 +109,30 @@ def test_auto_parses_calls_and_streams_the_same_message(make_client):
         assert got["function"] == want["function"]
 
 
+def test_a_call_cut_by_a_stop_string_is_content_that_ends_with_stop(make_client):
+    """A stop string inside a call's arguments leaves invalid JSON: not a call, but the text."""
+    client, _ = make_client(HERMES_OUTPUT, enable_auto_tool_choice=True, tool_call_parser="hermes")
+    cut = HERMES_OUTPUT[: HERMES_OUTPUT.index("city")]
+    assert cut.endswith('"arguments": {"')
+    choice = chat(client, tools=[WEATHER_TOOL], stop=["city"])["choices"][0]
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", "city")
+    assert choice["message"]["content"] == cut and not choice["message"].get("tool_calls")
+    streamed, choices = streamed_message(client, tools=[WEATHER_TOOL], stop=["city"])
+    assert (choices[-1]["finish_reason"], choices[-1]["stop_reason"]) == ("stop", "city")
+    assert streamed == {"content": cut, "tool_calls": None}
+
+
+def test_with_stop_strings_whole_calls_still_stream_and_end_with_tool_calls(make_client):
+    client, _ = make_client(HERMES_OUTPUT, enable_auto_tool_choice=True, tool_call_parser="hermes")
+    body = {"tools": [WEATHER_TOOL, TIME_TOOL], "stop": ["never said"]}
+    choice = chat(client, **body)["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and len(choice["message"]["tool_calls"]) == 2
+    streamed, choices = streamed_message(client, **body)
+    assert choices[-1]["finish_reason"] == "tool_calls"
+    assert streamed["content"] == choice["message"]["content"] == "Let me look."
+    assert [c["function"] for c in streamed["tool_calls"]] == [c["function"] for c in choice["message"]["tool_calls"]]
+
+
 def test_auto_without_calls_is_plain_content(make_client):
     client, _ = make_client("It is sunny {usually} <b>today</b>.", enable_auto_tool_choice=True,
                             tool_call_parser="llama3_json")
