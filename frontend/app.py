@@ -17,9 +17,10 @@ import hmac
 import importlib.metadata
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from litestar import Litestar, Request, Response, get, post
+from litestar import HttpMethod, Litestar, Request, Response, get, post, route
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
@@ -53,6 +54,10 @@ from ipc.config import ServeConfig
 logger = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Worker threads for tokenizing and rendering chat templates, so the event loop stays free for
+# /health and the streams. A few suffice: a prompt too long for the context is refused after
+# tokenizing a few pieces of it (see `tokenizer.encode_prompt`).
+MAX_PREPARE_THREADS = 4
 
 
 def _version() -> str:
@@ -117,7 +122,7 @@ async def retrieve_model(model_id: FromPath[str], state: State) -> ModelCard:
     return _model_card(services)
 
 
-@get("/health")
+@route("/health", http_method=[HttpMethod.GET, HttpMethod.HEAD])  # load balancers send HEAD
 async def health(state: State) -> Response:
     client = _services(state).engine_client
     if client.is_dead:
@@ -144,19 +149,20 @@ async def tokenize(request: Request, state: State) -> TokenizeResponse:
     services.completions.check_model(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("Give exactly one of prompt and messages.", param="prompt")
+    run_blocking = services.completions.run_blocking  # off the event loop
     if body.prompt is not None:
         add_special_tokens = True if body.add_special_tokens is None else body.add_special_tokens
-        tokens = services.tokenizer.encode(body.prompt, add_special_tokens=add_special_tokens)
+        tokens = await run_blocking(services.tokenizer.encode, body.prompt, add_special_tokens=add_special_tokens)
     else:
-        builder = services.chat.prompt_builder
-        text = builder.render(
+        text = await run_blocking(
+            services.chat.prompt_builder.render,
             body.messages,
             tools=body.tools,
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message,
             chat_template_kwargs=body.chat_template_kwargs,
         )
-        tokens = services.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+        tokens = await run_blocking(services.tokenizer.encode, text, add_special_tokens=bool(body.add_special_tokens))
     return TokenizeResponse(count=len(tokens), max_model_len=_max_model_len(services), tokens=tokens)
 
 
@@ -165,11 +171,11 @@ async def detokenize(request: Request, state: State) -> DetokenizeResponse:
     services = _services(state)
     body = decode_body(await request.body(), DetokenizeRequest)
     services.completions.check_model(body.model)
-    vocab_size = len(services.tokenizer)
+    vocab_size = _vocab_size(services)
     for token_id in body.tokens:
         if not 0 <= token_id < vocab_size:
             raise bad_request(f"{token_id} is not a token id (the vocabulary has {vocab_size}).", param="tokens")
-    return DetokenizeResponse(prompt=services.tokenizer.decode(body.tokens))
+    return DetokenizeResponse(prompt=await services.completions.run_blocking(services.tokenizer.decode, body.tokens))
 
 
 def _model_card(services: Services) -> ModelCard:
@@ -178,6 +184,13 @@ def _model_card(services: Services) -> ModelCard:
         max_model_len=_max_model_len(services),
         root=services.config.model,
     )
+
+
+def _vocab_size(services: Services) -> int:
+    """The bound on token ids, as prompts have it: the model's vocabulary, which may be padded
+    past the tokenizer's (ids there decode to nothing)."""
+    info = services.engine_client.model_info
+    return info.vocab_size if info is not None else len(services.tokenizer)
 
 
 def _max_model_len(services: Services) -> int | None:
@@ -248,8 +261,9 @@ def create_app(config: ServeConfig, engine_client=None, tokenizer=None) -> Lites
             await client.start()
         serving_args = (config, client, tok, eos_ids)
         metrics = FrontendMetrics(config.served_model_name, client)
+        executor = ThreadPoolExecutor(MAX_PREPARE_THREADS, thread_name_prefix="prepare")
         shared = dict(load=RequestLoad(config.max_num_seqs + config.max_waiting_requests),
-                      on_request_finished=metrics.observe_request)
+                      on_request_finished=metrics.observe_request, executor=executor)
         app.state.services = Services(
             config=config,
             engine_client=client,
@@ -266,6 +280,7 @@ def create_app(config: ServeConfig, engine_client=None, tokenizer=None) -> Lites
                 await asyncio.gather(stats_task, return_exceptions=True)
             if engine_client is None:
                 await client.shutdown()
+            executor.shutdown(wait=False, cancel_futures=True)
 
     return Litestar(
         route_handlers=[

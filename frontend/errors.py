@@ -108,11 +108,17 @@ def from_decode_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> Ope
     return bad_request(f"Invalid request: {text}", param=param or None)
 
 
+def too_deeply_nested() -> OpenAIError:
+    return bad_request("The request body is nested too deeply.")
+
+
 def decode_body(body: bytes, type: type) -> object:
     try:
         return msgspec.json.decode(body, type=type)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise from_decode_error(exc) from None
+    except RecursionError:  # msgspec's decoder gives up at about 1,000 levels
+        raise too_deeply_nested() from None
 
 
 def error_response(exc: OpenAIError) -> Response[ErrorResponse]:
@@ -162,6 +168,13 @@ def _handle_decode_error(
     return error_response(from_decode_error(exc))
 
 
+def _handle_recursion_error(request: Request, exc: RecursionError) -> Response[ErrorResponse]:
+    """A body that decoded but is nested too deeply for the code that walks it (a template
+    rendering a tool's schema, say): the input's fault, not the server's."""
+    logger.info("too deeply nested input on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(too_deeply_nested())
+
+
 def _handle_unexpected(request: Request, exc: Exception) -> Response[ErrorResponse]:
     logger.exception("Unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(internal_error())
@@ -172,5 +185,6 @@ EXCEPTION_HANDLERS = {
     HTTPException: _handle_http_exception,
     msgspec.ValidationError: _handle_decode_error,
     msgspec.DecodeError: _handle_decode_error,
+    RecursionError: _handle_recursion_error,
     Exception: _handle_unexpected,
 }

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import msgspec
@@ -39,6 +41,7 @@ from frontend.errors import (
 from frontend.protocol import PromptTokensDetails, SamplingRequestFields, UsageInfo
 from frontend.serving_logprobs import TokenStrings
 from frontend.serving_validation import TextSettings
+from frontend.tokenizer import PromptTooLongError, encode_prompt
 from ipc.config import ServeConfig
 from ipc.messages import (
     EngineCoreOutput,
@@ -220,22 +223,32 @@ NOT_READY_RETRY_AFTER_S = 5
 
 
 class RequestLoad:
-    """Generation requests in flight, shared by both endpoints, to refuse work beyond a bound.
+    """Sequences in flight, shared by both endpoints, to refuse work beyond a bound.
 
-    Requests beyond `max_num_seqs` wait in the engine; more than `max_waiting_requests` such
-    requests get a 503 with `Retry-After` instead of an ever longer queue. A request counts from
-    the moment its engine requests are sent, so a burst of streams that all pass `check()`
-    before any of them starts can overshoot the bound by that burst.
+    Every prompt of a request runs max(n, best_of) sequences (the beam width, with beam
+    search). The engine runs `max_num_seqs` of them and queues the rest; once `max_num_seqs +
+    max_waiting_requests` are in flight a request gets a 503 with `Retry-After` instead of an
+    ever longer queue, and a request that alone needs more gets a 400, since it can never be
+    admitted. Sequences count from the moment their engine requests are sent, so a burst of
+    requests that all pass `check()` before any of them starts can overshoot the bound by that
+    burst.
     """
 
-    def __init__(self, max_num_requests: int) -> None:
-        self.max_num_requests = max_num_requests
-        self.num_requests = 0
+    def __init__(self, max_num_seqs: int) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.num_seqs = 0
 
-    def check(self) -> None:
-        if self.num_requests >= self.max_num_requests:
+    def check(self, num_seqs: int) -> None:
+        """Whether a request of `num_seqs` sequences can be admitted now."""
+        if num_seqs > self.max_num_seqs:
+            raise bad_request(
+                f"The request needs {num_seqs} sequences (prompts x max(n, best_of)), more than the "
+                f"{self.max_num_seqs} this server admits at once; split it into smaller requests.",
+                param="prompt",
+            )
+        if self.num_seqs + num_seqs > self.max_num_seqs:
             raise engine_unavailable(
-                f"The server is overloaded ({self.num_requests} requests in flight); retry later.",
+                f"The server is overloaded ({self.num_seqs} sequences in flight); retry later.",
                 code="server_overloaded",
                 retry_after_s=OVERLOAD_RETRY_AFTER_S,
             )
@@ -253,6 +266,7 @@ class OpenAIServing:
         *,
         load: RequestLoad | None = None,
         on_request_finished: Callable[[RequestTiming], None] | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.config = config
         self.engine_client = engine_client
@@ -262,6 +276,7 @@ class OpenAIServing:
         self.load = load or RequestLoad(config.max_num_seqs + config.max_waiting_requests)
         # A hook for metrics: called once per request with its timing.
         self.on_request_finished = on_request_finished
+        self.executor = executor  # None: the event loop's default executor
 
     @property
     def model_name(self) -> str:
@@ -283,8 +298,26 @@ class OpenAIServing:
                 code="engine_not_ready",
                 retry_after_s=NOT_READY_RETRY_AFTER_S,
             )
-        self.load.check()
         return info
+
+    async def run_blocking(self, fn: Callable, /, *args, **kwargs):
+        """`fn(*args, **kwargs)` on a worker thread: tokenizing and rendering templates take
+        CPU time that the event loop owes to /health and every stream."""
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
+
+    async def encode_prompt(self, text: str, *, add_special_tokens: bool, max_model_len: int, param: str) -> list[int]:
+        """A prompt's token ids, off the event loop; a 400 for a prompt that leaves no room in
+        the context, found without tokenizing all of a huge one."""
+        try:
+            return await self.run_blocking(encode_prompt, self.tokenizer, text, add_special_tokens=add_special_tokens,
+                                           max_num_tokens=max_model_len - 1)
+        except PromptTooLongError as exc:
+            raise bad_request(
+                f"This model's maximum context length is {max_model_len} tokens, and the prompt "
+                f"has at least {exc.min_num_tokens} tokens. Shorten the prompt.",
+                param=param,
+            ) from None
 
     def make_engine_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float
@@ -312,7 +345,8 @@ class OpenAIServing:
         timing.num_prompt_tokens = usage.num_prompt_tokens
         num_unfinished = len(states)
         is_client_gone = False
-        self.load.num_requests += 1
+        num_seqs = sum(p.request.sampling_params.num_candidates for p in prompts)
+        self.load.num_seqs += num_seqs
         try:
             request_ids = [p.request.request_id for p in prompts]
             async with _merged_outputs(self.engine_client, [p.request for p in prompts]) as outputs:
@@ -353,7 +387,7 @@ class OpenAIServing:
             if num_unfinished > 0:  # else only the engine's report of cached tokens is missing
                 raise engine_unavailable(f"The engine is not running: {exc}", code="engine_dead") from None
         finally:
-            self.load.num_requests -= 1
+            self.load.num_seqs -= num_seqs
             timing.finish_time = time.time()
             timing.num_generation_tokens = usage.num_completion_tokens
             unfinished_reason = "abort" if is_client_gone else "error"

@@ -67,7 +67,8 @@ _RESERVED_TEMPLATE_VARIABLES = {"messages", "tools", "documents", "add_generatio
 
 
 class ChatPromptBuilder:
-    """Renders a conversation to prompt text and token ids (shared with /tokenize)."""
+    """Renders a conversation to prompt text (shared with /tokenize). Blocking: the serving layer
+    calls it from a worker thread."""
 
     def __init__(self, chat_template: ChatTemplate | None, tokenizer) -> None:
         self.chat_template = chat_template
@@ -108,9 +109,6 @@ class ChatPromptBuilder:
             text = _cut_after_final_message(text, conversation[-1].get("content"))
         return text
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
 
 def _message_to_dict(message: ChatMessage, position: int) -> dict[str, Any]:
     """A message as Hugging Face chat templates expect it: text content as one string (empty,
@@ -121,10 +119,15 @@ def _message_to_dict(message: ChatMessage, position: int) -> dict[str, Any]:
     if isinstance(content, list):
         texts = []
         for k, part in enumerate(content):
-            if part.type != "text" or part.text is None:
+            if part.type != "text":
                 raise bad_request(
                     f"Only text content parts are supported, got a {part.type!r} part.",
                     param=f"messages[{position}].content[{k}]",
+                )
+            if part.text is None:
+                raise bad_request(
+                    "A 'text' content part needs its `text` field.",
+                    param=f"messages[{position}].content[{k}].text",
                 )
             texts.append(part.text)
         content = "\n".join(texts)
@@ -209,12 +212,12 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(
         self, request: ChatCompletionRequest
     ) -> ChatCompletionResponse | AsyncIterator[bytes]:
-        job = self._prepare(request)
+        job = await self._prepare(request)
         if request.stream:
             return sse_stream(job.stream_chunks())
         return await job.collect()
 
-    def _prepare(self, request: ChatCompletionRequest) -> "_ChatJob":
+    async def _prepare(self, request: ChatCompletionRequest) -> "_ChatJob":
         arrival_time = time.time()
         self.check_model(request.model)
         info = self.engine_info()
@@ -225,14 +228,18 @@ class OpenAIServingChat(OpenAIServing):
         if plan.structured_output is not None and request.use_beam_search:
             raise bad_request("Beam search cannot be combined with constrained output.", param="use_beam_search")
         logprobs = self._num_logprobs(request)
-        text = self.prompt_builder.render(
+        num_seqs = max(request.n, request.best_of or 0)
+        self.load.check(num_seqs)  # before the costly part, rendering and tokenizing
+        text = await self.run_blocking(
+            self.prompt_builder.render,
             request.messages,
             tools=request.tools,
             add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message,
             chat_template_kwargs=request.chat_template_kwargs,
         )
-        token_ids = self.prompt_builder.encode(text)
+        token_ids = await self.encode_prompt(text, add_special_tokens=False, max_model_len=info.max_model_len,
+                                             param="messages")
         use_completion_tokens = request.max_completion_tokens is not None
         max_tokens = resolve_max_tokens(
             request.max_completion_tokens if use_completion_tokens else request.max_tokens,
@@ -247,6 +254,7 @@ class OpenAIServingChat(OpenAIServing):
             params = msgspec.structs.replace(params, structured_output=plan.structured_output)
         chat_id = random_id("chatcmpl")
         prompt = PreparedPrompt(self.make_engine_request(chat_id, token_ids, params, arrival_time), text, 0)
+        self.load.check(num_seqs)  # again: others may have started while this one was rendered
         return _ChatJob(self, request, chat_id, prompt, text_settings(request), arrival_time, logprobs, plan)
 
     @staticmethod

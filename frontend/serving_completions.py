@@ -44,9 +44,12 @@ from frontend.serving_validation import (
     resolve_max_tokens,
     text_settings,
 )
-from ipc.messages import TokenLogprobs
+from ipc.messages import EngineReady, TokenLogprobs
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions API
+# Each prompt is tokenized and becomes its own engine request; admission (`RequestLoad`) bounds
+# their sequences too, but this bound holds whatever --max-waiting-requests says.
+MAX_PROMPTS_PER_REQUEST = 256
 
 
 class CompletionLogprobsBuilder:
@@ -87,12 +90,12 @@ def _append_logprobs(into: CompletionLogProbs, more: CompletionLogProbs) -> None
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[bytes]:
         """Validates eagerly (errors are plain 400s), then a response or an SSE byte stream."""
-        job = self._prepare(request)
+        job = await self._prepare(request)
         if request.stream:
             return sse_stream(job.stream_chunks())
         return await job.collect()
 
-    def _prepare(self, request: CompletionRequest) -> "_CompletionJob":
+    async def _prepare(self, request: CompletionRequest) -> "_CompletionJob":
         arrival_time = time.time()
         self.check_model(request.model)
         info = self.engine_info()
@@ -103,10 +106,13 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
             raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}.", param="logprobs")
         bias = resolve_logit_bias(request, info.vocab_size)
+        split = _split_prompts(request.prompt)
+        num_seqs = len(split) * max(request.n, request.best_of or 0)
+        self.load.check(num_seqs)  # before the costly part, tokenizing
         completion_id = random_id("cmpl")
         prompts: list[PreparedPrompt] = []
-        for i, prompt in enumerate(_split_prompts(request.prompt)):
-            token_ids = self._prompt_token_ids(prompt, info.vocab_size)
+        for i, prompt in enumerate(split):
+            token_ids = await self._prompt_token_ids(prompt, info)
             max_tokens = resolve_max_tokens(
                 request.max_tokens,
                 param="max_tokens",
@@ -123,13 +129,22 @@ class OpenAIServingCompletion(OpenAIServing):
                 logit_bias=bias,
             )
             engine_request = self.make_engine_request(f"{completion_id}-{i}", token_ids, params, arrival_time)
-            prompt_text = prompt if isinstance(prompt, str) else self.tokenizer.decode(token_ids)
+            prompt_text = prompt if isinstance(prompt, str) else await self.run_blocking(self.tokenizer.decode, token_ids)
             prompts.append(PreparedPrompt(engine_request, prompt_text, i * request.n))
+        self.load.check(num_seqs)  # again: others may have started while this one was tokenized
         return _CompletionJob(self, request, completion_id, prompts, text_settings(request), arrival_time)
 
-    def _prompt_token_ids(self, prompt: str | list[int], vocab_size: int) -> list[int]:
+    async def _prompt_token_ids(self, prompt: str | list[int], info: EngineReady) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
+            return await self.encode_prompt(prompt, add_special_tokens=True, max_model_len=info.max_model_len,
+                                            param="prompt")
+        if len(prompt) >= info.max_model_len:  # no room to generate; known before the loop below
+            raise bad_request(
+                f"This model's maximum context length is {info.max_model_len} tokens, and the prompt "
+                f"has {len(prompt)} tokens, which leaves no room to generate. Shorten the prompt.",
+                param="prompt",
+            )
+        vocab_size = info.vocab_size
         for token_id in prompt:
             if not 0 <= token_id < vocab_size:
                 raise bad_request(f"prompt: {token_id} is not a token id (the vocabulary has {vocab_size}).", param="prompt")
@@ -142,6 +157,12 @@ def _split_prompts(prompt: str | list) -> list[str | list[int]]:
         return [prompt]
     if not prompt:
         raise bad_request("prompt must not be an empty list.", param="prompt")
+    if len(prompt) > MAX_PROMPTS_PER_REQUEST and not all(isinstance(p, int) for p in prompt):
+        raise bad_request(
+            f"A request can have at most {MAX_PROMPTS_PER_REQUEST} prompts, got {len(prompt)}; "
+            "split them over several requests.",
+            param="prompt",
+        )
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     if all(isinstance(p, str) for p in prompt):

@@ -89,6 +89,8 @@ def check_sampling_fields(request: SamplingRequestFields, *, max_num_seqs: int) 
     stop = request.stop
     if isinstance(stop, list):
         _check(all(isinstance(x, str) for x in stop), "stop", "stop must be a string or a list of strings.")
+    stops = [stop] if isinstance(stop, str) else stop or []
+    _check("" not in stops, "stop", "stop cannot contain an empty string.")  # as vLLM says
 
 
 # Below this, dividing float32 logits by the temperature overflows; vLLM treats it as greedy too.
@@ -105,7 +107,7 @@ def stop_strings(request: SamplingRequestFields) -> list[str]:
     stop = request.stop
     if stop is None:
         return []
-    return [s for s in ([stop] if isinstance(stop, str) else stop) if s]
+    return [stop] if isinstance(stop, str) else list(stop)
 
 
 def text_settings(request: SamplingRequestFields) -> TextSettings:

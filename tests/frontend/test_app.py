@@ -123,13 +123,13 @@ def test_cors_allows_configured_origins(config, engine, tokenizer):
 def test_overload_is_503(config, engine, tokenizer):
     config.max_num_seqs, config.max_waiting_requests = 1, 0
     with TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer)) as client:
-        client.app.state.services.completions.load.num_requests = 1  # one request in flight
+        client.app.state.services.completions.load.num_seqs = 1  # one sequence in flight
         response = client.post("/v1/chat/completions", json={"messages": USER_HI})
         assert response.status_code == 503 and response.json()["error"]["code"] == "server_overloaded"
         assert int(response.headers["retry-after"]) > 0
-        client.app.state.services.completions.load.num_requests = 0
+        client.app.state.services.completions.load.num_seqs = 0
         assert client.post("/v1/chat/completions", json={"messages": USER_HI, "max_tokens": 1}).status_code == 200
-        assert client.app.state.services.chat.load.num_requests == 0  # released after the request
+        assert client.app.state.services.chat.load.num_seqs == 0  # released after the request
 
 
 def test_startup_does_not_wait_for_the_engine(config, tokenizer, tmp_path):

@@ -63,6 +63,9 @@ BAD_SAMPLING_VALUES = [
     ("n", 17),  # more sequences than max_num_seqs (16)
     ("stream_options", {"include_usage": True}),  # without stream
     ("cache_salt", ""),
+    ("stop", ""),  # vLLM's 400, not silently dropped
+    ("stop", [""]),
+    ("stop", ["a", ""]),
 ]
 
 

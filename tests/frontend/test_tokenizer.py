@@ -382,3 +382,39 @@ def test_tiny_llama_directory(tmp_path, variant, expected_eos_ids):
     assert "Ġthe" in tokenizer.convert_ids_to_tokens(ids)  # the merges apply
     assert eos_token_ids(tokenizer, str(tmp_path)) == expected_eos_ids
     assert "<|im_start|>" in tokenizer.chat_template
+
+
+# ---- encode_prompt: a huge prompt refused after a few pieces -----------------------------------
+
+
+def test_encode_prompt_is_encode_for_a_prompt_that_fits(smollm2):
+    text = "Numbers like 12345,  symbols {}\n\n and Ünïcödé 日本語 🙂. " * 2000  # ~110,000 chars, 7 pieces
+    expected = smollm2.encode(text)
+    ids = tokenizer_module.encode_prompt(smollm2, text, add_special_tokens=True, max_num_tokens=len(expected))
+    assert ids == expected
+
+
+def test_encode_prompt_allows_for_pieces_cut_inside_a_special_token(smollm2):
+    """No whitespace to cut at: pieces end inside `<|im_start|>`, which then counts as several
+    tokens in each piece; the allowance per cut keeps an exactly-fitting prompt."""
+    text = "<|im_start|>" * 4000  # 4,000 tokens, 48,000 chars
+    ids = tokenizer_module.encode_prompt(smollm2, text, add_special_tokens=False, max_num_tokens=4000)
+    assert len(ids) == 4000
+    with pytest.raises(tokenizer_module.PromptTooLongError):
+        tokenizer_module.encode_prompt(smollm2, text * 2, add_special_tokens=False, max_num_tokens=4000)
+
+
+def test_encode_prompt_refuses_a_huge_prompt_after_a_few_pieces(smollm2, monkeypatch):
+    tokenized: list[int] = []
+    encode = smollm2.encode
+
+    def counting_encode(text, *args, **kwargs):
+        tokenized.append(len(text))
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(smollm2, "encode", counting_encode)
+    text = "lorem ipsum dolor sit amet " * 280_000  # 7.6 MB
+    with pytest.raises(tokenizer_module.PromptTooLongError) as info:
+        tokenizer_module.encode_prompt(smollm2, text, add_special_tokens=True, max_num_tokens=8191)
+    assert info.value.min_num_tokens > 8191
+    assert sum(tokenized) < 4 * tokenizer_module.PROMPT_CHUNK_CHARS
