@@ -3,7 +3,8 @@
 One background task reads every `EngineToFrontend` message and routes each `EngineCoreOutput`
 to the queue of its request; `generate()` drains that queue. Engine death (an `EngineDead`
 message, or the engine's pid vanishing) wakes every waiting `generate()` with
-`EngineDeadError`, so no request hangs on an engine that is gone.
+`EngineDeadError`, so no request hangs on an engine that is gone. A shutdown whose grace period
+runs out ends the requests still in flight with `ServerStoppingError` (`stop_in_flight`).
 
 It also keeps the counts the metrics read: the engine's latest `SchedulerStats`, every
 generated token, and the tokens the engine still made for requests whose client had gone
@@ -43,6 +44,10 @@ class EngineDeadError(RuntimeError):
     """The engine core is gone; no request can be served any more."""
 
 
+class ServerStoppingError(RuntimeError):
+    """The server is shutting down and its grace period for in-flight requests ran out."""
+
+
 class EngineClient:
     def __init__(self, config: ServeConfig, *, pid_poll_interval_s: float = 0.5) -> None:
         self.config = config
@@ -54,7 +59,7 @@ class EngineClient:
         self._input: zmq.asyncio.Socket | None = None
         self._output: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
-        self._queues: dict[str, asyncio.Queue[EngineCoreOutput | EngineDeadError]] = {}
+        self._queues: dict[str, asyncio.Queue[EngineCoreOutput | Exception]] = {}
         self.num_generation_tokens = 0
         self.num_tokens_after_disconnect = 0
         self._client_gone_ids: set[str] = set()  # still in _queues, consumer leaving
@@ -101,7 +106,7 @@ class EngineClient:
         request_id = request.request_id
         if request_id in self._queues:
             raise ValueError(f"request {request_id!r} is already running")
-        queue: asyncio.Queue[EngineCoreOutput | EngineDeadError] = asyncio.Queue()
+        queue: asyncio.Queue[EngineCoreOutput | Exception] = asyncio.Queue()
         self._queues[request_id] = queue
         num_sequences = request.sampling_params.n
         finished: set[int] = set()
@@ -109,7 +114,7 @@ class EngineClient:
             self._send(request)
             while len(finished) < num_sequences:
                 item = await queue.get()
-                if isinstance(item, EngineDeadError):
+                if isinstance(item, Exception):
                     raise item
                 if item.finish_reason is not None:
                     finished.add(item.index)
@@ -138,6 +143,15 @@ class EngineClient:
     async def abort(self, request_ids: list[str], indices: list[int] | None = None) -> None:
         if not self.is_dead:
             self._send(EngineCoreAbort(list(request_ids), indices))
+
+    def stop_in_flight(self, reason: str) -> None:
+        """End every running `generate()` with `ServerStoppingError` (their engine requests are
+        aborted as each consumer stops), so a stream ends with an error event instead of being
+        cut off when the shutdown's grace period runs out."""
+        if self._queues:
+            logger.warning("ending %d requests still in flight: %s", len(self._queues), reason)
+        for queue in self._queues.values():
+            queue.put_nowait(ServerStoppingError(reason))
 
     async def shutdown(self) -> None:
         for task in self._tasks:

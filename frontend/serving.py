@@ -29,7 +29,7 @@ import msgspec
 from transformers import PreTrainedTokenizerFast
 
 from frontend.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from frontend.engine_client import EngineDeadError
+from frontend.engine_client import EngineDeadError, ServerStoppingError
 from frontend.errors import (
     OpenAIError,
     bad_request,
@@ -386,6 +386,9 @@ class OpenAIServing:
         except EngineDeadError as exc:
             if num_unfinished > 0:  # else only the engine's report of cached tokens is missing
                 raise engine_unavailable(f"The engine is not running: {exc}", code="engine_dead") from None
+        except ServerStoppingError as exc:
+            raise engine_unavailable(f"The server is shutting down ({exc}); retry the request.",
+                                     code="server_shutting_down") from None
         finally:
             self.load.num_seqs -= num_seqs
             timing.finish_time = time.time()

@@ -10,7 +10,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from frontend.engine_client import EngineClient, EngineDeadError
+from frontend.engine_client import EngineClient, EngineDeadError, ServerStoppingError
 from ipc.config import ServeConfig
 from ipc.messages import (
     EngineCoreAbort,
@@ -188,6 +188,19 @@ async def test_shutdown_fails_in_flight_requests(client, engine):
     await client.shutdown()
     with pytest.raises(EngineDeadError):
         await asyncio.wait_for(task, TIMEOUT_S)
+
+
+async def test_stop_in_flight_ends_running_requests_and_aborts_them_in_the_engine(client, engine):
+    await engine.send(READY)
+    await client.wait_ready()
+    task = asyncio.create_task(collect(client, make_request("r", n=2)))
+    await engine.receive()
+    await engine.send_outputs(EngineCoreOutput("r", 0, [1]), EngineCoreOutput("r", 1, [2], finish_reason=FinishReason.LENGTH))
+    client.stop_in_flight("the shutdown grace period ran out")
+    with pytest.raises(ServerStoppingError, match="grace period"):
+        await asyncio.wait_for(task, TIMEOUT_S)
+    assert await engine.receive() == EngineCoreAbort(["r"])
+    assert client.is_ready  # the engine is fine; only these requests ended
 
 
 async def test_undecodable_message_marks_the_engine_dead(client, engine):
