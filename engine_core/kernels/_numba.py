@@ -1,0 +1,176 @@
+"""The numba kernels over the tiled layout of formats.py. Compiled for the host CPU, cached on disk.
+
+Conventions: x [M, K] float32 activations; xs [M, groups] their sums per group (for the offset
+term); out [M, tiles * TILE_ROWS]. A group's contribution to row r is
+    scale[r] * sum_k code[k, r] * x[k]  +  offset[r] * sum_k x[k]
+so the inner loop is a multiply-add of integer codes (converted to float32) by one input value,
+vectorized over the tile's rows. The high nibble is taken as `byte & 0xF0` with its input
+pre-divided by 16 (exact: a power of two), which spares a shift the compiler widened to 64 bits.
+Integer operations are on int32 values: numba widens small ints to int64, and AVX2 cannot
+convert int64 vectors to float.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+_OPTS = dict(cache=True, fastmath=True, nogil=True)
+
+
+@njit(inline="always", **_OPTS)
+def _group_scales(t, g, gps, d, sc, dmin, mn, scale, offset):
+    """scale[r], offset[r] of group g in tile t (see formats.QuantizedWeight)."""
+    s = g // gps
+    R = scale.shape[0]
+    if sc is None:
+        for r in range(R):
+            scale[r] = d[t, s, r]
+    else:
+        for r in range(R):
+            scale[r] = d[t, s, r] * np.float32(sc[t, g, r])
+    if dmin is None:
+        offset[:] = 0
+    elif mn is None:
+        for r in range(R):
+            offset[r] = dmin[t, s, r]
+    else:
+        for r in range(R):
+            offset[r] = dmin[t, s, r] * np.float32(mn[t, g, r])
+
+
+@njit(parallel=True, **_OPTS)
+def gemv_nibbles(codes, d, sc, dmin, mn, gps, x, xs, out):
+    """out = x @ W.T for 4-bit codes; one tile of rows per task."""
+    T, _, R = codes.shape
+    M, K = x.shape
+    G = K // 32
+    for t in prange(T):
+        acc = np.zeros((M, R), np.float32)
+        tmp = np.empty((M, R), np.float32)
+        lo = np.empty(R, np.float32)
+        hi = np.empty(R, np.float32)
+        scale = np.empty(R, np.float32)
+        offset = np.empty(R, np.float32)
+        for g in range(G):
+            tmp[:] = 0
+            for j in range(16):
+                c = codes[t, g * 16 + j]
+                k = g * 32 + j
+                if M == 1:
+                    xl = x[0, k]
+                    xh = x[0, k + 16] * np.float32(0.0625)
+                    for r in range(R):
+                        v = np.int32(c[r])
+                        tmp[0, r] += np.float32(v & np.int32(15)) * xl + np.float32(v & np.int32(240)) * xh
+                else:
+                    for r in range(R):
+                        v = np.int32(c[r])
+                        lo[r] = np.float32(v & np.int32(15))
+                        hi[r] = np.float32(v & np.int32(240))
+                    for m in range(M):
+                        xl = x[m, k]
+                        xh = x[m, k + 16] * np.float32(0.0625)
+                        for r in range(R):
+                            tmp[m, r] += lo[r] * xl + hi[r] * xh
+            _group_scales(t, g, gps, d, sc, dmin, mn, scale, offset)
+            for m in range(M):
+                s = xs[m, g]
+                for r in range(R):
+                    acc[m, r] += scale[r] * tmp[m, r] + offset[r] * s
+        for m in range(M):
+            for r in range(R):
+                out[m, t * R + r] = acc[m, r]
+
+
+@njit(parallel=True, **_OPTS)
+def gemv_bytes(codes, d, sc, dmin, mn, gs, gps, x, xs, out):
+    """out = x @ W.T for 8-bit codes in groups of gs."""
+    T, _, R = codes.shape
+    M, K = x.shape
+    G = K // gs
+    for t in prange(T):
+        acc = np.zeros((M, R), np.float32)
+        tmp = np.empty((M, R), np.float32)
+        w = np.empty(R, np.float32)
+        scale = np.empty(R, np.float32)
+        offset = np.empty(R, np.float32)
+        for g in range(G):
+            tmp[:] = 0
+            for j in range(gs):
+                c = codes[t, g * gs + j]
+                k = g * gs + j
+                if M == 1:
+                    xk = x[0, k]
+                    for r in range(R):
+                        tmp[0, r] += np.float32(np.int32(c[r])) * xk
+                else:
+                    for r in range(R):
+                        w[r] = np.float32(np.int32(c[r]))
+                    for m in range(M):
+                        xk = x[m, k]
+                        for r in range(R):
+                            tmp[m, r] += w[r] * xk
+            _group_scales(t, g, gps, d, sc, dmin, mn, scale, offset)
+            for m in range(M):
+                s = xs[m, g]
+                for r in range(R):
+                    acc[m, r] += scale[r] * tmp[m, r] + offset[r] * s
+        for m in range(M):
+            for r in range(R):
+                out[m, t * R + r] = acc[m, r]
+
+
+@njit(parallel=True, **_OPTS)
+def dequantize_tiles(codes, nibbles, d, sc, dmin, mn, gs, gps, t0, t1, out):
+    """Tiles [t0, t1) as float32 into out [K, (t1 - t0) * R] (the weight transposed: BLAS's B)."""
+    R = codes.shape[2]
+    K = out.shape[0]
+    G = K // gs
+    for i in prange(t1 - t0):
+        t = t0 + i
+        scale = np.empty(R, np.float32)
+        offset = np.empty(R, np.float32)
+        for g in range(G):
+            _group_scales(t, g, gps, d, sc, dmin, mn, scale, offset)
+            if nibbles:
+                for j in range(16):
+                    c = codes[t, g * 16 + j]
+                    a = out[g * 32 + j, i * R : (i + 1) * R]
+                    b = out[g * 32 + j + 16, i * R : (i + 1) * R]
+                    for r in range(R):
+                        v = np.int32(c[r])
+                        a[r] = scale[r] * np.float32(v & np.int32(15)) + offset[r]
+                        b[r] = scale[r] * np.float32(v >> np.int32(4)) + offset[r]
+            else:
+                for j in range(gs):
+                    c = codes[t, g * gs + j]
+                    a = out[g * gs + j, i * R : (i + 1) * R]
+                    for r in range(R):
+                        a[r] = scale[r] * np.float32(np.int32(c[r])) + offset[r]
+
+
+@njit(**_OPTS)
+def dequantize_rows(codes, nibbles, d, sc, dmin, mn, gs, gps, ids, out):
+    """Rows `ids` as float32 into out [len(ids), K] (embedding lookups)."""
+    R = codes.shape[2]
+    K = out.shape[1]
+    for i in range(ids.shape[0]):
+        t, r = ids[i] // R, ids[i] % R
+        for k in range(K):
+            g = k // gs
+            s = g // gps
+            scale = d[t, s, r]
+            if sc is not None:
+                scale *= np.float32(sc[t, g, r])
+            offset = np.float32(0)
+            if dmin is not None:
+                offset = dmin[t, s, r]
+                if mn is not None:
+                    offset *= np.float32(mn[t, g, r])
+            if nibbles:
+                v = np.int32(codes[t, g * 16 + k % 16, r])
+                code = (v >> np.int32(4)) if k % 32 >= 16 else (v & np.int32(15))
+            else:
+                code = np.int32(codes[t, k, r])
+            out[i, k] = scale * np.float32(code) + offset

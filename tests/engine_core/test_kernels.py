@@ -1,0 +1,97 @@
+"""The quantized-weight kernels against the reference: gguf's own numpy dequantizer, then numpy.
+
+Blocks are random bytes with sane float16 scales written over the scale fields, which is a valid
+block of every format (any code and any small-integer scale is legal). Shapes are odd on purpose:
+rows not a multiple of the tile, one row, K not a multiple of 256 where the format allows it.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from engine_core import kernels
+from engine_core.kernels import TILE_ROWS
+
+# format -> byte offsets of its float16 fields within a block
+F16_FIELDS = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+    "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+}
+BLOCK = {name: (block, size) for name, block, size in kernels.BLOCK_FORMATS.values()}
+FORMATS = sorted(F16_FIELDS)
+
+
+def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    block, size = BLOCK[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for offset in F16_FIELDS[qtype]:
+        scale = (rng.uniform(0.5, 2.0, (rows, cols // block)) * 1e-3).astype(np.float16)
+        raw[..., offset : offset + 2] = scale.view(np.uint8).reshape(rows, cols // block, 2)
+    return raw.reshape(rows, -1)
+
+
+def reference(qtype: str, raw: np.ndarray) -> np.ndarray:
+    return gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).astype(np.float32)
+
+
+def quantized(qtype: str, rows: int, cols: int, seed: int = 0):
+    raw = random_blocks(qtype, rows, cols, seed)
+    w = kernels.pack(qtype, kernels.unpack(qtype, raw, cols), rows, cols)
+    return w, reference(qtype, raw)
+
+
+def shapes(qtype: str):
+    k_small = 256 if qtype.endswith("_K") else 96  # 96: three blocks of 32, not a multiple of 256
+    return [(1, k_small), (TILE_ROWS - 1, k_small), (TILE_ROWS + 3, 2 * k_small), (2 * TILE_ROWS, 512)]
+
+
+def close(actual: np.ndarray, expected: np.ndarray) -> None:
+    scale = np.abs(expected).max()
+    assert actual.shape == expected.shape
+    assert np.abs(actual - expected).max() <= 2e-6 * scale + 1e-7, np.abs(actual - expected).max() / scale
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_dequantize_matches_gguf_exactly(qtype):
+    for rows, cols in shapes(qtype):
+        w, ref = quantized(qtype, rows, cols)
+        np.testing.assert_array_equal(kernels.dequantize(w), ref)
+        ids = np.array([0, rows - 1, rows // 2])
+        np.testing.assert_array_equal(kernels.embedding(w, ids), ref[ids])
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("m", [1, 3, kernels.GEMV_MAX_ROWS, kernels.GEMV_MAX_ROWS + 1, 40])
+def test_matmul_matches_dequantize_then_numpy(qtype, m):
+    rng = np.random.default_rng(m)
+    for rows, cols in shapes(qtype):
+        w, ref = quantized(qtype, rows, cols, seed=rows)
+        x = rng.standard_normal((m, cols)).astype(np.float32)
+        expected = (x.astype(np.float64) @ ref.T.astype(np.float64)).astype(np.float32)
+        close(kernels.matmul(x, w), expected)
+
+
+def test_many_rows_path_spans_several_dequantized_chunks(monkeypatch):
+    monkeypatch.setattr(kernels, "DEQUANT_CHUNK_BYTES", 1)  # one tile per chunk
+    w, ref = quantized("Q4_K", 3 * TILE_ROWS + 5, 512)
+    x = np.random.default_rng(0).standard_normal((20, 512)).astype(np.float32)
+    close(kernels.matmul(x, w), x @ ref.T)
+
+
+def test_row_permutation_and_concatenation_act_on_whole_rows():
+    raw_a, raw_b = random_blocks("Q6_K", 70, 256, 1), random_blocks("Q6_K", 9, 256, 2)
+    a, b = kernels.unpack("Q6_K", raw_a, 256), kernels.unpack("Q6_K", raw_b, 256)
+    order = np.random.default_rng(0).permutation(70)
+    fused = kernels.pack("Q6_K", kernels.concat_rows([kernels.permute_rows(a, order), b]), 79, 256)
+    expected = np.concatenate([reference("Q6_K", raw_a)[order], reference("Q6_K", raw_b)])
+    np.testing.assert_array_equal(kernels.dequantize(fused), expected)
+
+
+def test_float32_weights_pass_through_blas():
+    w = np.random.default_rng(0).standard_normal((64, 10)).astype(np.float32)
+    for m in (1, 3, 12):
+        x = np.random.default_rng(m).standard_normal((m, 64)).astype(np.float32)
+        np.testing.assert_allclose(kernels.matmul(x, w), x @ w, rtol=1e-5, atol=1e-5)
