@@ -214,6 +214,10 @@ async def _unless_disconnected(work, request: Request):
     finally:
         watcher.cancel()
         task.cancel()
+        # An exception raised here holds this frame in its traceback, and the task holds the
+        # exception: a cycle, which would keep the request (a prompt of megabytes) alive until
+        # the cyclic collector ran.
+        del task, watcher
 
 
 async def _wait_for_disconnect(request: Request) -> None:

@@ -5,6 +5,7 @@ size (refused cheaply, tokenized off the event loop), nesting depth, and the sma
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 
@@ -110,6 +111,23 @@ def test_a_huge_prompt_is_refused_after_tokenizing_a_few_pieces(client, engine, 
     assert error["param"] == ("prompt" if path == "/v1/completions" else "messages")
     assert sum(tokenized) < 50_000  # not the whole megabyte
     assert engine.requests == []
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": HUGE_PROMPT}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": HUGE_PROMPT}]}),
+    ("/v1/completions", {"prompt": HUGE_PROMPT, "stream": True}),
+])
+def test_a_refused_prompt_is_freed_at_once(client, path, body):
+    """Not left to the cyclic collector: a reference cycle through the error's traceback kept
+    each refused prompt alive, and the frontend grew by hundreds of megabytes."""
+    gc.collect()
+    gc.disable()
+    try:
+        _error(client.post(path, json=body), 400)
+        assert [o for o in gc.get_objects() if isinstance(o, OpenAIError)] == []
+    finally:
+        gc.enable()
 
 
 @pytest.mark.anyio
@@ -220,3 +238,10 @@ def test_detokenize_accepts_what_prompts_accept_with_a_padded_vocabulary(config,
         assert client.post("/detokenize", json={"tokens": [*hello, in_padding]}).json() == {"prompt": "Hello"}
         error = _error(client.post("/detokenize", json={"tokens": [padded]}), 400)
         assert f"the vocabulary has {padded}" in error["message"]
+
+
+def test_a_body_over_10_mb_is_a_413_in_the_envelope(client, engine):
+    body = b'{"prompt": "' + b"a" * 10_000_000 + b'"}'
+    error = _error(client.post("/v1/completions", content=body, headers={"content-type": "application/json"}), 413)
+    assert error["type"] == "invalid_request_error"
+    assert engine.requests == []
