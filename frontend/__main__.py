@@ -1,7 +1,9 @@
 """`python -m frontend --config-json JSON`: the frontend process, as spawned by the launcher.
 
 The launcher passes the API key in `FURIOSA_LLM_API_KEY`, never on the command line, where
-every local user could read it.
+every local user could read it. The tokenizer and the chat template are loaded before uvicorn
+starts, so a bad one is one line to the launcher (`ipc.notify`) and exit code
+`STARTUP_FAILED_EXIT_CODE`, its traceback logged at debug level only.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import uvicorn
 from litestar import Litestar
 
 from frontend.app import create_app
+from frontend.chat_template import load_chat_template
 from frontend.engine_client import EngineDeadError
 from frontend.sd_notify import sd_notify
+from frontend.tokenizer import TokenizerLoadError, load_tokenizer
 from ipc.config import ServeConfig
+from ipc.notify import report_startup_error
 
 # In-flight requests get this long to finish after SIGTERM before they are cancelled (which
 # aborts them in the engine).
@@ -57,6 +62,38 @@ class FrontendServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+class _StartupChatter(logging.Filter):
+    """Drops uvicorn's start-up lines ("Uvicorn running on http://..." comes before the engine is
+    ready); the launcher prints its "serving on" line once the server is ready instead."""
+
+    PREFIXES = ("Started server process", "Waiting for application startup",
+                "Application startup complete", "Uvicorn running on")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and str(record.msg).startswith(self.PREFIXES))
+
+
+class StartupError(Exception):
+    """The frontend cannot start; the message is the one line for the operator."""
+
+
+def load_startup_files(config: ServeConfig):
+    """The tokenizer, with the chat template checked; raises `StartupError` with one line."""
+    try:
+        tokenizer = load_tokenizer(config.model)
+    except TokenizerLoadError as exc:  # its text starts with the file at fault
+        raise StartupError(f"furiosa-llm: cannot load {exc}") from exc
+    except Exception as exc:
+        raise StartupError(f"furiosa-llm: cannot load the tokenizer of {config.model}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    try:
+        load_chat_template(config.chat_template, tokenizer)
+    except Exception as exc:  # a ChatTemplateError, or the template's own failure
+        source = config.chat_template or f"the chat template of {config.model}"
+        raise StartupError(f"furiosa-llm: cannot load {source}: {exc}") from exc
+    return tokenizer
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m frontend", description=__doc__)
     parser.add_argument("--config-json", required=True, help="a ServeConfig as JSON (from the launcher)")
@@ -71,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=getattr(logging, config.log_level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(config)
+    try:
+        tokenizer = load_startup_files(config)
+    except StartupError as exc:
+        logging.getLogger("frontend").debug("the frontend cannot start", exc_info=True)
+        return report_startup_error(str(exc))
+    app = create_app(config, tokenizer=tokenizer)
     server = FrontendServer(
         uvicorn.Config(
             app,
@@ -85,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         app,
     )
+    if config.log_level != "debug":  # uvicorn.Config has configured its loggers by now
+        logging.getLogger("uvicorn.error").addFilter(_StartupChatter())
     # uvicorn handles SIGTERM/SIGINT while it serves, drains, then re-raises the signal to the
     # handler that was there before; a drained shutdown is a success, so that one does nothing.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -4,6 +4,10 @@ The launcher parses every flag once into an `ipc.config.ServeConfig` and hands i
 children as JSON. Children run in their own session (a terminal's Ctrl-C reaches only the
 launcher, which then drains in order) and get SIGTERM if the launcher itself dies.
 
+- Start-up: the "serving on" line is printed once the frontend reports `READY=1` (it listens
+  and the engine is ready) on the launcher's notify socket, which relays systemd's protocol.
+  A child that cannot start reports one line there; the launcher prints it, stops the other
+  child and exits non-zero, with no traceback (`--log-level debug` logs them).
 - A child that dies stops the other; the command exits non-zero (a supervisor restarts it).
 - SIGTERM/SIGINT: the frontend stops accepting and finishes in-flight requests (up to its
   graceful timeout), then the engine stops; exit 0. The socket directory is removed.
@@ -13,17 +17,22 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import math
 import os
+import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, version
 
 import msgspec
 
 from ipc.artifacts import ArtifactNotFoundError, default_model_path
 from ipc.config import ServeConfig
+from ipc.notify import STARTUP_ERROR_KEY, parse_state, sd_notify
 from ipc.sockets import ipc_addresses, make_ipc_dir
 
 SUPPORTED_DEVICES = ("cpu",)
@@ -55,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the model name in the API (default: the artifact's name)")
     serve.add_argument("--devices", default="cpu", help="where the model runs: cpu")
     serve.add_argument("--max-model-len", type=int, default=None,
-                       help="context length (default: the model's own)")
+                       help="context length (default: the model's own max_position_embeddings, "
+                            "which it may not exceed without --allow-long-max-model-len)")
+    serve.add_argument("--allow-long-max-model-len", action="store_true",
+                       help="accept a --max-model-len above the model's max_position_embeddings "
+                            "(positions it was never trained on: its output may degrade)")
     serve.add_argument("--max-num-seqs", type=int, default=128, help="most sequences stepped together")
     serve.add_argument("--max-num-batched-tokens", type=int, default=2048,
                        help="token budget of one engine step (prefill chunks + decodes)")
@@ -115,11 +128,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         if args.tool_call_parser not in known:
             raise SystemExit(f"furiosa-llm: unknown --tool-call-parser {args.tool_call_parser!r}; "
                              f"known: {', '.join(sorted(known))}")
-    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "port"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"furiosa-llm: --{name.replace('_', '-')} must be positive")
-    if args.max_waiting_requests < 0:
-        raise SystemExit("furiosa-llm: --max-waiting-requests must be 0 or more")
+    _check_limits(args)
     served_name = args.served_model_name or _default_served_name(model)
     return ServeConfig(
         model=model,
@@ -128,6 +137,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         port=args.port,
         devices=args.devices,
         max_model_len=args.max_model_len,
+        allow_long_max_model_len=args.allow_long_max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
@@ -146,6 +156,25 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         disable_log_stats=args.disable_log_stats,
         log_level=args.log_level,
     )
+
+
+def _check_limits(args: argparse.Namespace) -> None:
+    """Numeric flags out of range are a start-up error naming the flag, never a silent default."""
+    def refuse(flag: str, rule: str, value) -> None:
+        raise SystemExit(f"furiosa-llm: --{flag} must be {rule}, got {value}")
+
+    for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        if getattr(args, name) < 1:
+            refuse(name.replace("_", "-"), "positive", getattr(args, name))
+    for name in ("max_model_len", "num_threads"):  # None means "the default"; 0 is not a synonym
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            refuse(name.replace("_", "-"), "positive", getattr(args, name))
+    if not 1 <= args.port <= 65535:
+        refuse("port", "between 1 and 65535", args.port)
+    if not (args.kv_cache_gib > 0 and math.isfinite(args.kv_cache_gib)):
+        refuse("kv-cache-gib", "a positive number of GiB", args.kv_cache_gib)
+    if args.max_waiting_requests < 0:
+        refuse("max-waiting-requests", "0 or more", args.max_waiting_requests)
 
 
 def _default_served_name(model: str) -> str:
@@ -170,18 +199,58 @@ def _raise_shutdown(signum, frame):
     raise _Shutdown(signum)
 
 
+class NotifyRelay:
+    """The children's `$NOTIFY_SOCKET` (a datagram socket of the launcher's own): a start-up
+    error is kept for the launcher to print; `READY=1` marks the server ready; every systemd
+    state is forwarded to systemd's socket when the launcher runs under systemd."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.bind(path)
+        self.sock.setblocking(False)
+        self.is_ready = False
+        self.startup_error: str | None = None  # the first child's one-line cause
+
+    def receive(self) -> None:
+        """Handle every datagram waiting, without blocking."""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return
+            state = parse_state(data)
+            error = state.pop(STARTUP_ERROR_KEY, None)
+            if error is not None:
+                self.startup_error = self.startup_error or error
+                sd_notify(f"STATUS={error}")
+                continue
+            if state.get("READY") == "1":
+                self.is_ready = True
+            sd_notify(data.decode(errors="replace"))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class Launcher:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.ipc_dir = make_ipc_dir()
+        self.relay = NotifyRelay(os.path.join(self.ipc_dir, "notify.sock"))
+        self.is_announced = False  # the "serving on" line is printed once, when ready
         self.engine: subprocess.Popen | None = None
         self.frontend: subprocess.Popen | None = None
 
     def _spawn(self, module: str, config: ServeConfig) -> subprocess.Popen:
         """The API key goes in the environment: a command line is readable by every local user."""
         env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
-        if module == "frontend" and config.api_key:
-            env[API_KEY_ENV] = config.api_key
+        env["NOTIFY_SOCKET"] = self.relay.path
+        if module == "frontend":
+            # transformers' "PyTorch was not found" advice: the frontend needs only tokenizers
+            env.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+            if config.api_key:
+                env[API_KEY_ENV] = config.api_key
         return subprocess.Popen(
             [sys.executable, "-m", module, "--config-json", msgspec.structs.replace(config, api_key=None).to_json()],
             start_new_session=True,
@@ -199,19 +268,65 @@ class Launcher:
             self.engine = self._spawn("engine_core", config)
             config.engine_pid = self.engine.pid
             self.frontend = self._spawn("frontend", config)
-            # wait for either child to exit, without reaping it (Popen reaps it later)
-            pid = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT).si_pid
-            died = "engine core" if pid == self.engine.pid else "frontend"
-            print(f"furiosa-llm: the {died} process exited unexpectedly; stopping", file=sys.stderr)
-            self._stop_children(engine_died=(died == "engine core"))
-            return 1
+            return self._supervise()
         except _Shutdown:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             return self._stop_children(engine_died=False)
         finally:
             self._kill_leftovers()
+            self.relay.close()
             shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+    def _supervise(self) -> int:
+        """Until a child exits or reports that it cannot start."""
+        died = self._wait_for_exit([self.engine, self.frontend], timeout_s=None)
+        if not self.is_announced:
+            # a start-up failure: nothing is served yet, so nothing drains; one line says why
+            print(self.relay.startup_error or _startup_exit_line(died, self._name(died)),
+                  file=sys.stderr, flush=True)
+            self._kill_leftovers()
+            return 1
+        name = self._name(died)
+        print(f"furiosa-llm: the {name} process exited unexpectedly; stopping", file=sys.stderr)
+        self._stop_children(engine_died=(name == "engine core"))
+        return 1
+
+    def _name(self, child: subprocess.Popen | None) -> str:
+        return "engine core" if child is self.engine else "frontend"
+
+    def _wait_for_exit(self, children: list[subprocess.Popen], timeout_s: float | None) -> subprocess.Popen | None:
+        """The first of `children` to exit (not reaped; None on timeout), relaying their
+        notifications meanwhile. A start-up error ends the wait too (the child is about to exit)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pidfds = {os.pidfd_open(child.pid): child for child in children}
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self.relay.sock, selectors.EVENT_READ)
+                for fd in pidfds:
+                    selector.register(fd, selectors.EVENT_READ)
+                while True:
+                    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    events = selector.select(remaining)
+                    self._receive_notifications()
+                    exited = [pidfds[key.fd] for key, _ in events if key.fd in pidfds]
+                    if exited:
+                        return exited[0]
+                    if self.relay.startup_error is not None and not self.is_announced:
+                        return None
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return None
+        finally:
+            for fd in pidfds:
+                os.close(fd)
+
+    def _receive_notifications(self) -> None:
+        self.relay.receive()
+        if self.relay.is_ready and not self.is_announced:
+            self.is_announced = True
+            config = self.config
+            print(f"furiosa-llm: serving {config.model} as {config.served_model_name!r} "
+                  f"on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
 
     def _stop_children(self, *, engine_died: bool) -> int:
         """Frontend first (it drains in-flight requests), then the engine."""
@@ -221,11 +336,9 @@ class Launcher:
             if child is None or child.poll() is not None:
                 continue
             child.send_signal(signal.SIGTERM)
-            try:
-                code = child.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
+            if self._wait_for_exit([child], timeout_s=timeout) is None:
                 child.kill()
-                code = child.wait()
+            code = child.wait()
             status = status or (code != 0)
         return int(status)
 
@@ -236,12 +349,17 @@ class Launcher:
                 child.wait()
 
 
+def _startup_exit_line(child: subprocess.Popen | None, name: str) -> str:
+    """For a child that died at start-up without saying why (killed, out of memory, a crash)."""
+    code = child.wait() if child is not None else None
+    how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with status {code}"
+    return f"furiosa-llm: the {name} process {how} during start-up (--log-level debug shows more)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         config = config_from_args(args)
-        print(f"furiosa-llm: serving {config.model} as {config.served_model_name!r} "
-              f"on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
         return Launcher(config).run()
     return 2
 

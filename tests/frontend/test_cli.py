@@ -1,0 +1,55 @@
+"""The launcher's flags: a value out of range is a start-up error naming the flag, never a
+server that starts and then refuses every request, nor a silent default."""
+
+from __future__ import annotations
+
+import pytest
+
+from frontend.cli import build_parser, config_from_args
+
+
+def config_of(*flags: str):
+    return config_from_args(build_parser().parse_args(["serve", *flags]))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-model-len", "-5"], "--max-model-len must be positive, got -5"),
+        (["--max-model-len", "0"], "--max-model-len must be positive, got 0"),
+        (["--kv-cache-gib", "0"], "--kv-cache-gib must be a positive number of GiB, got 0.0"),
+        (["--kv-cache-gib", "-2"], "--kv-cache-gib must be a positive number of GiB, got -2.0"),
+        (["--kv-cache-gib", "nan"], "--kv-cache-gib must be a positive number of GiB, got nan"),
+        (["--kv-cache-gib", "inf"], "--kv-cache-gib must be a positive number of GiB, got inf"),
+        (["--port", "70000"], "--port must be between 1 and 65535, got 70000"),
+        (["--port", "65536"], "--port must be between 1 and 65535, got 65536"),
+        (["--port", "0"], "--port must be between 1 and 65535, got 0"),
+        (["--num-threads", "0"], "--num-threads must be positive, got 0"),
+        (["--block-size", "0"], "--block-size must be positive, got 0"),
+        (["--max-num-seqs", "-1"], "--max-num-seqs must be positive, got -1"),
+        (["--max-waiting-requests", "-1"], "--max-waiting-requests must be 0 or more, got -1"),
+    ],
+)
+def test_a_value_out_of_range_is_an_error_naming_the_flag(default_model, flags, message):
+    with pytest.raises(SystemExit) as info:
+        config_of(default_model, *flags)
+    assert str(info.value) == f"furiosa-llm: {message}"
+
+
+@pytest.mark.parametrize("flags", [["--port", "1"], ["--port", "65535"], ["--kv-cache-gib", "0.01"],
+                                   ["--max-model-len", "1"], ["--num-threads", "1"]])
+def test_the_edges_of_each_range_are_accepted(default_model, flags):
+    config_of(default_model, *flags)
+
+
+def test_max_model_len_defaults_to_the_models_own_and_long_ones_need_the_flag(default_model):
+    config = config_of(default_model)
+    assert config.max_model_len is None and not config.allow_long_max_model_len
+    config = config_of(default_model, "--max-model-len", "100000", "--allow-long-max-model-len")
+    assert config.max_model_len == 100000 and config.allow_long_max_model_len
+
+
+def test_the_override_is_documented_in_help():
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    text = " ".join(serve.format_help().split())
+    assert "--allow-long-max-model-len" in text and "max_position_embeddings" in text
