@@ -23,10 +23,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-# llama.cpp's token types (`tokenizer.ggml.token_type`).
-TOKEN_TYPE_NORMAL = 1
-TOKEN_TYPE_CONTROL = 3
-TOKEN_TYPE_USER_DEFINED = 4
+from ipc.vocabulary import TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL, TOKEN_TYPE_USER_DEFINED, read_gguf_metadata
 
 # Llama 3 (tiktoken's cl100k shape): case-insensitive contractions, a letter run may take one
 # leading non-letter, non-digit (not a newline), numbers in groups of up to 3 digits, newlines
@@ -166,20 +163,17 @@ def _load_gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
 
 def read_gguf_tokenizer_metadata(path: str) -> dict[str, Any]:
     """The `tokenizer.*`, `general.*` and context-length metadata of a GGUF file as plain values."""
-    import gguf  # only GGUF artifacts need it
-
     try:
-        reader = gguf.GGUFReader(path, "r")
-        metadata = {
-            name: field.contents()
-            for name, field in reader.fields.items()
-            if name.startswith(("tokenizer.", "general.")) or name.endswith(".context_length")
-        }
+        metadata = read_gguf_metadata(path, _is_tokenizer_key)
     except Exception as exc:  # a truncated or foreign file fails in many ways inside the reader
         raise TokenizerLoadError(f"{path}: not a readable GGUF file: {exc}") from exc
     if "tokenizer.ggml.tokens" not in metadata:
         raise TokenizerLoadError(f"{path}: the GGUF file has no tokenizer (no tokenizer.ggml.tokens)")
     return metadata
+
+
+def _is_tokenizer_key(name: str) -> bool:
+    return name.startswith(("tokenizer.", "general.")) or name.endswith(".context_length")
 
 
 def build_byte_level_tokenizer(metadata: dict[str, Any], *, source: str) -> PreTrainedTokenizerFast:

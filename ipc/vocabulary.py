@@ -18,9 +18,11 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # llama.cpp's token types (`tokenizer.ggml.token_type`)
+TOKEN_TYPE_NORMAL = 1
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
 TOKEN_TYPE_BYTE = 6
@@ -111,8 +113,9 @@ _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
-def read_gguf_metadata(path: str, keys: set[str]) -> dict:
-    """The values of `keys` from a GGUF file's key-value section (little-endian, version 2+).
+def read_gguf_metadata(path: str, keys: set[str] | Callable[[str], bool]) -> dict:
+    """The values of `keys` (a set, or a predicate on key names) from a GGUF file's key-value
+    section (little-endian, version 2+).
 
     `gguf.GGUFReader` also makes a numpy view of every array element, which takes seconds for
     a 49k-token vocabulary and its merges; walking the section with struct takes milliseconds.
@@ -122,11 +125,12 @@ def read_gguf_metadata(path: str, keys: set[str]) -> dict:
         if magic != b"GGUF" or version < 2:
             raise ValueError(f"not a GGUF v2+ file (magic {magic!r}, version {version})")
         reader = _GgufValues(data, 24)
+        is_wanted = keys.__contains__ if isinstance(keys, set) else keys
         found = {}
         for _ in range(num_kv):
             key = reader.string()
             (value_type,) = reader.unpack("<I")
-            if key in keys:
+            if is_wanted(key):
                 found[key] = reader.value(value_type)
             else:
                 reader.skip(value_type)
