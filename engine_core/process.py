@@ -165,6 +165,8 @@ class EngineCoreProc:
                 if message is _SHUTDOWN:
                     return
                 self.output_socket.send(encode(message))
+        except zmq.ContextTerminated:  # our own teardown (run's finally), with outputs unsent
+            logger.info("stopped sending to the frontend: the engine core is shutting down")
         except zmq.ZMQError as e:
             logger.error("cannot send to the frontend: %s", e)
         finally:

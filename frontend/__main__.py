@@ -28,9 +28,10 @@ from frontend.tokenizer import TokenizerLoadError, load_tokenizer
 from ipc.config import ServeConfig
 from ipc.notify import report_startup_error
 
-# In-flight requests get this long to finish after SIGTERM before they are cancelled (which
-# aborts them in the engine).
-GRACEFUL_SHUTDOWN_TIMEOUT_S = 30
+# After SIGTERM in-flight requests get --shutdown-timeout seconds; this long before it runs out,
+# the ones still running end with an error (an error event and [DONE] for a stream) and are
+# aborted in the engine, so that no connection is cut mid-chunk when uvicorn cancels them.
+STREAM_END_MARGIN_S = 1.0
 API_KEY_ENV = "FURIOSA_LLM_API_KEY"
 
 
@@ -59,7 +60,18 @@ class FrontendServer(uvicorn.Server):
         if self._notifier is not None:
             self._notifier.cancel()
         sd_notify("STOPPING=1\nSTATUS=draining in-flight requests")
-        await super().shutdown(sockets)
+        grace_s = self.config.timeout_graceful_shutdown or 0
+        deadline = asyncio.get_running_loop().call_later(max(0.0, grace_s - STREAM_END_MARGIN_S),
+                                                         self._stop_in_flight, grace_s)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()
+
+    def _stop_in_flight(self, grace_s: float) -> None:
+        services = getattr(self.app.state, "services", None)
+        if services is not None:
+            services.engine_client.stop_in_flight(f"the {grace_s:g} s shutdown grace period ran out")
 
 
 class _StartupChatter(logging.Filter):
@@ -123,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             # "on", not "auto": with "auto" uvicorn logs a failed startup (tokenizer missing)
             # and serves anyway.
             lifespan="on",
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_TIMEOUT_S,
+            timeout_graceful_shutdown=config.shutdown_timeout_s,
         ),
         app,
     )

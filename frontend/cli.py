@@ -36,7 +36,7 @@ from ipc.notify import STARTUP_ERROR_KEY, parse_state, sd_notify
 from ipc.sockets import ipc_addresses, make_ipc_dir
 
 SUPPORTED_DEVICES = ("cpu",)
-FRONTEND_STOP_TIMEOUT_S = 40.0  # the frontend's own graceful timeout is 30 s
+FRONTEND_STOP_MARGIN_S = 10.0  # past --shutdown-timeout, for the frontend to close and exit
 ENGINE_STOP_TIMEOUT_S = 10.0
 AFTER_ENGINE_DEATH_TIMEOUT_S = 3.0  # lets the frontend send error events to open streams
 API_KEY_ENV = "FURIOSA_LLM_API_KEY"
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="no periodic throughput / queue / KV cache line in the log")
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="after SIGTERM, in-flight requests get this long to finish; streams still "
+                            "open then end with an error event and [DONE]")
     return parser
 
 
@@ -155,6 +158,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         clamp_max_tokens=args.clamp_max_tokens,
         disable_log_stats=args.disable_log_stats,
         log_level=args.log_level,
+        shutdown_timeout_s=args.shutdown_timeout,
     )
 
 
@@ -175,6 +179,8 @@ def _check_limits(args: argparse.Namespace) -> None:
         refuse("kv-cache-gib", "a positive number of GiB", args.kv_cache_gib)
     if args.max_waiting_requests < 0:
         refuse("max-waiting-requests", "0 or more", args.max_waiting_requests)
+    if not (args.shutdown_timeout >= 0 and math.isfinite(args.shutdown_timeout)):
+        refuse("shutdown-timeout", "0 or more seconds", args.shutdown_timeout)
 
 
 def _default_served_name(model: str) -> str:
@@ -331,7 +337,8 @@ class Launcher:
     def _stop_children(self, *, engine_died: bool) -> int:
         """Frontend first (it drains in-flight requests), then the engine."""
         status = 0
-        frontend_timeout = AFTER_ENGINE_DEATH_TIMEOUT_S if engine_died else FRONTEND_STOP_TIMEOUT_S
+        frontend_timeout = (AFTER_ENGINE_DEATH_TIMEOUT_S if engine_died
+                            else self.config.shutdown_timeout_s + FRONTEND_STOP_MARGIN_S)
         for child, timeout in ((self.frontend, frontend_timeout), (self.engine, ENGINE_STOP_TIMEOUT_S)):
             if child is None or child.poll() is not None:
                 continue

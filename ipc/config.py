@@ -34,6 +34,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     clamp_max_tokens: bool = False
     disable_log_stats: bool = False
     log_level: str = "info"
+    shutdown_timeout_s: float = 30.0  # after SIGTERM, in-flight requests get this long to finish
     # Set by the launcher: the two ZeroMQ endpoints (ipc:// paths in a private temp dir).
     input_address: str = ""  # frontend -> engine
     output_address: str = ""  # engine -> frontend

@@ -151,6 +151,25 @@ def test_sigterm_drains_the_in_flight_request_and_exits_0_and_systemd_hears_read
     assert not os.path.exists(ipc_dir)
 
 
+def test_a_stream_still_open_when_the_shutdown_grace_period_ends_gets_an_error_event_and_done():
+    server = Server("--shutdown-timeout", "2").wait_ready()
+    try:
+        with httpx.stream("POST", server.url + "/v1/completions", json={**LONG, "stream": True}, timeout=120) as stream:
+            lines = stream.iter_lines()
+            first = data_events([next(lines)])
+            server.process.send_signal(signal.SIGTERM)
+            events = first + data_events(lines)
+        assert server.process.wait(timeout=60) == 0
+        log = server.output()
+    finally:
+        stop_quietly(server)
+    assert events[-1] == "[DONE]"
+    *chunks, last = [json.loads(e) for e in events[:-1]]  # every event whole, none cut mid-chunk
+    assert last["error"]["code"] == "server_shutting_down", last
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks)  # ended by the deadline
+    assert "ERROR" not in log, log
+
+
 def test_api_key_guards_every_route_but_health_and_metrics():
     server = Server(env={"FURIOSA_LLM_API_KEY": API_KEY}).wait_ready()
     try:

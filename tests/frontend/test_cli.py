@@ -21,6 +21,7 @@ def config_of(*flags: str):
         (["--kv-cache-gib", "-2"], "--kv-cache-gib must be a positive number of GiB, got -2.0"),
         (["--kv-cache-gib", "nan"], "--kv-cache-gib must be a positive number of GiB, got nan"),
         (["--kv-cache-gib", "inf"], "--kv-cache-gib must be a positive number of GiB, got inf"),
+        (["--shutdown-timeout", "-1"], "--shutdown-timeout must be 0 or more seconds, got -1.0"),
         (["--port", "70000"], "--port must be between 1 and 65535, got 70000"),
         (["--port", "65536"], "--port must be between 1 and 65535, got 65536"),
         (["--port", "0"], "--port must be between 1 and 65535, got 0"),
