@@ -106,6 +106,21 @@ def load_startup_files(config: ServeConfig):
     return tokenizer
 
 
+def listen(config: ServeConfig) -> socket.socket:
+    """The listening socket, bound before uvicorn starts, so that a port already taken is one
+    line like every other start-up failure (uvicorn would log it at ERROR, among others)."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((config.host, config.port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"furiosa-llm: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from exc
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m frontend", description=__doc__)
     parser.add_argument("--config-json", required=True, help="a ServeConfig as JSON (from the launcher)")
@@ -122,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         tokenizer = load_startup_files(config)
+        sock = listen(config)
     except StartupError as exc:
         logging.getLogger("frontend").debug("the frontend cannot start", exc_info=True)
         return report_startup_error(str(exc))
@@ -146,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except SystemExit as exc:  # uvicorn exits with 3 when startup fails, 1 when it cannot bind
         return exc.code if isinstance(exc.code, int) else 1
     except Exception:

@@ -10,6 +10,7 @@ import pathlib
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -100,6 +101,19 @@ def test_an_out_of_range_flag_is_one_line(tiny_dir):
                             capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S)
     assert result.returncode != 0
     assert result.stderr == "furiosa-llm: --port must be between 1 and 65535, got 70000\n"
+
+
+def test_a_port_already_in_use_is_one_line(tiny_dir):
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run([COMMAND, "serve", str(tiny_dir), "--host", "127.0.0.1", "--port", str(port),
+                                 "--kv-cache-gib", "0.01"], capture_output=True, text=True,
+                                timeout=STARTUP_TIMEOUT_S, env=env)
+    assert_one_line_failure(result.returncode, result.stdout + result.stderr,
+                            f"furiosa-llm: cannot listen on 127.0.0.1:{port}: Address already in use")
 
 
 def test_log_level_debug_keeps_the_traceback(tiny_dir, tmp_path):
