@@ -59,6 +59,9 @@ class EngineCore:
         )
         self.kv = KVCacheManager(self.num_blocks, config.block_size,
                                  enable_prefix_caching=config.enable_prefix_caching)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB) allocated and touched in %.1f s; engine RSS %.2f GiB",
+                    self.num_blocks, config.block_size, self.num_blocks * block_bytes / 2**30,
+                    self.runner.cache.allocation_s, _rss_bytes() / 2**30)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
         self.structured_output = StructuredOutputManager(
@@ -66,7 +69,8 @@ class EngineCore:
         )
         self.requests: dict[str, Request] = {}
         self.pending_outputs: list[EngineCoreOutput] = []
-        self.num_prompt_tokens_computed = 0
+        self.num_prompt_tokens = 0  # whole prompts of requests whose prefill finished, as vLLM counts
+        self.num_prompt_tokens_computed = 0  # prefill tokens computed (not from the cache; recomputation included)
 
     @classmethod
     def from_config(cls, config: ServeConfig) -> "EngineCore":
@@ -99,6 +103,7 @@ class EngineCore:
             num_prompt_tokens_computed=self.num_prompt_tokens_computed,
             prefix_cache_queried_tokens=self.kv.num_queried_tokens,
             prefix_cache_hit_tokens=self.kv.num_hit_tokens,
+            num_prompt_tokens=self.num_prompt_tokens,
         )
 
     # ------------------------------------------------------------------ requests in
@@ -192,9 +197,13 @@ class EngineCore:
         for index, entry in enumerate(scheduled.scheduled):
             if index in result.prompt_logits:
                 self._record_prompt_logprobs(entry.seq, result.prompt_logits[index])
-            if entry.seq.num_computed_tokens < entry.seq.request.num_prompt_tokens:
+            request = entry.seq.request
+            if entry.seq.num_computed_tokens < request.num_prompt_tokens:
                 self.num_prompt_tokens_computed += entry.num_tokens
             entry.seq.num_computed_tokens += entry.num_tokens
+            if not request.is_prompt_counted and entry.seq.num_computed_tokens >= request.num_prompt_tokens:
+                request.is_prompt_counted = True  # once, however often a preempted prompt is recomputed
+                self.num_prompt_tokens += request.num_prompt_tokens
             self.kv.cache_full_blocks(entry.seq)
         seqs: list[Sequence] = []
         rows: list[int] = []
@@ -427,3 +436,15 @@ def _biased(logits: np.ndarray, params) -> np.ndarray:
     row = logits.copy()
     add_logit_bias(row, params.logit_bias)
     return row
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory (Linux; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

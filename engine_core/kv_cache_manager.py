@@ -8,8 +8,9 @@ Prefix caching: a full block is named by a hash of its tokens chained with the h
 block before it, so a name stands for the whole prefix up to the block's end. A block that
 fills up is registered under its name; when its last holder lets go it stays in the pool as a
 free but *cached* block, and a later sequence whose tokens begin the same way takes it instead
-of computing those tokens again. Cached free blocks are evicted least recently freed first,
-before any never-used block is touched: caching reuses memory, it never grows the process.
+of computing those tokens again. The cache's memory is all touched at start-up, so every free
+block may stay cached at no cost: blocks that hold no prefix are taken first, and cached ones are
+evicted least recently used first, a prefix's tail before its head.
 """
 
 from __future__ import annotations
@@ -36,17 +37,25 @@ def _salt(cache_salt: str | None) -> bytes | None:
 
 
 class BlockPool:
+    """Block ids, their reference counts and the free ones, in two kinds.
+
+    A free block either holds no cached prefix (plain) or holds one (cached). Plain blocks are
+    always taken first; only when none is left is a cached one evicted, the least recently used
+    (last used when freed: a hit holds the block, so its release renews it). A sequence frees
+    its tail before its head, so a prefix loses its tail first. The whole cache is allocated and
+    touched at start-up (`KVCache`), so keeping every free block cached costs no memory.
+    """
+
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
-        # uncached free blocks, a stack: the most recently freed block is reused first, so the
-        # cache's memory pages are touched only as far as the load needs (the arrays are mapped
-        # lazily). A block taken out of turn (see allocate's `after`) leaves a stale entry behind,
-        # skipped when popped; is_free_uncached says which entries are live.
+        # plain free blocks, a stack: the most recently freed is reused first, so a new sequence
+        # tends to start in a run a finished one left. A block taken out of turn (see allocate's
+        # `after`) leaves a stale entry behind, skipped when popped; is_free_plain says which
+        # entries are live.
         self.free_block_ids: list[int] = list(range(num_blocks - 1, -1, -1))
-        self.is_free_uncached = bytearray(b"\x01") * num_blocks
-        self.num_free_uncached = num_blocks
-        self.num_touched = 0  # blocks [0, num_touched) have been used at least once
-        self.cached_free: OrderedDict[int, None] = OrderedDict()  # free blocks with a hash, oldest first
+        self.is_free_plain = bytearray(b"\x01") * num_blocks
+        self.num_free_plain = num_blocks
+        self.cached_free: OrderedDict[int, None] = OrderedDict()  # free blocks with a hash, least recently used first
         self.hash_of: list[bytes | None] = [None] * num_blocks
         self.block_of: dict[bytes, int] = {}  # hash -> the block holding that prefix
         self.ref_counts = [0] * num_blocks
@@ -54,7 +63,7 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return self.num_free_uncached + len(self.cached_free)
+        return self.num_free_plain + len(self.cached_free)
 
     @property
     def num_used(self) -> int:
@@ -67,18 +76,18 @@ class BlockPool:
     def allocate(self, count: int, after: int | None = None) -> list[int]:
         """`count` blocks for a sequence whose last block is `after` (None if it has none).
 
-        Each block is preferably the one right after the previous (when it is touched, free and
-        not cached), so a sequence's blocks tend to lie in one run: the attention's gather reads
-        a run at memory speed and scattered 12 KB blocks at about half of it. A new sequence
-        starts at the most recently freed block among the top of the stack that begins the
-        longest free run (up to `count`)."""
+        Each block is preferably the one right after the previous (when that is free and plain),
+        so a sequence's blocks tend to lie in one run: the attention's gather reads a run at
+        memory speed and scattered 12 KB blocks at about half of it. A new sequence starts at the
+        most recently freed block among the top of the stack that begins the longest free run
+        (up to `count`)."""
         assert count <= self.num_free, "allocate() without can_allocate()"
         block_ids = []
         if after is None and count > 1:
             after = self._before_free_run(count)
         for _ in range(count):
             following = -1 if after is None else after + 1
-            if 0 <= following < self.num_touched and self.is_free_uncached[following]:
+            if 0 <= following < self.num_blocks and self.is_free_plain[following]:
                 self._mark_taken(following)  # its stack entry goes stale
                 block_id = following
             else:
@@ -91,11 +100,11 @@ class BlockPool:
         return block_ids
 
     def _before_free_run(self, count: int, scan: int = 64) -> int | None:
-        """The block before the start of the longest run of touched, uncached free blocks (up
-        to `count` long) that starts at one of the `scan` most recently freed blocks; None when
-        no run is longer than one block (the usual choice is as good)."""
+        """The block before the start of the longest run of plain free blocks (up to `count`
+        long) that starts at one of the `scan` most recently freed blocks; None when no run is
+        longer than one block (the usual choice is as good)."""
         self._drop_stale_top()  # they would otherwise be stepped over on every call
-        stack, is_free, touched = self.free_block_ids, self.is_free_uncached, self.num_touched
+        stack, is_free, end = self.free_block_ids, self.is_free_plain, self.num_blocks
         best, best_len, seen = None, 1, set()
         want = min(count, 32)
         for block_id in itertools.islice(reversed(stack), 4 * scan):  # stale or repeated ones too
@@ -104,10 +113,8 @@ class BlockPool:
             if not is_free[block_id] or block_id in seen:
                 continue
             seen.add(block_id)
-            if block_id >= touched:
-                break  # below here lies untouched memory only
             run = 1
-            while run < want and block_id + run < touched and is_free[block_id + run]:
+            while run < want and block_id + run < end and is_free[block_id + run]:
                 run += 1
             if run > best_len:
                 best, best_len = block_id, run
@@ -118,23 +125,20 @@ class BlockPool:
     def _drop_stale_top(self) -> None:
         """Pop the stack's stale entries (blocks taken out of turn) down to a live one."""
         stack = self.free_block_ids
-        while stack and not self.is_free_uncached[stack[-1]]:
+        while stack and not self.is_free_plain[stack[-1]]:
             stack.pop()
 
     def _mark_taken(self, block_id: int) -> None:
-        self.is_free_uncached[block_id] = 0
-        self.num_free_uncached -= 1
+        self.is_free_plain[block_id] = 0
+        self.num_free_plain -= 1
 
     def _take_free(self) -> int:
-        """A free block, in this order: an uncached one the load has touched before, the oldest
-        cached one (evicted), an untouched one. So a cached prefix lives in memory the load has
-        already used and never makes the process grow; it survives until that memory is needed."""
+        """A plain free block if there is one, else the least recently used cached one (evicted):
+        a cached prefix survives until every block that holds none is in use."""
         self._drop_stale_top()
-        stack = self.free_block_ids
-        if stack and (stack[-1] < self.num_touched or not self.cached_free):
-            block_id = stack.pop()
+        if self.free_block_ids:
+            block_id = self.free_block_ids.pop()
             self._mark_taken(block_id)
-            self.num_touched = max(self.num_touched, block_id + 1)
             return block_id
         block_id, _ = self.cached_free.popitem(last=False)
         del self.block_of[self.hash_of[block_id]]
@@ -147,6 +151,8 @@ class BlockPool:
             self.ref_counts[block_id] += 1
 
     def release(self, block_ids: list[int]) -> None:
+        """Let go of blocks; in the given order, those left free and cached become the most
+        recently used (so pass a sequence's tail first)."""
         for block_id in block_ids:
             assert self.ref_counts[block_id] > 0, f"block {block_id} released twice"
             self.ref_counts[block_id] -= 1
@@ -157,15 +163,15 @@ class BlockPool:
                     self._push_free(block_id)
 
     def _push_free(self, block_id: int) -> None:
-        self.is_free_uncached[block_id] = 1
-        self.num_free_uncached += 1
+        self.is_free_plain[block_id] = 1
+        self.num_free_plain += 1
         self.free_block_ids.append(block_id)
-        if len(self.free_block_ids) > 2 * self.num_free_uncached + 64:
+        if len(self.free_block_ids) > 2 * self.num_free_plain + 64:
             # drop stale entries and the older duplicates of blocks freed again, keeping order
             seen: set[int] = set()
             live = []
             for b in reversed(self.free_block_ids):
-                if self.is_free_uncached[b] and b not in seen:
+                if self.is_free_plain[b] and b not in seen:
                     seen.add(b)
                     live.append(b)
             live.reverse()

@@ -40,6 +40,7 @@ class Request:
         self.num_sequences_created = 1
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache when it first started
         self.has_started = False
+        self.is_prompt_counted = False  # in the engine's num_prompt_tokens (its prefill finished once)
 
     @property
     def num_prompt_tokens(self) -> int:

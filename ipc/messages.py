@@ -129,6 +129,7 @@ class SchedulerStats(msgspec.Struct, array_like=True):
     num_prompt_tokens_computed: int  # since start
     prefix_cache_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache, since start
     prefix_cache_hit_tokens: int = 0  # of those, found there (not computed)
+    num_prompt_tokens: int = 0  # since start: whole prompts of requests whose prefill finished (vLLM's count)
 
 
 class EngineReady(msgspec.Struct, tag="ready", array_like=True):

@@ -1,5 +1,6 @@
-"""Prefix caching: a prompt that begins like an earlier one starts on that one's KV blocks, gives
-the same tokens as if computed, and never holds on to memory the load does not need."""
+"""Prefix caching: a prompt that begins like an earlier one starts on that one's KV blocks and
+gives the same tokens as if computed; every free block keeps its prefix until the pool needs it
+(blocks holding none are taken first, then the least recently used cached ones)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def test_a_repeated_prompt_starts_on_its_cached_blocks_and_gives_the_same_tokens
     assert computed(core) == 200 + 8
     stats = core.stats()
     assert (stats.prefix_cache_queried_tokens, stats.prefix_cache_hit_tokens) == (400, 192)
+    # vLLM's prompt token count is of whole prompts, the cached part included
+    assert (stats.num_prompt_tokens, stats.num_prompt_tokens_computed) == (400, 208)
     assert_all_blocks_free(core)
 
 
@@ -109,46 +112,76 @@ def chain(tokens: list[int], block_size: int = 16) -> list[bytes]:
     return hashes
 
 
-def test_cached_blocks_are_evicted_oldest_first_and_a_prefix_loses_its_tail_first(tmp_path):
+def test_cached_blocks_are_evicted_least_recently_used_first_and_a_prefix_loses_its_tail_first(tmp_path):
     core = tiny_core(write_tiny_model(tmp_path), num_blocks=10)
+    pool = core.kv.pool
     a = [1] + list(range(10, 73))  # 64 tokens: 4 full blocks
     b = [2] + list(range(80, 143))
     c = [3] + list(range(150, 181))  # 32 tokens: 2 blocks
-    core.add_request(tiny_request("a", a, max_tokens=1, ignore_eos=True))
-    core.add_request(tiny_request("b", b, max_tokens=1, ignore_eos=True))
-    collect(core)
-    pool = core.kv.pool
+    d = [4] + list(range(190, 253))
+    for prompt in (a, b):  # one after the other: a's blocks are the least recently used
+        core.add_request(tiny_request(str(prompt[0]), prompt, max_tokens=1, ignore_eos=True))
+        collect(core)
     assert len(pool.cached_free) == 8 and pool.num_free == 10
-    assert [len(pool.lookup(chain(p))) for p in (a, b)] == [4, 4]
     core.add_request(tiny_request("c", c, max_tokens=1, ignore_eos=True))
     assert all(o.error is None for o in collect(core))
-    # c took the two oldest cached blocks (the last two of whichever of a and b was freed
-    # first), not the two never-used ones; the other prefix is whole
-    assert pool.num_touched == 8
-    assert sorted(len(pool.lookup(chain(p))) for p in (a, b)) == [2, 4]
-    partial = a if len(pool.lookup(chain(a))) == 2 else b
+    # c took the two blocks that held no prefix; nothing was evicted
+    assert [len(pool.lookup(chain(p))) for p in (a, b, c)] == [4, 4, 2]
     hits = core.kv.num_hit_tokens
-    core.add_request(tiny_request("again", partial, max_tokens=1, ignore_eos=True))
+    core.add_request(tiny_request("a-head", a[:33], max_tokens=1, ignore_eos=True))
+    collect(core)
+    # a's head was hit (and so used last); its last token needed a block: a's fourth, the oldest
+    assert core.kv.num_hit_tokens - hits == 32
+    assert [len(pool.lookup(chain(p))) for p in (a, b, c)] == [3, 4, 2]
+    core.add_request(tiny_request("d", d, max_tokens=1, ignore_eos=True))
+    collect(core)
+    # d took the one plain block, then evicted the least recently used: a's third block and
+    # b's last two (b was freed before a's head was hit), each prefix's tail before its head
+    assert [len(pool.lookup(chain(p))) for p in (a, b, c, d)] == [2, 2, 2, 4]
+    hits = core.kv.num_hit_tokens
+    core.add_request(tiny_request("b-again", b, max_tokens=1, ignore_eos=True))
     collect(core)
     assert core.kv.num_hit_tokens - hits == 32  # starts on the head that survived
     assert set(pool.block_of.values()) == {x for x in range(10) if pool.hash_of[x] is not None}
-    assert pool.num_free == 10 and not any(pool.ref_counts) and pool.num_touched == 8
+    assert pool.num_free == 10 and not any(pool.ref_counts)
 
 
-def test_the_pool_reuses_touched_blocks_then_evicts_the_oldest_cached_before_touching_new_memory():
-    pool = BlockPool(10)
-    first = pool.allocate(4)  # blocks 0..3: now touched
+def test_the_pool_takes_plain_blocks_before_evicting_and_then_evicts_the_least_recently_used():
+    pool = BlockPool(6)
+    first = pool.allocate(4)
     assert first == [0, 1, 2, 3]
     for block_id, h in zip(first[:2], [b"x", b"y"]):
         pool.register(block_id, h)
-    pool.release(first)  # 0 and 1 cached; 2 and 3 plain free
-    assert pool.allocate(2) == [2, 3]  # touched and uncached (as one run)
+    pool.release(first[::-1])  # 3 and 2 plain free; y, then x cached (tail first)
+    assert pool.allocate(2) == [2, 3]  # plain (as one run)
+    assert pool.allocate(2) == [4, 5]  # every other plain block goes before a cached one
     assert pool.lookup([b"x", b"y"]) == [0, 1]
-    assert pool.allocate(1) == [0]  # the oldest cached, evicted
-    assert pool.lookup([b"x", b"y"]) == []  # y's chain starts with x
-    assert pool.block_of == {b"y": 1}
-    assert pool.allocate(2) == [1, 4]  # the last cached block, then untouched memory
-    assert pool.block_of == {} and pool.num_free == 5
+    assert pool.allocate(1) == [1]  # the least recently used: y, the prefix's tail
+    assert pool.lookup([b"x", b"y"]) == [0]
+    assert pool.block_of == {b"x": 0}
+    pool.register(1, b"z")
+    pool.release([1])  # z is now used later than x
+    pool.take_cached([0])  # a hit on x
+    pool.release([0])  # ... makes x the most recently used
+    assert pool.allocate(1) == [1] and pool.block_of == {b"x": 0}
+    assert pool.num_free == 1
+
+
+def test_three_tenants_taking_turns_keep_their_system_prompts_cached(make_core):
+    """Interleaved requests of three tenants, each with its own system prompt, on a fresh server:
+    the cache holds all three prefixes, so every turn after a tenant's first starts on it."""
+    core = make_core()  # 0.25 GiB: 364 blocks of 16 tokens, ample for three prefixes
+    systems = [prompt_of(100 + tenant, 96) for tenant in range(3)]  # 6 full blocks each
+    for turn in range(3):
+        for tenant, system in enumerate(systems):
+            prompt = system + prompt_of(1000 + 10 * turn + tenant, 20)
+            core.add_request(request(f"{tenant}-{turn}", prompt, temperature=0.0, max_tokens=4, ignore_eos=True))
+            run_to_completion(core)  # one at a time: the pool's free blocks are all free in between
+    stats = core.stats()
+    assert stats.prefix_cache_hit_tokens == 6 * 96  # turns 2 and 3 of each tenant find the 6 blocks
+    assert stats.num_prompt_tokens == 9 * 116
+    assert stats.num_prompt_tokens_computed == 9 * 116 - 6 * 96
+    assert_all_blocks_free(core)
 
 
 def test_a_sequence_preempted_and_restarted_resumes_from_its_own_cached_blocks(make_core):

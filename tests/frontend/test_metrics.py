@@ -37,13 +37,15 @@ def test_metrics_count_requests_tokens_and_latencies(client, engine, tokenizer):
     body = {"messages": USER_HI, "n": 2, "stream": True}
     assert client.post("/v1/chat/completions", json=body).status_code == 200
     engine.latest_stats = SchedulerStats(num_running=2, num_waiting=3, kv_cache_usage=0.5, num_preemptions=4,
-                                         num_prompt_tokens_computed=42)
+                                         num_prompt_tokens_computed=42, num_prompt_tokens=58)
     after = scrape(client)
     assert after["furiosa_llm:num_requests_running"] == 2
     assert after["furiosa_llm:num_requests_waiting"] == 3
     assert after["furiosa_llm:kv_cache_usage_perc"] == 0.5
     assert after["furiosa_llm:num_preemptions_total"] == 4
-    assert after["furiosa_llm:prompt_tokens_total"] == 42
+    # vLLM's prompt_tokens_total counts whole prompts, cached tokens too; the computed ones apart
+    assert after["furiosa_llm:prompt_tokens_total"] == 58
+    assert after["furiosa_llm:prompt_tokens_computed_total"] == 42
     num_chat_tokens = engine.num_generation_tokens - 5
     assert num_chat_tokens > 2 and after["furiosa_llm:generation_tokens_total"] == engine.num_generation_tokens
     assert after["furiosa_llm:request_success_total{finished_reason=length}"] == 1
