@@ -20,7 +20,7 @@ import numpy as np
 from engine_core.beam_search import BeamSearch, BeamStep
 from engine_core.kv_cache_manager import KVCacheManager
 from engine_core.loader import ModelConfig, load_artifact
-from engine_core.model import KVCache
+from engine_core.model import KVCache, resolve_kv_cache_dtype
 from engine_core.model_runner import ModelRunner, RunnerOutput
 from engine_core.request import Request, Sequence
 from engine_core.sampler import Sampler, add_logit_bias, log_softmax, token_logprobs
@@ -45,7 +45,8 @@ class EngineCore:
     def __init__(self, config: ServeConfig, model_config: ModelConfig, weights: dict[str, np.ndarray]):
         self.config = config
         self.model_config = model_config
-        block_bytes = KVCache.bytes_per_block(model_config, config.block_size)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype)
+        block_bytes = KVCache.bytes_per_block(model_config, config.block_size, self.kv_cache_dtype)
         self.num_blocks = max(1, int(config.kv_cache_gib * 2**30) // block_bytes)
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
         if self.max_model_len > self.capacity_tokens:
@@ -56,11 +57,12 @@ class EngineCore:
         self.runner = ModelRunner(
             model_config, weights, num_blocks=self.num_blocks,
             block_size=config.block_size, max_model_len=self.max_model_len,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
         self.kv = KVCacheManager(self.num_blocks, config.block_size,
                                  enable_prefix_caching=config.enable_prefix_caching)
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB) allocated and touched in %.1f s; engine RSS %.2f GiB",
-                    self.num_blocks, config.block_size, self.num_blocks * block_bytes / 2**30,
+        logger.info("KV cache: %d blocks of %d tokens (%s, %.2f GiB) allocated and touched in %.1f s; engine RSS %.2f GiB",
+                    self.num_blocks, config.block_size, self.kv_cache_dtype, self.num_blocks * block_bytes / 2**30,
                     self.runner.cache.allocation_s, _rss_bytes() / 2**30)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()

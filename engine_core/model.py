@@ -3,8 +3,8 @@
 Every weight matmul is one 2-D `[tokens, hidden] @ W` over all tokens of the step (decodes
 and prefill chunks together), or one GEMV per token when the step has only a few (see
 GEMV_MAX_ROWS). Attention reads keys and values from the paged cache: a prefill
-chunk one sequence at a time, in query tiles with a causal mask; decodes in small groups of
-sequences with similar lengths, padded to the longest in the group and masked.
+chunk one sequence at a time, in query tiles with a causal mask (BLAS); all decodes in one call
+of a numba kernel that reads each sequence's blocks in place (kernels/attention.py).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine_core.kernels.attention import KV_CACHE_DTYPES, paged_decode_attention, to_cache, to_float32
 from engine_core.loader import ModelConfig
 
 
-# Decodes attended together: one gather, two matmuls and one softmax per group instead of per
-# sequence. Eight 300-token contexts gather ~3 MB, which stays in cache for the two matmuls.
-DECODE_GROUP_SIZE = 8
+# --kv-cache-dtype auto. @KVAUTO@
+KV_CACHE_AUTO = "float32"
 
 # Prefill queries attended at a time (see LlamaModel._attention).
 PREFILL_QUERY_TILE = 128
@@ -50,12 +50,12 @@ class AttentionSpan:
 
 
 @dataclass
-class DecodeGroup:
-    """Up to DECODE_GROUP_SIZE sequences decoding one token each, attended together."""
+class DecodeBatch:
+    """The sequences decoding one token each in a step, attended in one kernel call."""
 
-    rows: np.ndarray  # [C] the batch rows of their new tokens
-    block_table: np.ndarray  # [C, num_blocks], a short row padded with any valid block id
-    padding: np.ndarray | None  # [C, num_blocks * block_size] True past a context's end; None if no row is padded
+    rows: np.ndarray  # [B] int64, the batch rows of their new tokens
+    block_table: np.ndarray  # [B, max blocks] int32; a row's entries past its context are unread
+    context_lens: np.ndarray  # [B] int32, tokens visible (the new one included)
 
 
 @dataclass
@@ -64,28 +64,17 @@ class ForwardBatch:
     positions: np.ndarray  # [T]
     slot_mapping: np.ndarray  # [T] block_id * block_size + offset, where each token's K/V goes
     spans: list[AttentionSpan]  # prefill chunks
-    decode_groups: list[DecodeGroup]
+    decodes: DecodeBatch | None
     output_rows: np.ndarray  # rows whose final hidden state is wanted (for logits)
 
 
-def group_decodes(rows: list[int], block_ids: list[np.ndarray], context_lens: list[int],
-                  block_size: int) -> list[DecodeGroup]:
-    """Sort decodes by context length and cut them into groups of DECODE_GROUP_SIZE, so each
-    group pads little."""
-    order = sorted(range(len(rows)), key=lambda i: context_lens[i])
-    groups = []
-    for first in range(0, len(order), DECODE_GROUP_SIZE):
-        members = order[first : first + DECODE_GROUP_SIZE]
-        width = max(len(block_ids[i]) for i in members)
-        table = np.empty((len(members), width), dtype=np.int64)
-        for r, i in enumerate(members):
-            table[r, : len(block_ids[i])] = block_ids[i]
-            table[r, len(block_ids[i]) :] = block_ids[i][0]
-        lens = np.array([context_lens[i] for i in members])
-        padding = np.arange(width * block_size)[None, :] >= lens[:, None]
-        groups.append(DecodeGroup(np.array([rows[i] for i in members], dtype=np.int64), table,
-                                  padding if padding.any() else None))
-    return groups
+def batch_decodes(rows: list[int], block_ids: list[np.ndarray], context_lens: list[int]) -> DecodeBatch | None:
+    if not rows:
+        return None
+    table = np.zeros((len(rows), max(len(b) for b in block_ids)), dtype=np.int32)
+    for r, blocks in enumerate(block_ids):
+        table[r, : len(blocks)] = blocks
+    return DecodeBatch(np.asarray(rows, dtype=np.int64), table, np.asarray(context_lens, dtype=np.int32))
 
 
 class KVCache:
@@ -95,21 +84,23 @@ class KVCache:
     [tokens, kv_heads, head_dim] array viewed per head is a strided matrix BLAS takes as is.
     """
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int):
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: str = "float32"):
         shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        storage = KV_CACHE_DTYPES[dtype]  # float16 or bfloat16 halve what decode attention reads
         # every page in memory now, not lazily: the process's memory is fixed and known before the
         # first request (as vLLM reserves its cache), so the block pool keeps every free block's
         # prefix cached at no cost
         start = time.perf_counter()
-        self.keys = _resident_zeros(shape)
-        self.values = _resident_zeros(shape)
+        self.keys = _resident_zeros(shape, storage)
+        self.values = _resident_zeros(shape, storage)
         self.allocation_s = time.perf_counter() - start
         self.num_blocks = num_blocks
         self.block_size = block_size
 
     @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int) -> int:
-        return 2 * config.num_layers * config.num_kv_heads * block_size * config.head_dim * 4
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: str = "float32") -> int:
+        itemsize = KV_CACHE_DTYPES[dtype].itemsize
+        return 2 * config.num_layers * config.num_kv_heads * block_size * config.head_dim * itemsize
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate block src into block dst in every layer."""
@@ -120,17 +111,26 @@ class KVCache:
             self.values[:, dst] = self.values[:, src]
 
 
-def _resident_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """float32 zeros whose pages are all mapped now. MAP_POPULATE maps them in one call: 2 GiB
+def resolve_kv_cache_dtype(name: str) -> str:
+    """--kv-cache-dtype: "auto" is float32 (see KV_CACHE_AUTO)."""
+    if name == "auto":
+        return KV_CACHE_AUTO
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"--kv-cache-dtype {name!r} is not one of auto, {', '.join(KV_CACHE_DTYPES)}")
+    return name
+
+
+def _resident_zeros(shape: tuple[int, ...], dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray:
+    """Zeros whose pages are all mapped now. MAP_POPULATE maps them in one call: 2 GiB
     took 4 s on a busy 2-core VM, where writing to each page of np.zeros (a fault per 4 KiB
     page) took 23 s. Where there is no MAP_POPULATE, a write to every page."""
     populate = getattr(mmap, "MAP_POPULATE", 0)
     if not populate:
-        array = np.zeros(shape, dtype=np.float32)
-        array.fill(0.0)
+        array = np.zeros(shape, dtype=dtype)
+        array.fill(0)
         return array
-    buffer = mmap.mmap(-1, math.prod(shape) * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
-    return np.frombuffer(buffer, dtype=np.float32).reshape(shape)
+    buffer = mmap.mmap(-1, math.prod(shape) * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -284,8 +284,8 @@ class LlamaModel:
     def _write_cache(cache: KVCache, layer: int, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         num_blocks, block_size, num_kv_heads, head_dim = cache.keys.shape[1:]
         flat = (num_blocks * block_size, num_kv_heads, head_dim)
-        cache.keys[layer].reshape(flat)[slots] = k
-        cache.values[layer].reshape(flat)[slots] = v
+        cache.keys[layer].reshape(flat)[slots] = to_cache(k, cache.keys.dtype)
+        cache.values[layer].reshape(flat)[slots] = to_cache(v, cache.values.dtype)
 
     def _attention(self, batch: ForwardBatch, cache: KVCache, layer: int, q: np.ndarray) -> np.ndarray:
         c = self.config
@@ -293,12 +293,13 @@ class LlamaModel:
         q = q * self.scale  # [T, heads, head_dim]; scaling q, not the scores, is one op per layer
         out = np.empty((q.shape[0], c.num_heads * head_dim), dtype=np.float32)
         keys, values = cache.keys[layer], cache.values[layer]
-        for g in batch.decode_groups:
-            self._decode_attention(g, keys, values, q, out)
+        d = batch.decodes
+        if d is not None:
+            paged_decode_attention(q, d.rows, keys, values, d.block_table, d.context_lens, out)
         for span in batch.spans:
             n, length = span.num_tokens, span.context_len
-            k = keys[span.block_ids].reshape(-1, kv_heads, head_dim)[:length].transpose(1, 2, 0)
-            v = values[span.block_ids].reshape(-1, kv_heads, head_dim)[:length].transpose(1, 0, 2)
+            k = to_float32(keys[span.block_ids]).reshape(-1, kv_heads, head_dim)[:length].transpose(1, 2, 0)
+            v = to_float32(values[span.block_ids]).reshape(-1, kv_heads, head_dim)[:length].transpose(1, 0, 2)
             # queries in tiles, each against the keys up to its own last position: the causal
             # triangle above the diagonal tiles is never computed, and only a tile's last
             # `rows` keys need the mask
@@ -314,28 +315,6 @@ class LlamaModel:
                 o = (_softmax(scores) @ v[:, :visible]).reshape(kv_heads, group, rows, head_dim)
                 out[start : start + rows] = o.transpose(2, 0, 1, 3).reshape(rows, -1)
         return out
-
-    def _decode_attention(self, g: DecodeGroup, keys: np.ndarray, values: np.ndarray, q: np.ndarray,
-                          out: np.ndarray) -> None:
-        c = self.config
-        kv_heads, group, head_dim = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
-        count, width = g.block_table.shape
-        length = width * keys.shape[1]
-        k = self._buffer("keys", (count, width) + keys.shape[1:])
-        v = self._buffer("values", (count, width) + values.shape[1:])
-        np.take(keys, g.block_table, axis=0, out=k, mode="clip")  # ids are valid; clip skips a check
-        np.take(values, g.block_table, axis=0, out=v, mode="clip")
-        k = k.reshape(count, length, kv_heads, head_dim)
-        v = v.reshape(count, length, kv_heads, head_dim)
-        scores = self._buffer("scores", (count, kv_heads, group, length))
-        np.matmul(q[g.rows].reshape(count, kv_heads, group, head_dim), k.transpose(0, 2, 3, 1), out=scores)
-        if g.padding is not None:
-            # past a context's end lie unwritten slots or another group member's blocks: the
-            # scores become -inf and the values zero (an old NaN times 0 would still be NaN)
-            np.copyto(scores, -np.inf, where=g.padding[:, None, None, :])
-            v[g.padding] = 0.0
-        _softmax(scores)
-        out[g.rows] = np.matmul(scores, v.transpose(0, 2, 1, 3)).reshape(count, -1)
 
 
 def _project(x: np.ndarray, weight: np.ndarray) -> np.ndarray:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine_core.loader import ModelConfig
-from engine_core.model import AttentionSpan, ForwardBatch, KVCache, LlamaModel, group_decodes
+from engine_core.kernels import attention
+from engine_core.model import AttentionSpan, ForwardBatch, KVCache, LlamaModel, batch_decodes
 from engine_core.scheduler import SchedulerOutput, ScheduledSequence
 
 
@@ -24,11 +25,12 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], *, num_blocks: int,
-                 block_size: int, max_model_len: int):
+                 block_size: int, max_model_len: int, kv_cache_dtype: str = "float32"):
         self.config = config
         self.block_size = block_size
         self.model = LlamaModel(config, weights, max_len=max_model_len)
-        self.cache = KVCache(config, num_blocks, block_size)
+        self.cache = KVCache(config, num_blocks, block_size, kv_cache_dtype)
+        self.attention_warm_up_s = attention.warm_up(self.cache.keys.dtype)
 
     def execute(self, out: SchedulerOutput, prompt_logit_rows: dict[int, int]) -> RunnerOutput:
         """prompt_logit_rows: scheduled index -> how many leading rows of its chunk need logits."""
@@ -70,7 +72,7 @@ class ModelRunner:
             positions=np.concatenate(positions),
             slot_mapping=np.concatenate(slots),
             spans=spans,
-            decode_groups=group_decodes(decode_rows, decode_blocks, decode_lens, bs),
+            decodes=batch_decodes(decode_rows, decode_blocks, decode_lens),
             output_rows=np.asarray(output_rows, dtype=np.int64),
         )
         return batch, sample_entries, prompt_slices

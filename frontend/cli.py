@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="token budget of one engine step (prefill chunks + decodes)")
     serve.add_argument("--kv-cache-gib", type=float, default=4.0, help="KV cache size in GiB")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    serve.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="element type of the KV cache (auto: float32); 16 bits hold twice the "
+                            "tokens in --kv-cache-gib and halve what decode attention reads")
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                        help="reuse the KV blocks of prompt prefixes seen before")
     serve.add_argument("--num-threads", type=int, default=None,
@@ -145,6 +148,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
         kv_cache_gib=args.kv_cache_gib,
+        kv_cache_dtype=args.kv_cache_dtype,
         enable_prefix_caching=args.enable_prefix_caching,
         num_threads=args.num_threads,
         chat_template=os.path.abspath(args.chat_template) if args.chat_template else None,

@@ -21,6 +21,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     kv_cache_gib: float = 4.0
+    kv_cache_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # BLAS threads in the engine; None: chosen at start-up
     chat_template: str | None = None  # a file path

@@ -1,37 +1,49 @@
-"""Paged attention against a plain float64 reference: decodes grouped and padded, prefill chunks
-with a causal mask, and a cache whose unused slots hold garbage."""
+"""Paged attention against references: the fused decode kernel (kernels/attention.py) and the
+prefill chunks' BLAS path against a plain float64 reference, and the kernel against the numpy
+gather-then-matmul attention it replaced, on random batches and on the golden prompts."""
 
 from __future__ import annotations
+
+import json
+import pathlib
 
 import numpy as np
 import pytest
 
 import engine_core.model as model_module
+from engine_core.kernels.attention import paged_decode_attention, to_cache, to_float32
 from engine_core.loader import ModelConfig
-from engine_core.model import DECODE_GROUP_SIZE, AttentionSpan, ForwardBatch, KVCache, LlamaModel, group_decodes
+from engine_core.model import AttentionSpan, ForwardBatch, KVCache, LlamaModel, batch_decodes
+from engine_helpers import request, run_to_completion
 
 BLOCK_SIZE = 4
-CONFIG = ModelConfig(vocab_size=8, hidden_size=48, intermediate_size=8, num_layers=1, num_heads=6,
-                     num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0,
-                     max_position_embeddings=512, tie_word_embeddings=True)
+GOLDEN = json.loads((pathlib.Path(__file__).parents[1] / "golden" / "smollm2_greedy.json").read_text())
 
 
-def attention_model() -> LlamaModel:
+def config(num_heads: int = 6, num_kv_heads: int = 2, head_dim: int = 8) -> ModelConfig:
+    return ModelConfig(vocab_size=8, hidden_size=num_heads * head_dim, intermediate_size=8, num_layers=1,
+                       num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rms_norm_eps=1e-6,
+                       rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True)
+
+
+CONFIG = config()
+
+
+def attention_model(c: ModelConfig = CONFIG) -> LlamaModel:
     """Only the attention of this model runs; its weights are never read."""
     model = LlamaModel.__new__(LlamaModel)
-    model.config = CONFIG
-    model.scale = np.float32(1 / np.sqrt(CONFIG.head_dim))
+    model.config = c
+    model.scale = np.float32(1 / np.sqrt(c.head_dim))
     model._buffers = {}
     return model
 
 
 def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, num_queries: int) -> np.ndarray:
     """Causal GQA attention in float64 for one sequence: q [n, heads, d], k/v [len, kv_heads, d]."""
-    c = CONFIG
-    group = c.num_heads // c.num_kv_heads
+    group = q.shape[1] // k.shape[1]
     k = np.repeat(k.astype(np.float64), group, axis=1)
     v = np.repeat(v.astype(np.float64), group, axis=1)
-    scores = np.einsum("nhd,lhd->hnl", q.astype(np.float64), k) / np.sqrt(c.head_dim)
+    scores = np.einsum("nhd,lhd->hnl", q.astype(np.float64), k) / np.sqrt(q.shape[2])
     length = k.shape[0]
     query_pos = np.arange(length - num_queries, length)[:, None]
     scores = np.where(np.arange(length)[None, :] <= query_pos, scores, -np.inf)
@@ -40,19 +52,38 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, num_queries: int) -> 
     return np.einsum("hnl,lhd->nhd", p, v).reshape(num_queries, -1)
 
 
-def build(context_lens: list[int], chunk_lens: list[int], cache: KVCache, rng):
+def numpy_decode_attention(q: np.ndarray, rows: np.ndarray, keys: np.ndarray, values: np.ndarray,
+                           table: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """The float32 numpy attention the kernel replaced: each decode's blocks gathered, scores
+    by matmul, softmax, values by matmul. q already scaled; returns [len(rows), heads * d]."""
+    kv_heads, d = keys.shape[2], keys.shape[3]
+    group = q.shape[1] // kv_heads
+    out = np.empty((len(rows), q.shape[1] * d), dtype=np.float32)
+    for i, (row, length) in enumerate(zip(rows, lens)):
+        blocks = table[i, : -(-length // keys.shape[1])]
+        k = keys[blocks].reshape(-1, kv_heads, d)[:length].transpose(1, 2, 0)  # [kv, d, len]
+        v = values[blocks].reshape(-1, kv_heads, d)[:length].transpose(1, 0, 2)  # [kv, len, d]
+        scores = q[row].reshape(kv_heads, group, d) @ k
+        scores -= scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        out[i] = (p @ v).reshape(-1)
+    return out
+
+
+def build(context_lens: list[int], chunk_lens: list[int], cache: KVCache, rng, c: ModelConfig = CONFIG):
+    bs = cache.block_size
     """Sequences whose contexts end with chunks of chunk_lens tokens (1 = a decode), their blocks
     scattered over the cache; returns the batch, the queries and each sequence's keys/values."""
-    c = CONFIG
     free = list(rng.permutation(cache.num_blocks))
     rows, spans, decode_rows, decode_blocks, decode_lens, truth = 0, [], [], [], [], []
     slots = []
     for length, n in zip(context_lens, chunk_lens):
-        blocks = np.array([free.pop() for _ in range(-(-length // BLOCK_SIZE))], dtype=np.int64)
+        blocks = np.array([free.pop() for _ in range(-(-length // bs))], dtype=np.int64)
         k = rng.standard_normal((length, c.num_kv_heads, c.head_dim)).astype(np.float32)
         v = rng.standard_normal((length, c.num_kv_heads, c.head_dim)).astype(np.float32)
         pos = np.arange(length)
-        flat = blocks[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+        flat = blocks[pos // bs] * bs + pos % bs
         cache.keys[0].reshape(-1, c.num_kv_heads, c.head_dim)[flat] = k
         cache.values[0].reshape(-1, c.num_kv_heads, c.head_dim)[flat] = v
         if n == 1:
@@ -67,24 +98,81 @@ def build(context_lens: list[int], chunk_lens: list[int], cache: KVCache, rng):
     q = rng.standard_normal((rows, c.num_heads, c.head_dim)).astype(np.float32)
     batch = ForwardBatch(token_ids=np.zeros(rows, np.int64), positions=np.zeros(rows, np.int64),
                          slot_mapping=np.concatenate(slots), spans=spans,
-                         decode_groups=group_decodes(decode_rows, decode_blocks, decode_lens, BLOCK_SIZE),
+                         decodes=batch_decodes(decode_rows, decode_blocks, decode_lens),
                          output_rows=np.zeros(0, np.int64))
     return batch, q, truth
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_grouped_decodes_and_prefill_chunks_match_a_float64_reference(seed):
+def test_decodes_and_prefill_chunks_in_one_batch_match_a_float64_reference(seed):
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, 120, size=21).tolist()  # several groups, most rows padded
+    lengths = rng.integers(1, 120, size=21).tolist()  # mixed lengths, most ending mid-block
     chunks = [1] * 19 + [min(5, lengths[19]), lengths[20]]  # and two prefill chunks
     cache = KVCache(CONFIG, num_blocks=1024, block_size=BLOCK_SIZE)
     batch, q, truth = build(lengths, chunks, cache, rng)
-    assert len(batch.decode_groups) == -(-19 // DECODE_GROUP_SIZE)
-    assert any(g.padding is not None for g in batch.decode_groups)
     out = attention_model()._attention(batch, cache, 0, q)
     for start, n, k, v in truth:
         np.testing.assert_allclose(out[start : start + n], reference(q[start : start + n], k, v, n),
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (8, 2), (16, 2)])
+def test_the_kernel_matches_the_float64_reference_for_each_gqa_ratio(num_heads, num_kv_heads):
+    """GQA ratios 1, 3, 4 and 8; contexts of 1 token, of odd block counts, of exactly full
+    blocks and of many blocks (a 16-token block size as the engine's default)."""
+    c = config(num_heads, num_kv_heads, head_dim=64)
+    lengths = [1, 2, 15, 16, 17, 33, 47, 64, 1000, 1, 257, 160]
+    cache = KVCache(c, num_blocks=256, block_size=16)
+    batch, q, truth = build(lengths, [1] * len(lengths), cache, np.random.default_rng(num_heads), c)
+    out = attention_model(c)._attention(batch, cache, 0, q)
+    for start, n, k, v in truth:
+        np.testing.assert_allclose(out[start], reference(q[start : start + 1], k, v, 1)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_kernel_equals_the_numpy_attention_it_replaced_on_mixed_length_batches():
+    c = config(9, 3, head_dim=64)
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(1, 700, size=40).tolist()
+    cache = KVCache(c, num_blocks=8192, block_size=BLOCK_SIZE)
+    batch, q, _ = build(lengths, [1] * len(lengths), cache, rng, c)
+    q *= np.float32(1 / 8)
+    d = batch.decodes
+    out = np.zeros((len(q), c.num_heads * c.head_dim), dtype=np.float32)
+    paged_decode_attention(q, d.rows, cache.keys[0], cache.values[0], d.block_table, d.context_lens, out)
+    expected = numpy_decode_attention(q, d.rows, cache.keys[0], cache.values[0], d.block_table, d.context_lens)
+    np.testing.assert_allclose(out[d.rows], expected, rtol=0, atol=1e-5)
+
+
+def test_a_decode_does_not_depend_on_where_its_blocks_lie_or_what_else_is_in_the_batch():
+    c = config(9, 3, head_dim=64)
+    rng = np.random.default_rng(9)
+    length = 75
+    k = rng.standard_normal((length, 3, 64)).astype(np.float32)
+    v = rng.standard_normal((length, 3, 64)).astype(np.float32)
+    q = rng.standard_normal((1, 9, 64)).astype(np.float32)
+    cache = KVCache(c, num_blocks=64, block_size=16)
+    cache.keys[0] = rng.standard_normal(cache.keys.shape[1:])
+    cache.values[0] = rng.standard_normal(cache.values.shape[1:])
+
+    def alone_at(blocks: list[int], others: int) -> np.ndarray:
+        pos = np.arange(length)
+        flat = np.array(blocks)[pos // 16] * 16 + pos % 16
+        cache.keys[0].reshape(-1, 3, 64)[flat] = k
+        cache.values[0].reshape(-1, 3, 64)[flat] = v
+        free = [b for b in range(64) if b not in blocks]
+        table = np.zeros((1 + others, 5), dtype=np.int32)
+        table[0] = blocks
+        table[1:] = np.array(free[: 5 * others]).reshape(others, 5)
+        lens = np.array([length] + rng.integers(1, 80, size=others).tolist(), dtype=np.int32)
+        qs = np.concatenate([q, rng.standard_normal((others, 9, 64)).astype(np.float32)])
+        out = np.empty((1 + others, 576), dtype=np.float32)
+        paged_decode_attention(qs, np.arange(1 + others), cache.keys[0], cache.values[0], table, lens, out)
+        return out[0]
+
+    first = alone_at([3, 4, 5, 6, 7], 0)
+    np.testing.assert_array_equal(alone_at([60, 2, 41, 13, 8], 0), first)
+    np.testing.assert_array_equal(alone_at([9, 30, 31, 50, 1], 7), first)
+    np.testing.assert_array_equal(alone_at([11, 12, 22, 0, 63], 40 // 5), first)
 
 
 @pytest.mark.parametrize("tile", [7, 128])
@@ -102,8 +190,8 @@ def test_long_prefill_chunks_attended_in_query_tiles_match_a_float64_reference(t
 
 
 def test_garbage_in_unused_cache_slots_never_reaches_a_decode():
-    """A padded group reads slots past each context's end (a block's unwritten tail, or another
-    block entirely). NaN or inf left there by an earlier request must not leak into the result."""
+    """Slots past a context's end (a block's unwritten tail, the table's unused entries) may hold
+    NaN or inf left by an earlier request; they must not leak into the result."""
     lengths = [3, 17, 40, 9, 64, 33, 1, 22, 50, 5]
     clean = KVCache(CONFIG, num_blocks=256, block_size=BLOCK_SIZE)
     batch, q, _ = build(lengths, [1] * len(lengths), clean, np.random.default_rng(7))
@@ -117,14 +205,95 @@ def test_garbage_in_unused_cache_slots_never_reaches_a_decode():
     np.testing.assert_array_equal(got, expected)
 
 
-def test_decodes_are_grouped_by_length_and_unpadded_when_contexts_fill_their_blocks():
-    lengths = [8, 100, 12, 4, 96, 16, 8, 100, 12, 4]
-    blocks = [np.arange(-(-n // BLOCK_SIZE)) for n in lengths]
-    groups = group_decodes(list(range(len(lengths))), blocks, lengths, BLOCK_SIZE)
-    assert [len(g.rows) for g in groups] == [8, 2]
-    first, second = groups
-    assert sorted(lengths[r] for r in first.rows) == sorted(lengths)[:8]
-    assert sorted(lengths[r] for r in second.rows) == [100, 100]
-    assert second.padding is None  # both fill exactly 25 blocks
-    assert first.block_table.shape == (8, 24)  # padded to its longest member, 96 tokens
-    assert first.padding.sum(axis=1).tolist() == [96 - lengths[r] for r in first.rows]
+def test_decodes_are_one_table_whose_short_rows_are_padded():
+    blocks = [np.array([5]), np.array([1, 2, 3]), np.array([7, 8])]
+    d = batch_decodes([0, 4, 9], blocks, [3, 12, 5])
+    assert d.block_table.dtype == np.int32 and d.block_table.shape == (3, 3)
+    assert d.block_table[1].tolist() == [1, 2, 3] and d.block_table[2, :2].tolist() == [7, 8]
+    assert d.rows.tolist() == [0, 4, 9] and d.context_lens.tolist() == [3, 12, 5]
+    assert batch_decodes([], [], []) is None
+
+
+def test_the_kernel_equals_the_numpy_attention_on_the_golden_prompts(make_core):
+    """Every decode attention of the golden runs (all layers, all steps, the prompts batched)
+    against the numpy attention on the same queries and cache."""
+    core = make_core()
+    model = core.runner.model
+    attend, worst, calls = model._attention, [0.0], [0]
+
+    def checked(batch, cache, layer, q):
+        out = attend(batch, cache, layer, q)
+        d = batch.decodes
+        if d is not None:
+            expected = numpy_decode_attention(q * model.scale, d.rows, cache.keys[layer], cache.values[layer],
+                                              d.block_table, d.context_lens)
+            worst[0] = max(worst[0], float(np.abs(out[d.rows] - expected).max()))
+            calls[0] += 1
+        return out
+
+    model._attention = checked
+    for i, case in enumerate(GOLDEN["cases"]):
+        core.add_request(request(str(i), case["prompt_token_ids"], temperature=0.0, ignore_eos=True,
+                                 max_tokens=24))
+    run_to_completion(core)
+    assert calls[0] >= 23 * model.config.num_layers
+    assert worst[0] <= 1e-5
+
+
+def f16_specials(rng, shape) -> np.ndarray:
+    """float32 values exactly representable in float16 (so bfloat16 rounds them, float16 not),
+    with zeros of both signs, subnormal halves and the largest finite ones among them."""
+    x = rng.standard_normal(shape).astype(np.float16)
+    flat = x.reshape(-1)
+    picks = rng.choice(flat.size, size=flat.size // 5, replace=False)
+    specials = np.array([0.0, -0.0, 6e-8, -6e-8, 1e-5, -3e-7, 6.1e-05, 60000.0, -65504.0], np.float16)
+    flat[picks] = specials[rng.integers(0, len(specials), size=len(picks))]
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_caches_attend_exactly_what_they_hold(dtype):
+    """The kernel widens 16-bit blocks in place: it must equal the numpy attention over the same
+    cache widened by numpy (subnormal, signed-zero halves included), garbage past the contexts."""
+    c = config(9, 3, head_dim=64)
+    rng = np.random.default_rng(3)
+    lengths = [1, 17, 40, 333, 64, 5]
+    cache = KVCache(c, num_blocks=64, block_size=16, dtype=dtype)
+    cache.keys[:] = to_cache(np.full(cache.keys.shape, np.nan, np.float32), cache.keys.dtype)
+    cache.values[:] = to_cache(np.full(cache.values.shape, np.inf, np.float32), cache.values.dtype)
+    blocks = np.split(rng.permutation(64), [2, 5, 9, 31, 35, 36])[: len(lengths)]
+    for b, length in zip(blocks, lengths):
+        for arr in (cache.keys, cache.values):
+            data = f16_specials(rng, (length, 3, 64))
+            pos = np.arange(length)
+            arr[0].reshape(-1, 3, 64)[b[pos // 16] * 16 + pos % 16] = to_cache(data, arr.dtype)
+    q = rng.standard_normal((len(lengths), 9, 64)).astype(np.float32)
+    d = batch_decodes(list(range(len(lengths))), [b[: -(-n // 16)] for b, n in zip(blocks, lengths)], lengths)
+    out = np.empty((len(lengths), 576), dtype=np.float32)
+    paged_decode_attention(q, d.rows, cache.keys[0], cache.values[0], d.block_table, d.context_lens, out)
+    expected = numpy_decode_attention(q, d.rows, to_float32(cache.keys[0]), to_float32(cache.values[0]),
+                                      d.block_table, d.context_lens)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-5)
+
+
+def test_bfloat16_rounds_to_nearest_even_and_widens_back():
+    x = np.array([1.0, 1 + 2**-8, 1 + 3 * 2**-8, -2.5, 3.0e38, np.inf, -np.inf, 1e-40, np.nan], np.float32)
+    bits = to_cache(x, np.dtype(np.uint16))
+    assert bits.dtype == np.uint16
+    assert bits[:3].tolist() == [0x3F80, 0x3F80, 0x3F82]  # a tie goes to the even neighbour
+    back = to_float32(bits)
+    np.testing.assert_array_equal(back[[0, 3, 5, 6]], [1.0, -2.5, np.inf, -np.inf])
+    assert np.isnan(back[8]) and abs(back[4] / x[4] - 1) <= 2**-9 and 0 < back[7] < 1e-39
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_caches_keep_the_golden_greedy_tokens(make_core, dtype):
+    core = make_core(kv_cache_dtype=dtype)
+    assert core.runner.cache.keys.itemsize == 2
+    for i, case in enumerate(GOLDEN["cases"]):
+        core.add_request(request(str(i), case["prompt_token_ids"], temperature=0.0, ignore_eos=True,
+                                 max_tokens=len(case["greedy_token_ids"])))
+    tokens = run_to_completion(core)
+    for i, case in enumerate(GOLDEN["cases"]):
+        assert tokens[str(i)][0] == case["greedy_token_ids"], case["name"]

@@ -1,0 +1,221 @@
+"""Paged attention for decodes, compiled with numba: each sequence's keys and values are read in
+place through its block table (no gather copy), with an online softmax.
+
+    paged_decode_attention(q, rows, keys, values, block_table, context_lens, out)
+
+One task per (sequence, KV head), run in parallel (prange): the task walks the sequence's blocks
+once, and the `group` query heads that share the KV head (GQA) all use that one read of each
+block. Per block: the scores of its tokens, the block's maximum, one rescale of the running sums,
+then the weighted values. Nothing a task computes depends on where its blocks lie or on what else
+is in the batch, and it never reads a slot past its context's end, so stale cache contents
+(NaN included) cannot leak in.
+
+The cache may hold float32, or 16-bit values stored as uint16 (float16 and bfloat16; numba has no
+float16 type). A 16-bit block is widened into a small float32 scratch first: bfloat16 by a shift,
+float16 bit by bit (normal, subnormal, zero, inf and NaN). Softmax's exponential is a polynomial
+here (relative error < 2e-7) because without Intel's SVML numba calls libm's scalar expf.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+_OPTS = dict(cache=True, fastmath=True, nogil=True)
+
+# KV cache element types: "float32" as is; "float16" and "bfloat16" stored as uint16 bits.
+FLOAT32, FLOAT16, BFLOAT16 = 0, 1, 2
+
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+# the running maximum before any score: finite, because fastmath lets the compiler assume no inf
+_LOWEST = np.float32(-3.0e38)
+_TWO_112 = np.float32(2.0**112)
+
+
+@njit(inline="always", **_OPTS)
+def _exp_into(x, n, ibuf, fbuf, out):
+    """out[:n] = exp(x[:n]) for x <= 0 (scores minus their maximum); ibuf and fbuf are one
+    uint32/float32 buffer (two views) that builds 2^k from its bits. Vectorizes: no libm call."""
+    for i in range(n):
+        v = max(x[i], np.float32(-87.0))
+        k = np.floor(v * _LOG2E + np.float32(0.5))
+        r = v - k * _LN2_HI - k * _LN2_LO
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        out[i] = p * r * r + r + np.float32(1.0)
+        ibuf[i] = np.uint32(np.int32(k) + np.int32(127)) << np.uint32(23)
+    for i in range(n):
+        out[i] *= fbuf[i]
+
+
+@njit(inline="always", **_OPTS)
+def _widen(src, blk, n, h, kind, ubuf, fbuf):
+    """Rows [0, n) of block blk, KV head h of a uint16 cache, as float32 into fbuf[0, :n, 0]
+    (ubuf: the same [1, bs, 1, D] memory as uint32)."""
+    D = src.shape[3]
+    if kind == BFLOAT16:
+        for t in range(n):
+            for d in range(D):
+                ubuf[0, t, 0, d] = np.uint32(src[blk, t, h, d]) << np.uint32(16)
+        return
+    # float16: exponent and mantissa shifted into float32's places read as a float32 that is
+    # 2^112 too small (exactly, subnormal halves included); inf and NaN then get exponent 255
+    for t in range(n):
+        for d in range(D):
+            ubuf[0, t, 0, d] = (np.uint32(src[blk, t, h, d]) & np.uint32(0x7FFF)) << np.uint32(13)
+    for t in range(n):
+        for d in range(D):
+            fbuf[0, t, 0, d] *= _TWO_112
+    for t in range(n):
+        for d in range(D):
+            bits = np.uint32(src[blk, t, h, d])
+            special = np.uint32(0x7F800000) if bits & np.uint32(0x7C00) == np.uint32(0x7C00) else np.uint32(0)
+            ubuf[0, t, 0, d] |= ((bits & np.uint32(0x8000)) << np.uint32(16)) | special
+
+
+@njit(inline="always", **_OPTS)
+def _attend_block(q, row, qh0, G, K, V, kb, kh, n, s, p, ibuf, fbuf, m, l, acc, a0):
+    """Fold tokens [0, n) of K[kb, :, kh] / V[kb, :, kh] into the running maxima m, sums l and
+    weighted values acc (entries a0 .. a0+G-1) of query heads qh0 .. qh0+G-1 of q[row]."""
+    D = acc.shape[1]
+    for g in range(G):
+        qh = qh0 + g
+        a = a0 + g
+        for t in range(n):
+            dot = np.float32(0.0)
+            for d in range(D):
+                dot += q[row, qh, d] * K[kb, t, kh, d]
+            s[t] = dot
+        top = s[0]
+        for t in range(1, n):
+            top = max(top, s[t])
+        new_m = max(m[a], top)
+        for t in range(n):
+            s[t] -= new_m
+        _exp_into(s, n, ibuf, fbuf, p)
+        if new_m > m[a]:
+            corr = np.float32(np.exp(m[a] - new_m))
+            l[a] *= corr
+            for d in range(D):
+                acc[a, d] *= corr
+            m[a] = new_m
+        for t in range(n):
+            pt = p[t]
+            l[a] += pt
+            for d in range(D):
+                acc[a, d] += pt * V[kb, t, kh, d]
+
+
+@njit(parallel=True, **_OPTS)
+def _decode(q, rows, keys, values, table, lens, kind, heads_per_task, out):
+    """q [T, heads, D] scaled queries; rows [B] the batch rows of the decodes; keys/values
+    [blocks, bs, kv_heads, D]; table [B, W] block ids; lens [B] context lengths; out [T, heads * D].
+    A task is one sequence and heads_per_task of its KV heads (a divisor of kv_heads)."""
+    B = rows.shape[0]
+    H = q.shape[1]
+    D = q.shape[2]
+    bs = keys.shape[1]
+    KVH = keys.shape[2]
+    G = H // KVH
+    per_seq = KVH // heads_per_task
+    for task in prange(B * per_seq):
+        b = task // per_seq
+        h0 = (task % per_seq) * heads_per_task
+        row = rows[b]
+        length = lens[b]
+        s = np.empty(bs, np.float32)
+        p = np.empty(bs, np.float32)
+        ibuf = np.empty(bs, np.uint32)
+        fbuf = ibuf.view(np.float32)
+        m = np.full(heads_per_task * G, _LOWEST, np.float32)
+        l = np.zeros(heads_per_task * G, np.float32)
+        acc = np.zeros((heads_per_task * G, D), np.float32)
+        kwide = np.empty((1, bs, 1, D), np.uint32)
+        vwide = np.empty((1, bs, 1, D), np.uint32)
+        kf = kwide.view(np.float32)
+        vf = vwide.view(np.float32)
+        for j in range((length + bs - 1) // bs):
+            blk = table[b, j]
+            n = min(bs, length - j * bs)
+            for i in range(heads_per_task):
+                h = h0 + i
+                if kind == FLOAT32:
+                    _attend_block(q, row, h * G, G, keys, values, blk, h, n, s, p, ibuf, fbuf, m, l, acc, i * G)
+                else:
+                    _widen(keys, blk, n, h, kind, kwide, kf)
+                    _widen(values, blk, n, h, kind, vwide, vf)
+                    _attend_block(q, row, h * G, G, kf, vf, 0, 0, n, s, p, ibuf, fbuf, m, l, acc, i * G)
+        for a in range(heads_per_task * G):
+            inv = np.float32(1.0) / l[a]
+            base = (h0 * G + a) * D
+            for d in range(D):
+                out[row, base + d] = acc[a, d] * inv
+
+
+def kind_of(cache: np.ndarray) -> int:
+    """The kernel's element kind of a cache array (bfloat16 is held as uint16)."""
+    if cache.dtype == np.float32:
+        return FLOAT32
+    if cache.dtype == np.float16:
+        return FLOAT16
+    if cache.dtype == np.uint16:
+        return BFLOAT16
+    raise TypeError(f"no attention kernel for a {cache.dtype} KV cache")
+
+
+def paged_decode_attention(q: np.ndarray, rows: np.ndarray, keys: np.ndarray, values: np.ndarray,
+                           block_table: np.ndarray, context_lens: np.ndarray, out: np.ndarray) -> None:
+    """out[rows[b]] = attention of query q[rows[b]] (already scaled) over the first
+    context_lens[b] tokens of the blocks block_table[b], for every decode b.
+
+    q [T, heads, head_dim] float32; keys, values one layer's [blocks, block_size, kv_heads,
+    head_dim] (float32, float16, or bfloat16 bits as uint16); out [T, heads * head_dim]."""
+    kind = kind_of(keys)
+    if kind != FLOAT32:
+        keys, values = keys.view(np.uint16), values.view(np.uint16)
+    kv_heads = keys.shape[2]
+    # one task per sequence reads its blocks whole (13% faster out of cache than per head);
+    # with fewer sequences than threads, a task per KV head keeps the threads busy
+    heads_per_task = kv_heads if len(rows) >= 4 * numba.get_num_threads() else 1
+    _decode(np.ascontiguousarray(q), rows, keys, values, block_table, context_lens, kind, heads_per_task, out)
+
+
+def warm_up(cache_dtype: np.dtype) -> float:
+    """Compile (or load from the disk cache) the kernel for a cache of this element type, and
+    return the seconds taken, so that no request pays for compilation."""
+    start = time.perf_counter()
+    keys = np.zeros((2, 16, 1, 8), dtype=cache_dtype)
+    q = np.zeros((2, 2, 8), dtype=np.float32)
+    out = np.empty((2, 16), dtype=np.float32)
+    paged_decode_attention(q, np.arange(2), keys, keys, np.zeros((2, 2), np.int32), np.array([1, 20], np.int32), out)
+    return time.perf_counter() - start
+
+
+# --kv-cache-dtype -> the cache arrays' element type (numpy has no bfloat16: its bits as uint16)
+KV_CACHE_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+                   "bfloat16": np.dtype(np.uint16)}
+
+
+def to_cache(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float32 values as a cache's element type, rounded to nearest even (NaN stays NaN)."""
+    if dtype != np.uint16:
+        return x.astype(dtype, copy=False)
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+
+
+def to_float32(x: np.ndarray) -> np.ndarray:
+    """Cache contents as float32 (the prefill path, which multiplies with BLAS)."""
+    if x.dtype != np.uint16:
+        return x.astype(np.float32, copy=False)
+    return (x.astype(np.uint32) << np.uint32(16)).view(np.float32)
