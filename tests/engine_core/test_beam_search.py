@@ -16,9 +16,16 @@ import numpy as np
 import pytest
 
 from engine_core.beam_search import BeamSearch
-from engine_helpers import assert_all_blocks_free, request, run_to_completion
+from engine_helpers import (
+    assert_all_blocks_free,
+    collect,
+    request,
+    run_to_completion,
+    tiny_core,
+    tiny_request,
+    write_tiny_model,
+)
 from ipc.messages import FinishReason
-from tiny_engine import collect, tiny_core, tiny_request, write_tiny_model
 
 GOLDEN = json.loads((pathlib.Path(__file__).parents[1] / "golden" / "smollm2_beam.json").read_text())
 BLOCK_BYTES = 737_280  # 2 * 30 layers * 3 kv heads * 16 tokens * 64 dims * 4 bytes

@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine_helpers import TWO_CANDIDATES, request, run_to_completion
+from engine_helpers import TWO_CANDIDATES, assert_all_blocks_free, request, run_to_completion
 from ipc.messages import FinishReason
 
 
 def random_prompt(rng: np.random.Generator, length: int) -> list[int]:
     return rng.integers(100, 40_000, size=length).tolist()
-
-
-def assert_all_blocks_free(core) -> None:
-    pool = core.kv.pool
-    assert pool.num_free == pool.num_blocks
-    assert not any(pool.ref_counts)
-    assert not core.scheduler.running and not core.scheduler.waiting and not core.requests
 
 
 def test_32_mixed_length_requests_batched_equal_each_alone(make_core):

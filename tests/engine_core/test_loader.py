@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 import engine_core.model as model_module
 from engine_core.loader import ArtifactError, load_artifact
 from engine_core.sampler import log_softmax
-from tiny_engine import collect, tiny_core, tiny_request, write_tiny_model
+from engine_helpers import collect, tiny_core, tiny_request, write_tiny_model
 from tiny_llama import VARIANTS
 
 GOLDEN = json.loads((pathlib.Path(__file__).parents[1] / "golden" / "tiny_llama_logits.json").read_text())

@@ -32,7 +32,7 @@ from ipc.messages import (
 )
 from ipc.notify import STARTUP_FAILED_EXIT_CODE
 from ipc.sockets import ipc_addresses, make_ipc_dir, make_socket
-from tiny_engine import collect, tiny_config, tiny_core, tiny_request, write_tiny_model
+from engine_helpers import collect, tiny_config, tiny_core, tiny_request, write_tiny_model
 
 PROMPT = [0, 5, 77, 120, 255, 256, 3, 42]
 TIMEOUT_S = 20  # generous: the machine is shared; a healthy engine answers in milliseconds

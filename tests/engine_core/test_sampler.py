@@ -9,7 +9,7 @@ import pytest
 from engine_core.request import Request, Sequence
 from engine_core.sampler import Sampler, log_softmax
 from ipc.messages import EngineCoreRequest, FinishReason, SamplingParams
-from tiny_engine import collect, tiny_core, tiny_request, write_tiny_model
+from engine_helpers import assert_all_blocks_free, collect, tiny_core, tiny_request, write_tiny_model
 
 # ------------------------------------------------------------------ the sampler on crafted logits
 
@@ -277,12 +277,6 @@ def finish(model_dir, **params) -> tuple[list[int], object, object]:
     assert [o.finish_reason is not None for o in outputs].count(True) == 1
     assert outputs[-1].finish_reason is not None
     return [t for o in outputs for t in o.new_token_ids], outputs[-1], core
-
-
-def assert_all_blocks_free(core) -> None:
-    pool = core.kv.pool
-    assert pool.num_free == pool.num_blocks and not any(pool.ref_counts)
-    assert not core.requests and not core.scheduler.running and not core.scheduler.waiting
 
 
 def test_stop_token_id_ends_the_request_and_is_reported(model_dir, greedy_reference):

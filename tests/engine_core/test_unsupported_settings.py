@@ -14,7 +14,7 @@ import pytest
 
 from engine_core.loader import ArtifactError, check_max_model_len, load_artifact
 from engine_core.process import startup_error_line
-from tiny_engine import write_tiny_model
+from engine_helpers import write_tiny_model
 
 
 @pytest.fixture(scope="module")
