@@ -171,22 +171,22 @@ class EngineCore:
     # ------------------------------------------------------------------ the step
 
     def step(self) -> list[EngineCoreOutput]:
-        scheduled = self.scheduler.schedule()
-        for seq in scheduled.unfittable:
+        plan = self.scheduler.schedule()
+        for seq in plan.unfittable:
             self._finish(seq, FinishReason.ERROR,
                          error=f"the sequence needs more KV cache than the engine has ({self.capacity_tokens} tokens)")
-        if scheduled.unfittable:  # finishing one can end its siblings (a beam search) too
-            scheduled.scheduled = [e for e in scheduled.scheduled if not e.seq.is_finished]
-        if scheduled.scheduled:
-            prompt_rows = self._prompt_logit_rows(scheduled)
-            result = self.runner.execute(scheduled, prompt_rows)
-            self._postprocess(scheduled, result)
+        if plan.unfittable:  # finishing one can end its siblings (a beam search) too
+            plan.entries = [e for e in plan.entries if not e.seq.is_finished]
+        if plan.entries:
+            prompt_rows = self._prompt_logit_rows(plan)
+            result = self.runner.execute(plan, prompt_rows)
+            self._postprocess(plan, result)
         outputs, self.pending_outputs = self.pending_outputs, []
         return outputs
 
-    def _prompt_logit_rows(self, scheduled: SchedulerOutput) -> dict[int, int]:
+    def _prompt_logit_rows(self, plan: SchedulerOutput) -> dict[int, int]:
         rows = {}
-        for index, entry in enumerate(scheduled.scheduled):
+        for index, entry in enumerate(plan.entries):
             request = entry.seq.request
             if request.needs_prompt_logprobs:
                 start = entry.seq.num_computed_tokens
@@ -195,8 +195,8 @@ class EngineCore:
                     rows[index] = count
         return rows
 
-    def _postprocess(self, scheduled: SchedulerOutput, result: RunnerOutput) -> None:
-        for index, entry in enumerate(scheduled.scheduled):
+    def _postprocess(self, plan: SchedulerOutput, result: RunnerOutput) -> None:
+        for index, entry in enumerate(plan.entries):
             if index in result.prompt_logits:
                 self._record_prompt_logprobs(entry.seq, result.prompt_logits[index])
             request = entry.seq.request
@@ -389,10 +389,13 @@ class EngineCore:
             self._push(request, output)
 
     def _push(self, request: Request, output: EngineCoreOutput) -> None:
-        """Queue an output; the request's first one carries its prompt logprobs."""
-        if request.params.prompt_logprobs is not None and not request.has_sent_prompt_logprobs:
-            output.prompt_logprobs = request.prompt_logprobs
-            request.has_sent_prompt_logprobs = True
+        """Queue an output; the request's first one carries its prompt logprobs and, if it ran,
+        its queue time (a chunked prompt has no output before its last chunk)."""
+        if not request.has_sent_output:
+            request.has_sent_output = True
+            if request.params.prompt_logprobs is not None:
+                output.prompt_logprobs = request.prompt_logprobs
+            output.queue_time_s = request.queue_time_s
         self.pending_outputs.append(output)
 
     def _emit(self, seq: Sequence, *, error: str | None = None) -> None:

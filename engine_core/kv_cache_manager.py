@@ -261,19 +261,19 @@ class KVCacheManager:
         max_blocks = (seq.num_tokens - 1) // self.block_size
         return self.pool.lookup(self._hashes(seq, max_blocks))
 
-    def start_from_cache(self, seq: Sequence, cached: list[int]) -> None:
-        """seq begins on the cached blocks: their tokens count as computed."""
+    def start_from_cache(self, seq: Sequence, cached: list[int]) -> int:
+        """seq begins on the cached blocks: their tokens count as computed. Returns how many
+        tokens that is (0 for a sequence that may not use the cache)."""
         if not self._may_use_cache(seq):
-            return
+            return 0
+        num_hit_tokens = len(cached) * self.block_size
         self.num_queried_tokens += seq.num_tokens
-        self.num_hit_tokens += len(cached) * self.block_size
+        self.num_hit_tokens += num_hit_tokens
         self.pool.take_cached(cached)
         seq.block_ids = list(cached)
-        seq.num_computed_tokens = len(cached) * self.block_size
+        seq.num_computed_tokens = num_hit_tokens
         seq.num_registered_blocks = len(cached)
-        if not seq.request.has_started:
-            seq.request.num_cached_tokens = seq.num_computed_tokens
-        seq.request.has_started = True
+        return num_hit_tokens
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the blocks that seq's computed tokens have filled."""

@@ -32,21 +32,21 @@ class ModelRunner:
         self.cache = KVCache(config, num_blocks, block_size, kv_cache_dtype)
         self.attention_warm_up_s = attention.warm_up(self.cache.keys.dtype)
 
-    def execute(self, out: SchedulerOutput, prompt_logit_rows: dict[int, int]) -> RunnerOutput:
+    def execute(self, plan: SchedulerOutput, prompt_logit_rows: dict[int, int]) -> RunnerOutput:
         """prompt_logit_rows: scheduled index -> how many leading rows of its chunk need logits."""
-        self.cache.copy_blocks(out.block_copies)
-        batch, sample_entries, prompt_slices = self.prepare(out, prompt_logit_rows)
+        self.cache.copy_blocks(plan.block_copies)
+        batch, sample_entries, prompt_slices = self.prepare(plan, prompt_logit_rows)
         hidden = self.model.forward(batch, self.cache)
         logits = self.model.logits(hidden) if len(hidden) else np.zeros((0, self.config.vocab_size), np.float32)
         num_samples = len(sample_entries)
         prompt_logits = {i: logits[a:b] for i, (a, b) in prompt_slices.items()}
         return RunnerOutput(logits[:num_samples], sample_entries, prompt_logits)
 
-    def prepare(self, out: SchedulerOutput, prompt_logit_rows: dict[int, int]):
+    def prepare(self, plan: SchedulerOutput, prompt_logit_rows: dict[int, int]):
         bs = self.block_size
         token_ids, positions, slots, starts = [], [], [], []
         spans, decode_rows, decode_blocks, decode_lens = [], [], [], []
-        for entry in out.scheduled:
+        for entry in plan.entries:
             seq, start = entry.seq, entry.seq.num_computed_tokens
             context_len = start + entry.num_tokens
             pos = np.arange(start, context_len)
@@ -61,8 +61,8 @@ class ModelRunner:
             token_ids.extend(seq.token_ids[start:context_len])
             positions.append(pos)
             slots.append(blocks[pos // bs] * bs + pos % bs)
-        sample_entries = [e for e in out.scheduled if e.completes]
-        output_rows = [start + e.num_tokens - 1 for start, e in zip(starts, out.scheduled) if e.completes]
+        sample_entries = [e for e in plan.entries if e.completes]
+        output_rows = [start + e.num_tokens - 1 for start, e in zip(starts, plan.entries) if e.completes]
         prompt_slices = {}
         for index, count in prompt_logit_rows.items():
             prompt_slices[index] = (len(output_rows), len(output_rows) + count)

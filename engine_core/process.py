@@ -25,11 +25,9 @@ from engine_core.loader import ArtifactError, check_max_model_len, load_artifact
 from ipc.config import ServeConfig
 from ipc.messages import (
     EngineCoreAbort,
-    EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineDead,
-    FinishReason,
     decode_to_engine,
     encode,
 )
@@ -55,7 +53,6 @@ class EngineCoreProc:
         self.parent_pid = os.getppid()
         self.core = core
         self._stop = threading.Event()
-        self.queue_times = QueueTimes()
 
     def run(self) -> int:
         output_thread = threading.Thread(target=self._output_loop, name="engine-output", daemon=True)
@@ -105,19 +102,19 @@ class EngineCoreProc:
                 except queue.Empty:
                     self._check_parent()
                     continue
-                if not self._handle(message):
+                if message is _SHUTDOWN:
                     return
+                self._apply(message)
             while True:
                 try:
                     message = self.input_queue.get_nowait()
                 except queue.Empty:
                     break
-                if not self._handle(message):
+                if message is _SHUTDOWN:
                     return
+                self._apply(message)
             # 2) step
-            step_start = time.time()
             outputs = core.step()
-            self.queue_times.after_step(step_start, core.scheduler.running, outputs)
             # 3) hand outputs to the output thread (stats go out at least every STATS_INTERVAL_S,
             #    so gauges stay current through long prefills and beam searches)
             now = time.time()
@@ -125,17 +122,14 @@ class EngineCoreProc:
                 self.output_queue.put(EngineCoreOutputs(outputs, core.stats(), now))
                 last_sent = now
 
-    def _handle(self, message) -> bool:
-        if message is _SHUTDOWN:
-            return False
+    def _apply(self, message) -> None:
+        """A request or an abort goes to the core; an exception from the input thread is raised."""
         if isinstance(message, BaseException):
             raise message
         if isinstance(message, EngineCoreRequest):
-            self.queue_times.arrived(message.request_id)
             self.core.add_request(message)
         elif isinstance(message, EngineCoreAbort):
             self.core.abort_requests(message.request_ids, message.indices)
-        return True
 
     def _check_parent(self) -> None:
         if os.getppid() != self.parent_pid:
@@ -188,38 +182,6 @@ def startup_error_line(model: str, error: Exception) -> str:
         return f"furiosa-llm: cannot load {model}: out of memory (try a smaller --kv-cache-gib)"
     return (f"furiosa-llm: the engine core cannot start with {model}: {type(error).__name__}: {error} "
             "(--log-level debug shows where)")
-
-
-class QueueTimes:
-    """How long each request waited in the engine before its first step, for the frontend's
-    queue-time histogram: measured when the scheduler first runs it, reported on its first
-    output (a chunked prompt has none until its last chunk). Every request ends with an output,
-    so nothing stays here."""
-
-    def __init__(self) -> None:
-        self._arrival: dict[str, float] = {}  # not yet scheduled
-        self._measured: dict[str, float] = {}  # scheduled, not yet reported
-
-    def arrived(self, request_id: str) -> None:
-        self._arrival[request_id] = time.time()
-
-    def after_step(self, step_start: float, running, outputs: list[EngineCoreOutput]) -> None:
-        if self._arrival:
-            for seq in running:
-                arrival = self._arrival.pop(seq.request_id, None)
-                if arrival is not None:
-                    self._measured[seq.request_id] = step_start - arrival
-        for output in outputs:
-            request_id = output.request_id
-            arrival = self._arrival.pop(request_id, None)
-            if arrival is not None and output.finish_reason not in (FinishReason.ABORT, FinishReason.ERROR):
-                self._measured[request_id] = step_start - arrival  # scheduled and done in one step
-            queue_time = self._measured.pop(request_id, None)
-            if queue_time is not None:
-                output.queue_time_s = max(0.0, queue_time)
-
-    def __len__(self) -> int:
-        return len(self._arrival) + len(self._measured)
 
 
 # OpenBLAS threads synchronise at every matmul; when another process (the frontend, a client)

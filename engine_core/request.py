@@ -31,15 +31,18 @@ class Request:
         self.arrival_time = message.arrival_time
         self.sequences: list[Sequence] = [Sequence(self, 0, list(message.prompt_token_ids))]
         self.prompt_logprobs: list[TokenLogprobs | None] = [None]
-        self.has_sent_prompt_logprobs = False
+        self.has_sent_output = False  # its first output carries the prompt logprobs and queue time
         self.is_forked = False
         # beam search (set by the engine): the live beams are `sequences`, best first; each
         # beam's next-token logprobs wait here until every live beam has them
         self.beam_search: BeamSearch | None = None
         self.beam_logprobs: dict[int, np.ndarray] = {}  # sequence index -> [vocab]
         self.num_sequences_created = 1
-        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache when it first started
-        self.has_started = False
+        # stamped by the scheduler: when it was queued, and at its first start the seconds it
+        # waited and the prompt tokens it found in the prefix cache
+        self.enqueued_at_s = 0.0
+        self.queue_time_s: float | None = None
+        self.num_cached_tokens = 0
         self.is_prompt_counted = False  # in the engine's num_prompt_tokens (its prefill finished once)
 
     @property
@@ -52,6 +55,10 @@ class Request:
             self.params.prompt_logprobs is not None
             and len(self.prompt_logprobs) < self.num_prompt_tokens
         )
+
+    @property
+    def has_started(self) -> bool:
+        return self.queue_time_s is not None
 
     @property
     def holds_outputs_until_done(self) -> bool:

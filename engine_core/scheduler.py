@@ -6,11 +6,16 @@ arrival order, with at most `max_num_seqs` running. When the KV cache has no blo
 running sequence, the newest running sequence is preempted: its blocks are freed and it waits
 to be recomputed from its tokens (a beam whose logits are already in waits for its siblings
 instead). Nothing is dropped: a sequence that cannot fit even alone is finished with an error.
+
+The scheduler also stamps each request's start: the time it spent queued (from `add` to the
+first step that runs it) and the prompt tokens it found in the prefix cache then.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine_core.kv_cache_manager import KVCacheManager
@@ -30,18 +35,22 @@ class ScheduledSequence:
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    """One step's plan: what to compute for which sequences, and the block copies to make first."""
+
+    entries: list[ScheduledSequence] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     unfittable: list[Sequence] = field(default_factory=list)  # can never fit the cache
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
+        return sum(s.num_tokens for s in self.entries)
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 clock: Callable[[], float] = time.time):
         self.kv = kv
+        self.clock = clock  # for the queue-time stamps; tests replace it
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -53,6 +62,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
+        """A new request's first sequence joins the queue; its queue time starts now."""
+        seq.request.enqueued_at_s = self.clock()
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
@@ -71,7 +82,8 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        plan = SchedulerOutput()
+        step_start_s = self.clock()
         budget = self.max_num_batched_tokens
         preempted_any = False
         index = 0
@@ -87,7 +99,7 @@ class Scheduler:
                     # alone and still too big: it can never run
                     self.running.pop()
                     self._drop(seq)
-                    out.unfittable.append(seq)
+                    plan.unfittable.append(seq)
                     seq = None
                     break
                 self._preempt(victim)
@@ -97,8 +109,8 @@ class Scheduler:
                     break
             if seq is None:
                 break
-            out.block_copies += self.kv.allocate(seq, num_tokens)
-            out.scheduled.append(ScheduledSequence(seq, num_tokens))
+            plan.block_copies += self.kv.allocate(seq, num_tokens)
+            plan.entries.append(ScheduledSequence(seq, num_tokens))
             budget -= num_tokens
             index += 1
         while budget > 0 and not preempted_any:
@@ -107,32 +119,41 @@ class Scheduler:
                 break
             cached = self.kv.cached_prefix(seq)  # blocks it can start on instead of computing
             num_tokens = min(seq.num_uncomputed_tokens - len(cached) * self.kv.block_size, budget)
-            if not out.scheduled and not self._can_start(seq, num_tokens, cached):
+            if not plan.entries and not self._can_start(seq, num_tokens, cached):
                 self._preempt_idle_for(seq, num_tokens, cached)  # frees blocks; names stay, so cached holds
-            if self._num_seats() + _seats(seq) > self.max_num_seqs:
+            if self._num_seats_taken() + _num_seats_needed(seq) > self.max_num_seqs:
                 break
             if not self.kv.can_allocate(seq, num_tokens, cached):
-                if not self.running and not out.scheduled:
+                if not self.running and not plan.entries:
                     self.waiting.remove(seq)
                     self._drop(seq)
-                    out.unfittable.append(seq)
+                    plan.unfittable.append(seq)
                     continue
                 break
-            self.waiting.remove(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            self.kv.start_from_cache(seq, cached)
-            out.block_copies += self.kv.allocate(seq, num_tokens)
-            out.scheduled.append(ScheduledSequence(seq, num_tokens))
+            self._start(seq, cached, step_start_s)
+            plan.block_copies += self.kv.allocate(seq, num_tokens)
+            plan.entries.append(ScheduledSequence(seq, num_tokens))
             budget -= num_tokens
-        return out
+        return plan
+
+    def _start(self, seq: Sequence, cached: list[int], step_start_s: float) -> None:
+        """seq leaves the queue and runs, on its cached prefix; a request's first start is stamped."""
+        self.waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        num_hit_tokens = self.kv.start_from_cache(seq, cached)
+        request = seq.request
+        if not request.has_started:  # not a preempted sequence (or a sibling) starting again
+            request.queue_time_s = max(0.0, step_start_s - request.enqueued_at_s)
+            request.num_cached_tokens = num_hit_tokens
 
     def _can_start(self, seq: Sequence, num_tokens: int, cached: list[int]) -> bool:
-        return (self._num_seats() + _seats(seq) <= self.max_num_seqs
+        return (self._num_seats_taken() + _num_seats_needed(seq) <= self.max_num_seqs
                 and self.kv.can_allocate(seq, num_tokens, cached))
 
-    def _num_seats(self) -> int:
-        return sum(_seats(s) for s in self.running)
+    def _num_seats_taken(self) -> int:
+        """Running seats held: each running sequence's, counted as `_num_seats_needed` does."""
+        return sum(_num_seats_needed(s) for s in self.running)
 
     def _preempt_idle_for(self, seq: Sequence, num_tokens: int, cached: list[int]) -> None:
         """Idle running sequences (beams waiting for a sibling's logits) hold blocks and seats
@@ -168,8 +189,9 @@ def _is_parked(seq: Sequence) -> bool:
     return request.beam_search is not None and seq.index in request.beam_logprobs
 
 
-def _seats(seq: Sequence) -> int:
-    """Running seats a sequence takes: a prompt that will fork into n candidates (or beams)
-    reserves them all, so max_num_seqs bounds the sequences that will actually run."""
+def _num_seats_needed(seq: Sequence) -> int:
+    """Running seats (of max_num_seqs) a sequence takes: a prompt that will fork into n
+    candidates (or beams) reserves them all, so max_num_seqs bounds the sequences that will
+    actually run."""
     request = seq.request
     return request.params.num_candidates if len(request.sequences) == 1 else 1

@@ -50,8 +50,8 @@ def test_chunked_prefill_runs_in_several_steps_alongside_decodes(make_core):
     core.add_request(request("short", [5, 6, 7], temperature=0.0, max_tokens=20, ignore_eos=True))
     core.step()
     core.add_request(request("long", list(range(100, 400)), temperature=0.0, max_tokens=2, ignore_eos=True))
-    scheduled = core.scheduler.schedule()
-    sizes = {e.seq.request_id: e.num_tokens for e in scheduled.scheduled}
+    plan = core.scheduler.schedule()
+    sizes = {e.seq.request_id: e.num_tokens for e in plan.entries}
     assert sizes == {"short": 1, "long": 63}
 
 

@@ -73,10 +73,10 @@ def test_configs_are_read_from_config_json(tiny_dirs):
 def test_logits_at_every_position_match_transformers(tiny_dirs, variant):
     core = tiny_core(tiny_dirs[variant])
     core.add_request(tiny_request("golden", INPUT_IDS, max_tokens=1))
-    scheduled = core.scheduler.schedule()
-    assert [e.num_tokens for e in scheduled.scheduled] == [len(INPUT_IDS)]
+    plan = core.scheduler.schedule()
+    assert [e.num_tokens for e in plan.entries] == [len(INPUT_IDS)]
     # rows 0..18 as prompt-logit rows, row 19 as the sampled position
-    result = core.runner.execute(scheduled, {0: len(INPUT_IDS) - 1})
+    result = core.runner.execute(plan, {0: len(INPUT_IDS) - 1})
     got = np.concatenate([result.prompt_logits[0], result.sample_logits])
     expected, atol = golden_logits(variant)
     assert got.shape == expected.shape == (20, 300)

@@ -1,44 +1,59 @@
-"""The engine process's queue-time bookkeeping: measured at a request's first step, reported on
-its first output, forgotten after it."""
+"""Queue times, stamped by the scheduler: from a request's arrival in the engine to the first step
+that runs it, reported on the request's first output and never again."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import pytest
 
-from engine_core.process import QueueTimes
-from ipc.messages import EngineCoreOutput, FinishReason
-
-
-def running(*request_ids: str) -> list:
-    return [SimpleNamespace(request_id=r) for r in request_ids]
+from engine_helpers import tiny_core, tiny_request, write_tiny_model
+from ipc.messages import FinishReason
 
 
-def test_queue_time_is_measured_at_the_first_step_and_reported_on_the_first_output(monkeypatch):
-    clock = iter([100.0, 101.0, 102.0])
-    monkeypatch.setattr("engine_core.process.time.time", lambda: next(clock))
-    times = QueueTimes()
-    times.arrived("chunked")  # t=100
-    times.arrived("waits")  # t=101
-    times.arrived("aborted")  # t=102
-    times.after_step(103.5, running("chunked"), [])  # first prefill chunk, no output yet
-    times.after_step(104.0, running("chunked"), [])
-    first = EngineCoreOutput("chunked", 0, [7])
-    times.after_step(105.0, running("chunked", "waits"), [first])  # scheduled and sampled together
-    assert first.queue_time_s == 3.5
-    later = EngineCoreOutput("chunked", 0, [8])
-    waits = EngineCoreOutput("waits", 0, [9])
-    times.after_step(106.0, running("chunked", "waits"), [later, waits])
-    assert later.queue_time_s is None and waits.queue_time_s == 4.0
-    aborted = EngineCoreOutput("aborted", 0, [], finish_reason=FinishReason.ABORT)
-    times.after_step(107.0, running("chunked", "waits"), [aborted])  # never ran: no queue time
-    assert aborted.queue_time_s is None
-    assert len(times) == 0
+class Clock:
+    def __init__(self, now_s: float) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
 
 
-def test_a_request_done_in_its_first_step_still_gets_its_queue_time(monkeypatch):
-    monkeypatch.setattr("engine_core.process.time.time", lambda: 10.0)
-    times = QueueTimes()
-    times.arrived("short")
-    done = EngineCoreOutput("short", 0, [3], finish_reason=FinishReason.LENGTH)
-    times.after_step(12.0, running(), [done])  # finished, so no longer running after the step
-    assert done.queue_time_s == 2.0 and len(times) == 0
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def test_queue_time_is_measured_at_the_first_step_and_reported_on_the_first_output(model_dir):
+    # one running sequence at a time, prompts in chunks of 16 tokens
+    core = tiny_core(model_dir, max_num_seqs=1, max_num_batched_tokens=16)
+    clock = core.scheduler.clock = Clock(100.0)
+    core.add_request(tiny_request("chunked", list(range(4, 44)), max_tokens=2, ignore_eos=True))
+    clock.now_s = 101.0
+    core.add_request(tiny_request("waits", [4, 5, 6], max_tokens=1, ignore_eos=True))
+    clock.now_s = 102.0
+    core.add_request(tiny_request("aborted", [4, 5, 6], max_tokens=1, ignore_eos=True))
+    clock.now_s = 103.5
+    assert core.step() == []  # the first 16 of the prompt's 40 tokens: no output yet
+    clock.now_s = 104.0
+    assert core.step() == []
+    clock.now_s = 105.0
+    (first,) = core.step()  # the prompt's last chunk, and its first token
+    assert first.request_id == "chunked" and first.queue_time_s == 3.5
+    clock.now_s = 106.0
+    (later,) = core.step()
+    assert later.finish_reason == FinishReason.LENGTH and later.queue_time_s is None
+    core.abort_requests(["aborted"])  # never ran: no queue time
+    clock.now_s = 107.0
+    aborted, waits = core.step()
+    assert aborted.finish_reason == FinishReason.ABORT and aborted.queue_time_s is None
+    assert waits.request_id == "waits" and waits.queue_time_s == 6.0
+    assert not core.requests and not core.has_unfinished_requests
+
+
+def test_a_request_done_in_its_first_step_still_gets_its_queue_time(model_dir):
+    core = tiny_core(model_dir)
+    clock = core.scheduler.clock = Clock(10.0)
+    core.add_request(tiny_request("short", [4, 5, 6], max_tokens=1, ignore_eos=True))
+    clock.now_s = 12.0
+    (done,) = core.step()
+    assert done.finish_reason == FinishReason.LENGTH and done.queue_time_s == 2.0
+    assert not core.requests
