@@ -27,6 +27,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.params import FromPath
 from litestar.response import Stream
 
+from frontend.admission import RequestLoad
 from frontend.chat_template import load_chat_template
 from frontend.engine_client import EngineClient
 from frontend.errors import EXCEPTION_HANDLERS, OpenAIError, bad_request, client_closed_request, decode_body
@@ -44,16 +45,15 @@ from frontend.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
-from frontend.serving import RequestLoad
 from frontend.serving_chat import OpenAIServingChat
 from frontend.serving_completions import OpenAIServingCompletion
+from frontend.sse import SSE_HEADERS
 from frontend.stats_logger import StatsLogger
 from frontend.tokenizer import eos_token_ids, load_tokenizer
 from ipc.config import ServeConfig
 
 logger = logging.getLogger(__name__)
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Worker threads for tokenizing and rendering chat templates, so the event loop stays free for
 # /health and the streams. A few suffice: a prompt too long for the context is refused after
 # tokenizing a few pieces of it (see `tokenizer.encode_prompt`).
@@ -266,7 +266,8 @@ def create_app(config: ServeConfig, engine_client=None, tokenizer=None) -> Lites
         serving_args = (config, client, tok, eos_ids)
         metrics = FrontendMetrics(config.served_model_name, client)
         executor = ThreadPoolExecutor(MAX_PREPARE_THREADS, thread_name_prefix="prepare")
-        shared = dict(load=RequestLoad(config.max_num_seqs + config.max_waiting_requests),
+        load = RequestLoad.for_limits(max_num_seqs=config.max_num_seqs, max_waiting_requests=config.max_waiting_requests)
+        shared = dict(load=load,
                       on_request_finished=metrics.observe_request, executor=executor)
         app.state.services = Services(
             config=config,

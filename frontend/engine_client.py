@@ -1,10 +1,14 @@
 """The frontend's side of the ZeroMQ pipes to the engine core.
 
 One background task reads every `EngineToFrontend` message and routes each `EngineCoreOutput`
-to the queue of its request; `generate()` drains that queue. Engine death (an `EngineDead`
-message, or the engine's pid vanishing) wakes every waiting `generate()` with
-`EngineDeadError`, so no request hangs on an engine that is gone. A shutdown whose grace period
-runs out ends the requests still in flight with `ServerStoppingError` (`stop_in_flight`).
+to the stream of its request: `generate(requests)` delivers the outputs of one API request's
+engine requests (one a prompt) on one queue, the one hop between the socket and the output
+processor. The client is the one place that counts a request's finished sequences: its stream
+ends once each sequence has had its final output or was aborted by the consumer (a stop
+string), so nothing downstream counts them again. Engine death (an `EngineDead` message, or the
+engine's pid vanishing) wakes every waiting `generate()` with `EngineDeadError`, so no request
+hangs on an engine that is gone. A shutdown whose grace period runs out ends the requests still
+in flight with `ServerStoppingError` (`stop_in_flight`).
 
 It also keeps the counts the metrics read: the engine's latest `SchedulerStats`, every
 generated token, and the tokens the engine still made for requests whose client had gone
@@ -17,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import zmq
 import zmq.asyncio
@@ -48,6 +52,30 @@ class ServerStoppingError(RuntimeError):
     """The server is shutting down and its grace period for in-flight requests ran out."""
 
 
+class _OutputStream:
+    """The outputs of one API request's engine requests, and which of their sequences are live:
+    not yet final in the engine, and not aborted by the consumer."""
+
+    def __init__(self, requests: list[EngineCoreRequest]) -> None:
+        self.queue: asyncio.Queue[EngineCoreOutput | Exception] = asyncio.Queue()
+        self.live_indices = {r.request_id: set(range(r.sampling_params.n)) for r in requests}
+        self.is_client_gone = False
+
+    @property
+    def has_live(self) -> bool:
+        return any(self.live_indices.values())
+
+    def is_live(self, output: EngineCoreOutput) -> bool:
+        return output.index in self.live_indices[output.request_id]
+
+    def end(self, request_id: str, index: int | None = None) -> None:
+        """Sequence `index` of `request_id` (None: all of them) has no more outputs to deliver."""
+        if index is None:
+            self.live_indices[request_id].clear()
+        else:
+            self.live_indices[request_id].discard(index)
+
+
 class EngineClient:
     def __init__(self, config: ServeConfig, *, pid_poll_interval_s: float = 0.5) -> None:
         self.config = config
@@ -59,10 +87,9 @@ class EngineClient:
         self._input: zmq.asyncio.Socket | None = None
         self._output: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task] = []
-        self._queues: dict[str, asyncio.Queue[EngineCoreOutput | Exception]] = {}
+        self._streams: dict[str, _OutputStream] = {}  # request id -> its API request's stream
         self.num_generation_tokens = 0
         self.num_tokens_after_disconnect = 0
-        self._client_gone_ids: set[str] = set()  # still in _queues, consumer leaving
         self._num_live_after_gone: dict[str, int] = {}  # request id -> sequences not yet final
         self._ready = asyncio.Event()
         self._dead = asyncio.Event()
@@ -96,51 +123,67 @@ class EngineClient:
         assert self.model_info is not None
         return self.model_info
 
-    async def generate(self, request: EngineCoreRequest) -> AsyncIterator[EngineCoreOutput]:
-        """Yields every output of `request` until all its sequences have finished.
+    async def generate(self, requests: list[EngineCoreRequest]) -> AsyncIterator[EngineCoreOutput]:
+        """Yields every output of `requests` (one API request's prompts), in arrival order,
+        until each of their sequences has finished or been aborted with `abort()`.
 
-        Closing or cancelling the iterator early aborts the request in the engine.
+        Closing or cancelling the iterator early aborts what is still running in the engine.
         """
         if self.is_dead:
             raise EngineDeadError(self.dead_reason)
-        request_id = request.request_id
-        if request_id in self._queues:
-            raise ValueError(f"request {request_id!r} is already running")
-        queue: asyncio.Queue[EngineCoreOutput | Exception] = asyncio.Queue()
-        self._queues[request_id] = queue
-        num_sequences = request.sampling_params.n
-        finished: set[int] = set()
+        for request in requests:
+            if request.request_id in self._streams:
+                raise ValueError(f"request {request.request_id!r} is already running")
+        stream = _OutputStream(requests)
+        for request in requests:
+            self._streams[request.request_id] = stream
         try:
-            self._send(request)
-            while len(finished) < num_sequences:
-                item = await queue.get()
+            for request in requests:
+                self._send(request)
+            while stream.has_live:
+                item = await stream.queue.get()
                 if isinstance(item, Exception):
                     raise item
+                if not stream.is_live(item):
+                    continue  # a late output of a sequence the consumer aborted
                 if item.finish_reason is not None:
-                    finished.add(item.index)
+                    stream.end(item.request_id, item.index)
                 yield item
         finally:
-            del self._queues[request_id]
-            is_client_gone = request_id in self._client_gone_ids
-            self._client_gone_ids.discard(request_id)
-            while not queue.empty():  # outputs routed but never consumed
-                item = queue.get_nowait()
-                if isinstance(item, EngineCoreOutput):
-                    if item.finish_reason is not None:
-                        finished.add(item.index)
-                    if is_client_gone:
-                        self.num_tokens_after_disconnect += len(item.new_token_ids)
-            if len(finished) < num_sequences and not self.is_dead:
-                logger.info("aborting request %s (its consumer stopped early)", request_id)
-                self._send(EngineCoreAbort([request_id]))
-                if is_client_gone:
-                    self._num_live_after_gone[request_id] = num_sequences - len(finished)
+            self._close(stream)
 
-    def mark_client_gone(self, request_ids: list[str]) -> None:
+    def _close(self, stream: _OutputStream) -> None:
+        """Forget a finished or abandoned stream; abort in the engine whatever is still live."""
+        for request_id in stream.live_indices:
+            del self._streams[request_id]
+        while not stream.queue.empty():  # outputs routed but never consumed
+            item = stream.queue.get_nowait()
+            if isinstance(item, EngineCoreOutput) and stream.is_live(item):
+                if item.finish_reason is not None:
+                    stream.end(item.request_id, item.index)
+                if stream.is_client_gone:
+                    self.num_tokens_after_disconnect += len(item.new_token_ids)
+        unfinished = {r: len(live) for r, live in stream.live_indices.items() if live}
+        if unfinished and not self.is_dead:
+            logger.info("aborting requests %s (their consumer stopped early)", ", ".join(unfinished))
+            self._send(EngineCoreAbort(list(unfinished)))
+            if stream.is_client_gone:
+                self._num_live_after_gone.update(unfinished)
+
+    def mark_client_gone(self, request_ids: Iterable[str]) -> None:
         """The client of these running requests went away; their remaining tokens are waste."""
-        self._client_gone_ids.update(r for r in request_ids if r in self._queues)
+        for request_id in request_ids:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.is_client_gone = True
 
     async def abort(self, request_ids: list[str], indices: list[int] | None = None) -> None:
+        """Abort sequence `indices[k]` of `request_ids[k]` (without `indices`: every sequence of
+        each request); their streams deliver nothing more of them."""
+        for k, request_id in enumerate(request_ids):
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.end(request_id, None if indices is None else indices[k])
         if not self.is_dead:
             self._send(EngineCoreAbort(list(request_ids), indices))
 
@@ -148,10 +191,14 @@ class EngineClient:
         """End every running `generate()` with `ServerStoppingError` (their engine requests are
         aborted as each consumer stops), so a stream ends with an error event instead of being
         cut off when the shutdown's grace period runs out."""
-        if self._queues:
-            logger.warning("ending %d requests still in flight: %s", len(self._queues), reason)
-        for queue in self._queues.values():
-            queue.put_nowait(ServerStoppingError(reason))
+        streams = self._live_streams()
+        if streams:
+            logger.warning("ending %d requests still in flight: %s", len(streams), reason)
+        for stream in streams:
+            stream.queue.put_nowait(ServerStoppingError(reason))
+
+    def _live_streams(self) -> list[_OutputStream]:
+        return list({id(stream): stream for stream in self._streams.values()}.values())
 
     async def shutdown(self) -> None:
         for task in self._tasks:
@@ -196,9 +243,9 @@ class EngineClient:
         self.latest_stats = message.stats
         for output in message.outputs:
             self.num_generation_tokens += len(output.new_token_ids)
-            queue = self._queues.get(output.request_id)
-            if queue is not None:
-                queue.put_nowait(output)
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.queue.put_nowait(output)
             elif output.request_id in self._num_live_after_gone:
                 self._count_after_disconnect(output)
             # else: a late output of a request we stopped ourselves (a stop string); dropped
@@ -228,8 +275,8 @@ class EngineClient:
         self._dead.set()
         self._num_live_after_gone.clear()
         error = EngineDeadError(reason)
-        for queue in self._queues.values():
-            queue.put_nowait(error)
+        for stream in self._live_streams():
+            stream.queue.put_nowait(error)
 
 
 def _process_exists(pid: int) -> bool:

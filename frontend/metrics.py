@@ -22,10 +22,11 @@ Every app has its own `CollectorRegistry`, so tests can build many apps in one p
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-from frontend.serving import RequestTiming
 
 PREFIX = "furiosa_llm:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -37,6 +38,34 @@ ITL_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 
                  20.0, 40.0, 80.0)
 REQUEST_BUCKETS_S = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                      120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+@dataclass
+class RequestTiming:
+    """When a request arrived, produced its first token and finished (wall-clock seconds), and
+    how each of its choices ended: what the metrics observe once per request."""
+
+    arrival_time: float
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    # engine-measured, one per engine request: from its arrival in the engine to its first step
+    queue_times_s: list[float] = field(default_factory=list)
+    # per choice, between consecutive outputs that carried tokens
+    inter_token_latencies_s: list[float] = field(default_factory=list)
+    # per choice: "stop", "length", "abort" (the client went away) or "error"
+    finish_reasons: list[str] = field(default_factory=list)
+
+    def note_tokens(self, last_token_time: float | None) -> float:
+        """A choice's output carried tokens now, its previous one at `last_token_time` (None:
+        these are its first); returns now, the choice's new last token time."""
+        now = time.time()
+        if self.first_token_time is None:
+            self.first_token_time = now
+        if last_token_time is not None:
+            self.inter_token_latencies_s.append(now - last_token_time)
+        return now
 
 
 class _EngineCollector:

@@ -33,16 +33,8 @@ from frontend.protocol import (
     Tool,
     ToolCall,
 )
-from frontend.serving import (
-    ChoiceDelta,
-    OpenAIServing,
-    PreparedPrompt,
-    RequestTiming,
-    UsageCounter,
-    random_id,
-    sse_stream,
-    waits_for_cached_tokens,
-)
+from frontend.output_processor import ChoiceDelta, PreparedPrompt
+from frontend.serving import GenerationJob, OpenAIServing, random_id
 from frontend.serving_logprobs import (
     TokenStrings,
     clamp_logprob,
@@ -50,13 +42,11 @@ from frontend.serving_logprobs import (
 from frontend.serving_tools import ChatOutputPlan
 from frontend.serving_validation import (
     MAX_LOGPROBS,
-    TextSettings,
     check_sampling_fields,
     check_stop_token_ids,
     make_sampling_params,
     resolve_logit_bias,
     resolve_max_tokens,
-    text_settings,
 )
 from frontend.tool_parsers import ParsedDelta, StopCutToolCallStream, ToolCallStream
 from frontend.tool_parsers import ToolCall as ParsedToolCall
@@ -212,12 +202,9 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(
         self, request: ChatCompletionRequest
     ) -> ChatCompletionResponse | AsyncIterator[bytes]:
-        job = await self._prepare(request)
-        if request.stream:
-            return sse_stream(job.stream_chunks())
-        return await job.collect()
+        return await self.respond(await self._prepare(request))
 
-    async def _prepare(self, request: ChatCompletionRequest) -> "_ChatJob":
+    async def _prepare(self, request: ChatCompletionRequest) -> _ChatJob:
         arrival_time = time.time()
         self.check_model(request.model)
         info = self.engine_info()
@@ -255,7 +242,7 @@ class OpenAIServingChat(OpenAIServing):
         chat_id = random_id("chatcmpl")
         prompt = PreparedPrompt(self.make_engine_request(chat_id, token_ids, params, arrival_time), text, 0)
         self.load.check(num_seqs)  # again: others may have started while this one was rendered
-        return _ChatJob(self, request, chat_id, prompt, text_settings(request), arrival_time, logprobs, plan)
+        return _ChatJob(self, request, chat_id, prompt, arrival_time, logprobs, plan)
 
     @staticmethod
     def _num_logprobs(request: ChatCompletionRequest) -> int | None:
@@ -268,32 +255,23 @@ class OpenAIServingChat(OpenAIServing):
         return (top or 0) if request.logprobs else None
 
 
-class _ChatJob:
+class _ChatJob(GenerationJob):
+    """One chat completion: its choices as messages, or as a stream of message deltas."""
+
     def __init__(
         self,
         serving: OpenAIServingChat,
         request: ChatCompletionRequest,
         chat_id: str,
         prompt: PreparedPrompt,
-        settings: TextSettings,
         arrival_time: float,
         logprobs: int | None,
         plan: ChatOutputPlan,
     ) -> None:
-        self.serving = serving
-        self.request = request
-        self.chat_id = chat_id
-        self.prompt = prompt
-        self.settings = settings
-        self.created = int(arrival_time)
-        self.timing = RequestTiming(arrival_time)
-        self.usage = UsageCounter([prompt], expects_cached_tokens=waits_for_cached_tokens(serving.config, request))
+        super().__init__(serving, request, chat_id, [prompt], arrival_time)
         self.logprobs_builder = ChatLogprobsBuilder(serving.token_strings, logprobs or 0) if logprobs is not None else None
         self.role = serving.config.response_role
         self.tool_parser = plan.tool_parser
-
-    def _deltas(self) -> AsyncIterator[ChoiceDelta]:
-        return self.serving.generate_choices([self.prompt], self.settings, self.usage, self.timing)
 
     def _logprobs(self, delta: ChoiceDelta) -> list[ChatCompletionLogProb] | None:
         if self.logprobs_builder is None:
@@ -305,7 +283,7 @@ class _ChatJob:
         texts: list[list[str]] = [[] for _ in range(n)]
         logprobs: list[list[ChatCompletionLogProb]] = [[] for _ in range(n)]
         finish: list[tuple[str | None, int | str | None]] = [(None, None)] * n
-        async with contextlib.aclosing(self._deltas()) as deltas:
+        async with contextlib.aclosing(self.deltas()) as deltas:
             async for delta in deltas:
                 texts[delta.index].append(delta.text)
                 logprobs[delta.index].extend(self._logprobs(delta) or [])
@@ -319,12 +297,12 @@ class _ChatJob:
                     index=i,
                     message=message,
                     logprobs=ChatCompletionLogProbs(logprobs[i]) if self.logprobs_builder is not None else None,
-                    finish_reason=_finish_reason(finish[i][0], has_tool_calls=bool(message.tool_calls)),
+                    finish_reason=_chat_finish_reason(finish[i][0], has_tool_calls=bool(message.tool_calls)),
                     stop_reason=finish[i][1],
                 )
             )
         return ChatCompletionResponse(
-            id=self.chat_id, model=self.serving.model_name, choices=choices, usage=self.usage.usage(), created=self.created
+            id=self.response_id, model=self.serving.model_name, choices=choices, usage=self.usage.usage(), created=self.created
         )
 
     def _message(self, text: str, *, is_cut_by_stop: bool) -> ChatResponseMessage:
@@ -336,12 +314,8 @@ class _ChatJob:
         return ChatResponseMessage(role=self.role, content=content, tool_calls=[_tool_call(c) for c in calls])
 
     async def stream_chunks(self) -> AsyncIterator[ChatCompletionStreamResponse]:
-        options = self.request.stream_options
-        include_usage = options is not None and options.include_usage
-        continuous_usage = include_usage and options.continuous_usage_stats
-
         def usage():
-            return self.usage.usage() if continuous_usage else None
+            return self.usage.usage() if self.include_continuous_usage else None
 
         # OpenAI opens every choice with a chunk that only names the role.
         for i in range(self.request.n):
@@ -350,7 +324,7 @@ class _ChatJob:
         # One tool-call parser per choice; it holds back text that may start a call (and, where
         # a stop string may cut a call short, a call's deltas until the output ends).
         parsers: list[ToolCallStream | StopCutToolCallStream | None] = [self._tool_stream() for _ in range(self.request.n)]
-        async with contextlib.aclosing(self._deltas()) as deltas:
+        async with contextlib.aclosing(self.deltas()) as deltas:
             async for delta in deltas:
                 entries = self._logprobs(delta)
                 message, has_tool_calls = _delta_message(delta, parsers[delta.index])
@@ -360,11 +334,11 @@ class _ChatJob:
                     index=delta.index,
                     delta=message or DeltaMessage(),
                     logprobs=ChatCompletionLogProbs(entries) if entries is not None else None,
-                    finish_reason=_finish_reason(delta.finish_reason, has_tool_calls=has_tool_calls),
+                    finish_reason=_chat_finish_reason(delta.finish_reason, has_tool_calls=has_tool_calls),
                     stop_reason=delta.stop_reason,
                 )
                 yield self._chunk([choice], usage())
-        if include_usage:
+        if self.include_usage:
             yield self._chunk([], self.usage.usage())
 
     def _tool_stream(self) -> ToolCallStream | StopCutToolCallStream | None:
@@ -375,7 +349,7 @@ class _ChatJob:
 
     def _chunk(self, choices: list[ChatCompletionStreamChoice], usage) -> ChatCompletionStreamResponse:
         return ChatCompletionStreamResponse(
-            id=self.chat_id,
+            id=self.response_id,
             object="chat.completion.chunk",
             created=self.created,
             model=self.serving.model_name,
@@ -417,6 +391,6 @@ def _tool_call(call: ParsedToolCall) -> ToolCall:
     return ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
 
-def _finish_reason(reason: str | None, *, has_tool_calls: bool) -> str | None:
+def _chat_finish_reason(reason: str | None, *, has_tool_calls: bool) -> str | None:
     """A choice that called tools and ended by itself ends with "tool_calls"."""
     return "tool_calls" if reason == "stop" and has_tool_calls else reason

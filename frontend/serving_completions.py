@@ -20,29 +20,19 @@ from frontend.protocol import (
     CompletionStreamChoice,
     CompletionStreamResponse,
 )
-from frontend.serving import (
-    ChoiceDelta,
-    OpenAIServing,
-    PreparedPrompt,
-    RequestTiming,
-    UsageCounter,
-    random_id,
-    sse_stream,
-    waits_for_cached_tokens,
-)
+from frontend.output_processor import ChoiceDelta, PreparedPrompt
+from frontend.serving import GenerationJob, OpenAIServing, random_id
 from frontend.serving_logprobs import (
     TokenStrings,
     clamp_logprob,
 )
 from frontend.serving_validation import (
     MAX_LOGPROBS,
-    TextSettings,
     check_sampling_fields,
     check_stop_token_ids,
     make_sampling_params,
     resolve_logit_bias,
     resolve_max_tokens,
-    text_settings,
 )
 from ipc.messages import EngineReady, TokenLogprobs
 
@@ -90,12 +80,9 @@ def _append_logprobs(into: CompletionLogProbs, more: CompletionLogProbs) -> None
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[bytes]:
         """Validates eagerly (errors are plain 400s), then a response or an SSE byte stream."""
-        job = await self._prepare(request)
-        if request.stream:
-            return sse_stream(job.stream_chunks())
-        return await job.collect()
+        return await self.respond(await self._prepare(request))
 
-    async def _prepare(self, request: CompletionRequest) -> "_CompletionJob":
+    async def _prepare(self, request: CompletionRequest) -> _CompletionJob:
         arrival_time = time.time()
         self.check_model(request.model)
         info = self.engine_info()
@@ -132,7 +119,7 @@ class OpenAIServingCompletion(OpenAIServing):
             prompt_text = prompt if isinstance(prompt, str) else await self.run_blocking(self.tokenizer.decode, token_ids)
             prompts.append(PreparedPrompt(engine_request, prompt_text, i * request.n))
         self.load.check(num_seqs)  # again: others may have started while this one was tokenized
-        return _CompletionJob(self, request, completion_id, prompts, text_settings(request), arrival_time)
+        return _CompletionJob(self, request, completion_id, prompts, arrival_time)
 
     async def _prompt_token_ids(self, prompt: str | list[int], info: EngineReady) -> list[int]:
         if isinstance(prompt, str):
@@ -176,8 +163,8 @@ def _split_prompts(prompt: str | list) -> list[str | list[int]]:
     )
 
 
-class _CompletionJob:
-    """One validated request: the engine requests and how to present their choices."""
+class _CompletionJob(GenerationJob):
+    """One completion request: its choices as text, or as a stream of text chunks."""
 
     def __init__(
         self,
@@ -185,17 +172,9 @@ class _CompletionJob:
         request: CompletionRequest,
         completion_id: str,
         prompts: list[PreparedPrompt],
-        settings: TextSettings,
         arrival_time: float,
     ) -> None:
-        self.serving = serving
-        self.request = request
-        self.completion_id = completion_id
-        self.prompts = prompts
-        self.settings = settings
-        self.created = int(arrival_time)
-        self.timing = RequestTiming(arrival_time)
-        self.usage = UsageCounter(prompts, expects_cached_tokens=waits_for_cached_tokens(serving.config, request))
+        super().__init__(serving, request, completion_id, prompts, arrival_time)
         num_top = request.logprobs or 0
         self.logprobs_builders = {
             p.first_choice_index + j: CompletionLogprobsBuilder(serving.token_strings, num_top)
@@ -205,9 +184,6 @@ class _CompletionJob:
         self.prompt_of_choice = {
             p.first_choice_index + j: p for p in prompts for j in range(request.n)
         }
-
-    def _deltas(self) -> AsyncIterator[ChoiceDelta]:
-        return self.serving.generate_choices(self.prompts, self.settings, self.usage, self.timing)
 
     def _choice_parts(self, delta: ChoiceDelta) -> tuple[str, CompletionLogProbs | None]:
         """The text and logprobs a delta adds to its choice, the echoed prompt included."""
@@ -228,7 +204,7 @@ class _CompletionJob:
         texts: dict[int, list[str]] = {index: [] for index in self.logprobs_builders}
         logprobs: dict[int, CompletionLogProbs | None] = {}
         finish: dict[int, tuple[str | None, int | str | None]] = {}
-        async with contextlib.aclosing(self._deltas()) as deltas:
+        async with contextlib.aclosing(self.deltas()) as deltas:
             async for delta in deltas:
                 text, more = self._choice_parts(delta)
                 texts[delta.index].append(text)
@@ -247,7 +223,7 @@ class _CompletionJob:
             for index in sorted(texts)
         ]
         return CompletionResponse(
-            id=self.completion_id,
+            id=self.response_id,
             model=self.serving.model_name,
             choices=choices,
             usage=self.usage.usage(),
@@ -255,22 +231,19 @@ class _CompletionJob:
         )
 
     async def stream_chunks(self) -> AsyncIterator[CompletionStreamResponse]:
-        options = self.request.stream_options
-        include_usage = options is not None and options.include_usage
-        continuous_usage = include_usage and options.continuous_usage_stats
-        async with contextlib.aclosing(self._deltas()) as deltas:
+        async with contextlib.aclosing(self.deltas()) as deltas:
             async for delta in deltas:
                 text, logprobs = self._choice_parts(delta)
                 if not text and delta.finish_reason is None and not (logprobs and logprobs.tokens):
                     continue  # nothing to say yet (text held back for a possible stop string)
                 choice = CompletionStreamChoice(delta.index, text, logprobs, delta.finish_reason, delta.stop_reason)
-                yield self._chunk([choice], self.usage.usage() if continuous_usage else None)
-        if include_usage:
+                yield self._chunk([choice], self.usage.usage() if self.include_continuous_usage else None)
+        if self.include_usage:
             yield self._chunk([], self.usage.usage())
 
     def _chunk(self, choices: list[CompletionStreamChoice], usage) -> CompletionStreamResponse:
         return CompletionStreamResponse(
-            id=self.completion_id,
+            id=self.response_id,
             object="text_completion",
             created=self.created,
             model=self.serving.model_name,

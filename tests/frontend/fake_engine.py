@@ -1,12 +1,13 @@
 """A stand-in for `frontend.engine_client.EngineClient` with no model and no sockets.
 
 Each sequence plays a token script (by default a fixed text, rotated by seed and sequence
-index, so equal seeds give equal outputs), one token per step, the sequences of a request
-interleaved step by step as the engine does. It finishes sequences the way the engine does
-(max_tokens -> LENGTH, an EOS or stop token id -> STOP, an abort -> ABORT; each final output
-carries `num_cached_tokens` when set, as the engine's do with prefix caching) and records every
-request and abort. Knobs script the failures: hang after k steps (until cancelled), die after
-k steps, finish with ERROR.
+index, so equal seeds give equal outputs), one token per step, the sequences of a request's
+prompts interleaved step by step in one stream as the engine and the client deliver them. It
+finishes sequences the way the engine does (max_tokens -> LENGTH, an EOS or stop token id ->
+STOP; each choice's first and final outputs carry `num_cached_tokens` when set, as the engine's
+do with prefix caching), ends a stream once each sequence has finished or was aborted by the
+consumer, as the client does, and records every request and abort. Knobs script the failures:
+hang after k steps (until cancelled), die after k steps, finish with ERROR, abort unasked.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from ipc.messages import (
     TokenLogprobs,
 )
 
-ALL = -1  # an abort of every sequence of a request
 Script = Callable[[EngineCoreRequest, int], list[int]]
 
 
@@ -43,12 +43,11 @@ class FakeEngineClient:
         self.error_message: str | None = None  # finish every sequence with ERROR at once
         self.unrequested_abort = False  # the engine aborts sequences on its own
         self.num_generated_tokens: int | None = None  # reported on final outputs
-        self.num_cached_tokens: int | None = None  # reported on every final output, ABORT too
-        self.reports_cached_tokens_first = False  # num_cached_tokens on each sequence's first output too
+        self.num_cached_tokens: int | None = None  # reported on each choice's first and final outputs
         self.num_generation_tokens = 0  # every token yielded, as the real client counts them
         self.num_tokens_after_disconnect = 0
         self.client_gone_ids: list[str] = []
-        self._aborted: dict[str, set[int]] = {}
+        self._live: dict[str, set[int]] = {}  # request id -> sequences its stream still delivers
         self._events: dict[str, asyncio.Event] = {}
 
     # -- the EngineClient API --------------------------------------------------------------
@@ -74,45 +73,75 @@ class FakeEngineClient:
     async def abort(self, request_ids: list[str], indices: list[int] | None = None) -> None:
         self.abort_calls.append((list(request_ids), None if indices is None else list(indices)))
         for k, request_id in enumerate(request_ids):
-            self._aborted.setdefault(request_id, set()).add(ALL if indices is None else indices[k])
+            live = self._live.get(request_id, set())
+            if indices is None:
+                live.clear()
+            else:
+                live.discard(indices[k])
         self._event("aborted").set()
 
     def mark_client_gone(self, request_ids: list[str]) -> None:
         self.client_gone_ids.extend(request_ids)
 
-    async def generate(self, request: EngineCoreRequest) -> AsyncIterator[EngineCoreOutput]:
+    async def generate(self, requests: list[EngineCoreRequest]) -> AsyncIterator[EngineCoreOutput]:
         if self.is_dead:
             raise EngineDeadError(self.dead_reason)
-        self.requests.append(request)
+        self.requests.extend(requests)
         self._event("started").set()
-        params = request.sampling_params
-        scripts = [self.script(request, j) for j in range(params.n)]
-        finished: set[int] = set()
-        step = 0
+        for request in requests:
+            self._live[request.request_id] = set(range(request.sampling_params.n))
+        scripts = {r.request_id: [self.script(r, j) for j in range(r.sampling_params.n)] for r in requests}
+        finals: dict[str, set[int]] = {r.request_id: set() for r in requests}  # sent by the "engine"
+        queue: asyncio.Queue[EngineCoreOutput | Exception] = asyncio.Queue()
+        # The engine runs ahead of the consumer, as the real one does behind its socket.
+        engine = asyncio.create_task(self._run(requests, scripts, finals, queue))
         try:
-            while len(finished) < params.n:
-                if self.hang_after_steps is not None and step >= self.hang_after_steps:
-                    self._event("hanging").set()
-                    await asyncio.Event().wait()  # until cancelled
-                if self.die_after_steps is not None and step >= self.die_after_steps:
-                    self.dead_reason = "scripted death"
-                    raise EngineDeadError(self.dead_reason)
-                await asyncio.sleep(0)  # a scheduling point, as between engine steps
-                for j in range(params.n):
-                    if j in finished:
+            while any(self._live[r.request_id] for r in requests):
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                live = self._live[item.request_id]
+                if item.index not in live:
+                    continue  # a late output of a sequence the consumer aborted
+                if item.finish_reason is not None:
+                    live.discard(item.index)
+                yield item
+        finally:
+            engine.cancel()
+            for request in requests:
+                del self._live[request.request_id]
+                if len(finals[request.request_id]) < request.sampling_params.n:
+                    self.closed_unfinished.append(request.request_id)
+                    self._event("aborted").set()
+
+    async def _run(self, requests: list[EngineCoreRequest], scripts: dict[str, list[list[int]]],
+                   finals: dict[str, set[int]], queue: asyncio.Queue) -> None:
+        """Steps until every sequence has its final output or was aborted by the consumer."""
+        def is_running(request_id: str, index: int) -> bool:
+            return index not in finals[request_id] and index in self._live.get(request_id, ())
+
+        step = 0
+        while any(is_running(r.request_id, j) for r in requests for j in range(r.sampling_params.n)):
+            if self.hang_after_steps is not None and step >= self.hang_after_steps:
+                self._event("hanging").set()
+                await asyncio.Event().wait()  # until cancelled
+            if self.die_after_steps is not None and step >= self.die_after_steps:
+                self.dead_reason = "scripted death"
+                queue.put_nowait(EngineDeadError(self.dead_reason))
+                return
+            await asyncio.sleep(0)  # a scheduling point, as between engine steps
+            for request in requests:
+                for j in range(request.sampling_params.n):
+                    if not is_running(request.request_id, j):
                         continue
-                    output = self._output(request, j, step, scripts[j])
+                    output = self._output(request, j, step, scripts[request.request_id][j])
                     if output.finish_reason is not None:
-                        finished.add(j)
-                    if output.finish_reason is not None or (step == 0 and self.reports_cached_tokens_first):
+                        finals[request.request_id].add(j)
+                    if output.finish_reason is not None or step == 0:
                         output.num_cached_tokens = self.num_cached_tokens
                     self.num_generation_tokens += len(output.new_token_ids)
-                    yield output
-                step += 1
-        finally:
-            if len(finished) < params.n:
-                self.closed_unfinished.append(request.request_id)
-                self._event("aborted").set()
+                    queue.put_nowait(output)
+            step += 1
 
     # -- helpers for tests -----------------------------------------------------------------
 
@@ -131,8 +160,7 @@ class FakeEngineClient:
         request_id = request.request_id
         if self.error_message is not None:
             return EngineCoreOutput(request_id, index, [], finish_reason=FinishReason.ERROR, error=self.error_message)
-        aborted = self._aborted.get(request_id, set())
-        if index in aborted or ALL in aborted or (self.unrequested_abort and step > 0):
+        if self.unrequested_abort and step > 0:
             return EngineCoreOutput(request_id, index, [], finish_reason=FinishReason.ABORT)
         token_id = script[step % len(script)]
         output = EngineCoreOutput(request_id, index, [token_id])

@@ -81,7 +81,7 @@ def make_request(request_id: str, n: int = 1) -> EngineCoreRequest:
 
 
 async def collect(client: EngineClient, request: EngineCoreRequest) -> list[EngineCoreOutput]:
-    return [output async for output in client.generate(request)]
+    return [output async for output in client.generate([request])]
 
 
 async def test_ready_message_makes_the_client_ready(client, engine):
@@ -113,6 +113,31 @@ async def test_generate_sends_the_request_and_routes_outputs_by_request(client, 
     assert client.latest_stats == STATS
 
 
+async def test_one_stream_carries_every_prompt_and_ends_without_the_sequences_aborted_in_it(client, engine):
+    """An API request's engine requests share one stream; a sequence the consumer aborts (a stop
+    string) counts as ended there, so the stream ends without waiting for the engine's ABORT."""
+    requests = [make_request("p0", n=2), make_request("p1")]
+    outputs: list[EngineCoreOutput] = []
+
+    async def consume() -> None:
+        async for output in client.generate(requests):
+            outputs.append(output)
+            if output.request_id == "p0" and output.index == 1:
+                await client.abort(["p0"], [1])
+
+    task = asyncio.create_task(consume())
+    assert [(await engine.receive()).request_id for _ in requests] == ["p0", "p1"]
+    await engine.send_outputs(EngineCoreOutput("p1", 0, [5]), EngineCoreOutput("p0", 1, [6]),
+                              EngineCoreOutput("p0", 0, [7], finish_reason=FinishReason.LENGTH))
+    assert await engine.receive() == EngineCoreAbort(["p0"], [1])
+    await engine.send_outputs(EngineCoreOutput("p0", 1, [], finish_reason=FinishReason.ABORT),  # not delivered
+                              EngineCoreOutput("p1", 0, [8], finish_reason=FinishReason.STOP, stop_reason=0))
+    await asyncio.wait_for(task, TIMEOUT_S)
+    assert [(o.request_id, o.index, o.new_token_ids) for o in outputs] == [
+        ("p1", 0, [5]), ("p0", 1, [6]), ("p0", 0, [7]), ("p1", 0, [8])]
+    assert client._streams == {}
+
+
 async def test_a_finished_request_sends_no_abort(client, engine):
     task = asyncio.create_task(collect(client, make_request("done")))
     await engine.receive()
@@ -128,7 +153,7 @@ async def test_cancelled_consumer_aborts_the_engine_request(client, engine):
     started = asyncio.Event()
 
     async def consume() -> None:
-        async for _ in client.generate(make_request("gone")):
+        async for _ in client.generate([make_request("gone")]):
             started.set()
 
     task = asyncio.create_task(consume())
@@ -213,7 +238,7 @@ async def test_tokens_made_after_the_client_left_are_counted_until_the_final_out
     started = asyncio.Event()
 
     async def consume() -> None:
-        async for _ in client.generate(make_request("gone", n=2)):
+        async for _ in client.generate([make_request("gone", n=2)]):
             started.set()
 
     task = asyncio.create_task(consume())
@@ -231,10 +256,10 @@ async def test_tokens_made_after_the_client_left_are_counted_until_the_final_out
                               EngineCoreOutput("gone", 1, [8], finish_reason=FinishReason.ABORT))
     await engine.send_outputs(EngineCoreOutput("gone", 0, [9]))  # after its end: not counted again
     # a later request's output arrives after everything above was routed
-    marker = asyncio.create_task(anext(aiter(client.generate(make_request("marker")))))
+    marker = asyncio.create_task(anext(aiter(client.generate([make_request("marker")]))))
     assert (await engine.receive()).request_id == "marker"
     await engine.send_outputs(EngineCoreOutput("marker", 0, [1]))
     await asyncio.wait_for(marker, TIMEOUT_S)
     assert client.num_tokens_after_disconnect == 4
     assert client.num_generation_tokens == 2 + 4 + 1 + 1
-    assert client._num_live_after_gone == {} and client._client_gone_ids == set()
+    assert client._num_live_after_gone == {} and "gone" not in client._streams

@@ -9,7 +9,7 @@ from litestar.testing import TestClient
 
 from frontend.app import create_app
 from frontend.protocol import ChatCompletionRequest, CompletionRequest
-from frontend.serving import RequestTiming
+from frontend.metrics import RequestTiming
 from ipc.messages import FinishReason
 
 USER_HI = [{"role": "user", "content": "hi"}]
@@ -646,8 +646,8 @@ def test_logit_bias_token_ids_end_at_the_vocabulary(client, engine, tokenizer):
 
 
 def test_cached_tokens_are_reported_when_a_stop_string_ends_the_request(client, engine):
-    """The frontend ends such a sequence itself; the engine's count comes with the ABORT that
-    answers its abort, so the usage looks the same however the request ended."""
+    """The frontend ends such a sequence itself; the engine's count came with the choice's first
+    output, so the usage looks the same however the request ended."""
     engine.num_cached_tokens = 32
     by_length = chat(client, max_tokens=3)
     by_stop = chat(client, stop=["quick"])
@@ -669,11 +669,11 @@ def test_cached_tokens_of_every_prompt_and_choice_ended_by_stop_strings(client, 
 
 
 def test_without_prefix_caching_a_stop_string_ends_the_request_at_once(config, engine, tokenizer):
-    config.enable_prefix_caching = False
+    config.enable_prefix_caching = False  # the engine reports no cached tokens then
     with TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer)) as client:
         body = chat(client, stop=["quick"])
     assert "prompt_tokens_details" not in body["usage"]
-    # the frontend stopped reading before the engine's ABORT: nothing was worth waiting for
+    # the frontend stopped reading before the engine's ABORT: nothing is worth waiting for
     assert engine.closed_unfinished == [engine.requests[0].request_id]
 
 
@@ -686,18 +686,19 @@ def test_a_stream_without_usage_ends_without_waiting_for_the_abort(client, engin
 
 
 def test_cached_tokens_sent_early_need_no_wait_for_the_abort(client, engine):
-    engine.num_cached_tokens, engine.reports_cached_tokens_first = 48, True
+    engine.num_cached_tokens = 48  # on the choice's first output, as the engine sends it
     body = chat(client, stop=["quick"])
     assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 48}
     assert engine.closed_unfinished == [engine.requests[0].request_id]
 
 
 def test_engine_death_after_every_choice_ended_still_answers(client, engine, tokenizer):
-    """Only the cached-token count was still to come; the answer itself was complete."""
+    """Once a stop string has ended every choice nothing more is read from the engine (the
+    cached-token count came with the first output), so its death right after is not seen."""
     engine.num_cached_tokens = 16
     engine.script = text_script(tokenizer, "Hello world! The quick brown fox")
     engine.die_after_steps = 4  # right after step 3, whose token completes the stop string
     body = chat(client, stop=["world"])
     assert body["choices"][0]["message"]["content"] == "Hello " and body["choices"][0]["finish_reason"] == "stop"
     assert engine.abort_calls and engine.dead_reason == "scripted death"
-    assert "prompt_tokens_details" not in body["usage"]
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 16}
