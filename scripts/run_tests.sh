@@ -3,13 +3,18 @@
 # Needs only Python 3.10+; everything else is installed here. Usage: bash scripts/run_tests.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# systemd-analyze, for tests/test_systemd_unit.py (`verify` of scripts/furiosa-llm.service);
-# Debian's systemd package, installed only, nothing started.
-if ! command -v systemd-analyze >/dev/null 2>&1; then
+# systemd-analyze, for tests/test_systemd_unit.py (`verify` of scripts/furiosa-llm.service), and
+# haproxy, for tests/deploy and tests/e2e/test_replicas.py (deploy/haproxy/haproxy.cfg);
+# Debian's packages; the tests run only their own haproxy (Debian's default haproxy.cfg, which
+# a host running systemd starts, has no frontend: it listens on nothing).
+missing=""
+command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing="$missing haproxy"
+if [ -n "$missing" ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
 fi
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
