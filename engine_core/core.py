@@ -34,8 +34,8 @@ from ipc.messages import (
     FinishReason,
     SchedulerStats,
 )
-from ipc.structured_output import StructuredOutputError
-from ipc.vocabulary import read_vocabulary
+from ipc.shared.structured_output import StructuredOutputError
+from ipc.shared.vocabulary import read_vocabulary
 
 
 logger = logging.getLogger("furiosa_llm.engine")

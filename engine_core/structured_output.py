@@ -1,7 +1,7 @@
 """Constrained generation: a grammar matcher per constrained sequence, a token mask per step.
 
 A request with `structured_output` gets an llguidance matcher, compiled from the spec against
-the model's vocabulary (read from the artifact on first use, see `ipc.vocabulary`). Each step,
+the model's vocabulary (read from the artifact on first use, see `ipc.shared.vocabulary`). Each step,
 `apply_grammar_masks` sets the logits of the tokens the grammar does not allow next to -inf,
 for the constrained rows only; the engine then feeds the sampled token back (`accept`). The
 request's EOS ids are allowed exactly when the grammar accepts what was generated, and when the
@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence as SequenceOf
 import numpy as np
 
 from ipc.messages import StructuredOutputSpec
-from ipc.structured_output import StructuredOutputError, grammar_for
-from ipc.vocabulary import Vocabulary
+from ipc.shared.structured_output import StructuredOutputError, grammar_for
+from ipc.shared.vocabulary import Vocabulary
 
 
 class GrammarMatcher:

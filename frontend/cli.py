@@ -30,7 +30,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import msgspec
 
-from ipc.artifacts import ArtifactNotFoundError, default_model_path
+from frontend.default_model import ArtifactNotFoundError, default_model_path
 from ipc.config import ServeConfig
 from ipc.notify import STARTUP_ERROR_KEY, parse_state, sd_notify
 from ipc.sockets import ipc_addresses, make_ipc_dir

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tokenizers import decoders
 from transformers import PreTrainedTokenizerFast
 
-from ipc.vocabulary import byte_level_bytes, sentencepiece_bytes
+from ipc.shared.vocabulary import byte_level_bytes, sentencepiece_bytes
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps to the same value
 

@@ -27,7 +27,7 @@ from frontend.tool_parsers import ToolParser, ToolParserRegistry
 from frontend.tool_parsers.llama3_json import Llama3JsonToolParser
 from ipc.config import ServeConfig
 from ipc.messages import StructuredOutputKind, StructuredOutputSpec
-from ipc.structured_output import JSON_OPTIONS, StructuredOutputError, check_structured_output
+from ipc.shared.structured_output import JSON_OPTIONS, StructuredOutputError, check_structured_output
 
 # A function declared without parameters takes none: its arguments are `{}`.
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -109,7 +109,7 @@ def _forced_calls_spec(tools: list[Tool], choice: str | NamedToolChoice, *, sing
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
     if single:
         return StructuredOutputSpec(StructuredOutputKind.JSON_SCHEMA, json.dumps(schema))
-    # One call or more, "; " between them; the JSON layout is the one ipc.structured_output
+    # One call or more, "; " between them; the JSON layout is the one ipc.shared.structured_output
     # gives a plain schema (a schema inside a grammar carries its own options).
     grammar = 'start: call ("; " call)*\ncall: %json ' + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
     return StructuredOutputSpec(StructuredOutputKind.GRAMMAR, grammar)

@@ -23,7 +23,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from ipc.vocabulary import TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL, TOKEN_TYPE_USER_DEFINED, read_gguf_metadata
+from ipc.shared.vocabulary import TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL, TOKEN_TYPE_USER_DEFINED, read_gguf_metadata
 
 # Llama 3 (tiktoken's cl100k shape): case-insensitive contractions, a letter run may take one
 # leading non-letter, non-digit (not a newline), numbers in groups of up to 3 digits, newlines

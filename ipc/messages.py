@@ -15,7 +15,8 @@ import msgspec
 class FinishReason(enum.IntEnum):
     """Why a sequence ended. The frontend maps these to OpenAI's strings."""
 
-    STOP = 0  # EOS or a stop token id (engine), or a stop string (frontend)
+    STOP = 0  # EOS, a stop token id or a completed grammar (a stop string never comes here: the
+    # frontend finds it, ends the choice itself and aborts the sequence, which then gets ABORT)
     LENGTH = 1  # max_tokens or max_model_len reached
     ABORT = 2  # aborted by the frontend (client gone, stop string found)
     ERROR = 3  # the request can never be served (e.g. it does not fit the KV cache)
@@ -30,7 +31,7 @@ class StructuredOutputKind(enum.IntEnum):
 
 class StructuredOutputSpec(msgspec.Struct, array_like=True, frozen=True):
     """What the output must be. The frontend has checked that it compiles (see
-    `ipc.structured_output`); the engine compiles it against the vocabulary."""
+    `ipc.shared.structured_output`); the engine compiles it against the vocabulary."""
 
     kind: StructuredOutputKind
     spec: str = ""
@@ -72,6 +73,13 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, frozen
 
 
 class EngineCoreRequest(msgspec.Struct, tag="request", array_like=True):
+    """One prompt of an API request, validated by the frontend, which answers a bad field with a
+    400 naming it. The engine checks again, on purpose, what would corrupt its state: a request
+    id in use, an empty prompt, a prompt that fills the context or the KV cache (only the engine
+    knows the latter), token ids outside the vocabulary, structured output with beam search. A
+    failed check is one `FinishReason.ERROR` output (a 400), never an exception, so no caller
+    (the frontend, an in-process test or the Python API) can crash the engine with a request."""
+
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams

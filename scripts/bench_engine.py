@@ -37,7 +37,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 import engine_core.model as model_module
 from engine_core.core import EngineCore
 from engine_core.loader import load_artifact
-from ipc.artifacts import default_model_path
+from frontend.default_model import default_model_path
 from ipc.config import ServeConfig
 from ipc.messages import EngineCoreRequest, SamplingParams
 

@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 from engine_core.core import EngineCore
 from engine_core.loader import load_artifact
 from engine_core.structured_output import apply_grammar_masks
-from ipc.artifacts import default_model_path
+from frontend.default_model import default_model_path
 from ipc.config import ServeConfig
 from ipc.messages import EngineCoreRequest, SamplingParams, StructuredOutputKind, StructuredOutputSpec
 

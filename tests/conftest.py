@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ipc.artifacts import default_model_path
+from frontend.default_model import default_model_path
 
 
 @pytest.fixture(scope="session")

@@ -62,7 +62,7 @@ class ToolCallStream:
 
     def __init__(self, make_id: Callable[[], str] = new_tool_call_id) -> None:
         self._make_id = make_id
-        self._out = ParsedDelta()
+        self._decided = ParsedDelta()
         self.num_calls = 0
         self._held_whitespace = ""  # after content: dropped if a call follows
         self._pending = ""  # a candidate call's text, held until it is decided
@@ -166,21 +166,21 @@ class ToolCallStream:
         self._held_whitespace = ""
         return None
 
-    # ---- output, merged into as few fragments as possible
+    # ---- what was decided since the last `_take`, merged into as few fragments as possible
 
     def _take(self) -> ParsedDelta:
-        out, self._out = self._out, ParsedDelta()
-        return out
+        decided, self._decided = self._decided, ParsedDelta()
+        return decided
 
     def _emit_content(self, text: str) -> None:
-        self._out.content += text
+        self._decided.content += text
 
     def _open_call(self, name: str) -> None:
-        self._out.tool_calls.append(ToolCallDelta(self.num_calls, self._make_id(), name))
+        self._decided.tool_calls.append(ToolCallDelta(self.num_calls, self._make_id(), name))
         self.num_calls += 1
 
     def _emit_arguments(self, text: str) -> None:
-        calls = self._out.tool_calls
+        calls = self._decided.tool_calls
         index = self.num_calls - 1
         if calls and calls[-1].index == index:
             calls[-1].arguments += text

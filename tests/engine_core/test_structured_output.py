@@ -23,7 +23,7 @@ from ipc.messages import (
     StructuredOutputKind,
     StructuredOutputSpec,
 )
-from ipc.vocabulary import read_vocabulary
+from ipc.shared.vocabulary import read_vocabulary
 from tiny_llama import EOS_ID, IM_END_ID, write_tiny_llama
 
 SCHEMA = {

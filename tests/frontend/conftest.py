@@ -1,5 +1,5 @@
 """Fixtures for frontend tests: the test tokenizer, a fake engine client, and the app wired to
-both. No model, no sockets."""
+both (no model, no sockets); and the default model's tokenizer, for the tests that read it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from litestar.testing import TestClient
 from transformers import PreTrainedTokenizerFast
 
 from frontend.app import create_app
+from frontend.tokenizer import load_tokenizer
 from ipc.config import ServeConfig
 from ipc.messages import EngineReady
 
@@ -17,6 +18,12 @@ from ipc.messages import EngineReady
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm2(default_model) -> PreTrainedTokenizerFast:
+    """The default model's tokenizer, loaded once (5-7 s) for every test module that reads it."""
+    return load_tokenizer(default_model)
 
 
 @pytest.fixture

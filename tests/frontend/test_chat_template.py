@@ -11,14 +11,9 @@ import pytest
 
 from frontend.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from frontend.tokenizer import load_tokenizer
-from ipc.artifacts import default_model_path
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "smollm2_tokenizer.json"
 
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_tokenizer(default_model_path())
 
 
 @pytest.fixture(scope="module")

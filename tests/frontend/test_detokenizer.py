@@ -12,8 +12,6 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from frontend.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from frontend.tokenizer import load_tokenizer
-from ipc.artifacts import default_model_path
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "smollm2_tokenizer.json"
 FFFD = "\ufffd"
@@ -27,10 +25,6 @@ MULTIBYTE_TEXTS = [
     "a\u00a0b\u200bc ∑∫√ 𝔘𝔫𝔦",
 ]
 
-
-@pytest.fixture(scope="module")
-def smollm2() -> PreTrainedTokenizerFast:
-    return load_tokenizer(default_model_path())
 
 
 @pytest.fixture(scope="module")

