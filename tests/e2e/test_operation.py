@@ -122,7 +122,8 @@ def test_sigterm_drains_the_in_flight_request_and_exits_0_and_systemd_hears_read
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(tmp_path / "notify"))
         notify.settimeout(STARTUP_TIMEOUT_S)
-        server = Server(env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        # a grace period far past what 60 tokens take, however loaded the machine
+        server = Server("--shutdown-timeout", "300", env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
         try:
             ready = notify.recv(4096)
             # READY=1 comes only once the engine is ready and the socket listens
