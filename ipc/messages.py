@@ -22,6 +22,32 @@ class FinishReason(enum.IntEnum):
     ERROR = 3  # the request can never be served (e.g. it does not fit the KV cache)
 
 
+class FinishCause(enum.IntEnum):
+    """Which condition ended a sequence: finer than FinishReason, so the frontend need not
+    decide it again (e.g. whether the last token is the EOS or stop token that adds no text)."""
+
+    EOS = 0  # one of the request's EOS ids (never with ignore_eos)
+    STOP_TOKEN = 1  # one of stop_token_ids; stop_reason says which
+    GRAMMAR_END = 2  # the structured output's grammar could go no further
+    LENGTH = 3  # max_tokens or max_model_len reached
+    ABORT = 4  # aborted by the frontend
+    ERROR = 5  # the request can never be served; error says why
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        return _FINISH_REASONS[self]
+
+
+_FINISH_REASONS = {
+    FinishCause.EOS: FinishReason.STOP,
+    FinishCause.STOP_TOKEN: FinishReason.STOP,
+    FinishCause.GRAMMAR_END: FinishReason.STOP,
+    FinishCause.LENGTH: FinishReason.LENGTH,
+    FinishCause.ABORT: FinishReason.ABORT,
+    FinishCause.ERROR: FinishReason.ERROR,
+}
+
+
 class StructuredOutputKind(enum.IntEnum):
     JSON_SCHEMA = 0  # spec: a JSON Schema document
     JSON_OBJECT = 1  # any JSON object; spec unused
@@ -127,6 +153,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     # on each choice's first and final outputs, with prefix caching on: prompt tokens the request
     # found in the cache
     num_cached_tokens: int | None = None
+    finish_cause: FinishCause | None = None  # with finish_reason, from the engine: which condition
 
 
 class SchedulerStats(msgspec.Struct, array_like=True):

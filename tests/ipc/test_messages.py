@@ -14,6 +14,7 @@ from ipc.messages import (
     EngineCoreRequest,
     EngineDead,
     EngineReady,
+    FinishCause,
     FinishReason,
     SamplingParams,
     SchedulerStats,
@@ -153,6 +154,28 @@ def test_frontend_decoder_rejects_an_unknown_finish_reason():
     raw = ["outputs", [["r", 0, [1], None, 9]], [0, 0, 0.0, 0, 0], 0.0]
     with pytest.raises(msgspec.ValidationError):
         decode_to_frontend(msgspec.msgpack.encode(raw))
+
+
+def test_finish_cause_round_trips_as_the_last_field():
+    outputs = [EngineCoreOutput("r", index, [7], finish_reason=cause.finish_reason, finish_cause=cause,
+                                stop_reason=7 if cause == FinishCause.STOP_TOKEN else None)
+               for index, cause in enumerate(FinishCause)]
+    decoded = decode_to_frontend(encode(EngineCoreOutputs(outputs, STATS, 0.0))).outputs
+    assert decoded == outputs and all(type(o.finish_cause) is FinishCause for o in decoded)
+    raw = msgspec.msgpack.decode(encode(outputs[FinishCause.GRAMMAR_END]))
+    assert len(raw) == len(EngineCoreOutput.__struct_fields__) and raw[-1] == 2 and raw[4] == FinishReason.STOP
+    # an output without one (not final, or from an engine that predates the field) decodes to None
+    (old,) = decode_to_frontend(msgspec.msgpack.encode(["outputs", [["r", 0, [1], None, 1]],
+                                                          [0, 0, 0.0, 0, 0], 0.0])).outputs
+    assert old.finish_reason == FinishReason.LENGTH and old.finish_cause is None
+
+
+def test_each_finish_cause_has_its_openai_finish_reason():
+    assert [c.finish_reason for c in FinishCause] == [
+        FinishReason.STOP, FinishReason.STOP, FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT,
+        FinishReason.ERROR,
+    ]
+    assert [c.name for c in FinishCause] == ["EOS", "STOP_TOKEN", "GRAMMAR_END", "LENGTH", "ABORT", "ERROR"]
 
 
 def test_serve_config_json_round_trip():
