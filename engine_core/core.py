@@ -1,10 +1,13 @@
 """EngineCore: the engine's logic (add, abort, step) with no sockets, threads or signals.
 
-A step is three calls: the scheduler picks tokens, the model runner computes logits, and
-`_postprocess` samples, checks stop conditions and produces per-sequence output deltas.
+A step is three calls: the scheduler plans which tokens to compute, the model runner computes
+logits, and `_postprocess` turns them into outputs, in stages: record what was computed; route
+each logit row (a finished prompt forks into its candidates, a beam's row goes to its beam
+search); sample; append the tokens and check the stop conditions; emit each sequence's news.
+Every final output says why the sequence ended (`FinishCause`, with OpenAI's `FinishReason`).
 
 Beam search requests take another path after their prompt: their live beams' logprobs are
-collected until every beam has them, then `BeamSearch.step` picks the next beams, and the
+collected (`BeamState`) until every beam has them, then the search picks the next beams, and the
 engine forks, keeps or frees the beams' sequences (forks share KV blocks by reference count
 and copy a partly filled block on write). Their hypotheses are reported once, at the end.
 """
@@ -17,13 +20,13 @@ import logging
 
 import numpy as np
 
-from engine_core.beam_search import BeamSearch, BeamStep
+from engine_core.beam_search import BeamState, BeamStep
 from engine_core.kv_cache_manager import KVCacheManager
 from engine_core.loader import ModelConfig, load_artifact
 from engine_core.model import KVCache, resolve_kv_cache_dtype
 from engine_core.model_runner import ModelRunner, RunnerOutput
 from engine_core.request import Request, Sequence
-from engine_core.sampler import Sampler, add_logit_bias, log_softmax, token_logprobs
+from engine_core.sampler import SampledToken, Sampler, log_softmax, token_logprobs
 from engine_core.structured_output import StructuredOutputManager
 from engine_core.scheduler import Scheduler, SchedulerOutput
 from ipc.config import ServeConfig
@@ -31,7 +34,7 @@ from ipc.messages import (
     EngineCoreOutput,
     EngineCoreRequest,
     EngineReady,
-    FinishReason,
+    FinishCause,
     SchedulerStats,
 )
 from ipc.shared.structured_output import StructuredOutputError
@@ -111,18 +114,16 @@ class EngineCore:
     # ------------------------------------------------------------------ requests in
 
     def add_request(self, message: EngineCoreRequest) -> None:
-        request = Request(message)
-        # ids outside the vocabulary can never be sampled; keep them out of the logit masks
-        request.eos_token_ids = frozenset(i for i in request.eos_token_ids if 0 <= i < self.model_config.vocab_size)
+        request = Request(message, self.model_config.vocab_size)
         error = self._check_request(request) or self._attach_grammar(request)
         if error is not None:
-            self.pending_outputs.append(
-                EngineCoreOutput(request.request_id, 0, [], finish_reason=FinishReason.ERROR, error=error)
-            )
+            output = EngineCoreOutput(request.request_id, 0, [])
+            _set_finish(output, FinishCause.ERROR, error=error)
+            self.pending_outputs.append(output)
             return
         if request.params.use_beam_search:
             max_new_tokens = min(request.params.max_tokens, self.max_model_len - request.num_prompt_tokens)
-            request.beam_search = BeamSearch.from_params(request.params, request.eos_token_ids, max(1, max_new_tokens))
+            request.beams = BeamState.from_params(request.params, request.stopping_eos_token_ids, max(1, max_new_tokens))
         self.requests[request.request_id] = request
         self.scheduler.add(request.sequences[0])
 
@@ -160,20 +161,20 @@ class EngineCore:
             request = self.requests.get(request_id)
             if request is None:
                 continue
-            if request.beam_search is not None:  # its beams are not the n choices: end them all
-                self._end_beam_search(request, FinishReason.ABORT)
+            if request.beams is not None:  # its beams are not the n choices: end them all
+                self._end_beam_search(request, FinishCause.ABORT)
                 continue
             only = None if indices is None or indices[k] < 0 else indices[k]
             for seq in list(request.sequences):
                 if not seq.is_finished and (only is None or seq.index == only or not request.is_forked):
-                    self._finish(seq, FinishReason.ABORT)
+                    self._finish(seq, FinishCause.ABORT)
 
     # ------------------------------------------------------------------ the step
 
     def step(self) -> list[EngineCoreOutput]:
         plan = self.scheduler.schedule()
         for seq in plan.unfittable:
-            self._finish(seq, FinishReason.ERROR,
+            self._finish(seq, FinishCause.ERROR,
                          error=f"the sequence needs more KV cache than the engine has ({self.capacity_tokens} tokens)")
         if plan.unfittable:  # finishing one can end its siblings (a beam search) too
             plan.entries = [e for e in plan.entries if not e.seq.is_finished]
@@ -196,6 +197,18 @@ class EngineCore:
         return rows
 
     def _postprocess(self, plan: SchedulerOutput, result: RunnerOutput) -> None:
+        self._record_computed(plan, result)
+        seqs, rows, beam_requests = self._route_logit_rows(result)
+        self._step_ready_beam_searches(beam_requests)
+        if seqs:
+            needs_logprob = [s.request.holds_outputs_until_done for s in seqs]
+            sampled = self.sampler.sample(result.sample_logits[rows], seqs, needs_logprob)
+            self._append_and_check_stops(seqs, sampled)
+            self._emit_news(seqs)
+
+    def _record_computed(self, plan: SchedulerOutput, result: RunnerOutput) -> None:
+        """The planned tokens are computed: prompt logprobs, the prompt-token counts, and the
+        blocks they filled registered in the prefix cache."""
         for index, entry in enumerate(plan.entries):
             if index in result.prompt_logits:
                 self._record_prompt_logprobs(entry.seq, result.prompt_logits[index])
@@ -207,30 +220,31 @@ class EngineCore:
                 request.is_prompt_counted = True  # once, however often a preempted prompt is recomputed
                 self.num_prompt_tokens += request.num_prompt_tokens
             self.kv.cache_full_blocks(entry.seq)
+
+    def _route_logit_rows(self, result: RunnerOutput) -> tuple[list[Sequence], list[int], list[Request]]:
+        """Where each sampled position's logits go: the sequences to sample and their rows (a
+        prompt that is done forks into its candidates, which share its row), and the beam
+        searches that recorded a beam's row. Prompt scoring (max_tokens 0) ends here."""
         seqs: list[Sequence] = []
         rows: list[int] = []
         beam_requests: dict[str, Request] = {}
         for row, entry in enumerate(result.sample_entries):
-            request = entry.seq.request
-            if entry.seq.is_finished:  # its beam search ended this step (a sibling was unfittable)
+            seq, request = entry.seq, entry.seq.request
+            if seq.is_finished:  # its beam search ended this step (a sibling was unfittable)
                 continue
             if request.params.max_tokens == 0:  # prompt scoring only (echo + logprobs)
-                self._finish(entry.seq, FinishReason.LENGTH)
+                self._finish(seq, FinishCause.LENGTH)
                 continue
-            if request.beam_search is not None:
-                request.beam_logprobs[entry.seq.index] = log_softmax(_biased(result.sample_logits[row], request.params))
+            if request.beams is not None:
+                request.beams.record(seq.index, result.sample_logits[row])
                 beam_requests[request.request_id] = request
                 continue
-            family = self._fork(entry.seq) if not request.is_forked_or_single else [entry.seq]
+            family = [seq] if request.has_all_candidates else self._fork(seq)
             seqs += family
             rows += [row] * len(family)
-        for request in beam_requests.values():
-            if all(s.index in request.beam_logprobs for s in request.sequences):
-                self._step_beams(request)
-        if not seqs:
-            return
-        needs_logprob = [s.request.holds_outputs_until_done for s in seqs]
-        sampled = self.sampler.sample(result.sample_logits[rows], seqs, needs_logprob)
+        return seqs, rows, list(beam_requests.values())
+
+    def _append_and_check_stops(self, seqs: list[Sequence], sampled: list[SampledToken]) -> None:
         for seq, token in zip(seqs, sampled):
             seq.token_ids.append(token.token_id)
             if token.logprob is not None:
@@ -240,6 +254,9 @@ class EngineCore:
             self._check_stop(seq, token.token_id)
             if seq.grammar is not None and not seq.is_finished:
                 self._advance_grammar(seq, token.token_id)
+
+    def _emit_news(self, seqs: list[Sequence]) -> None:
+        """Each live sequence's new tokens (finished ones were emitted by `_finish`)."""
         for seq in seqs:
             if not seq.is_finished and not seq.request.holds_outputs_until_done:
                 self._emit(seq)
@@ -254,78 +271,6 @@ class EngineCore:
             request.sequences.append(child)
             self.scheduler.add_running(child)
         return list(request.sequences)
-
-    # ------------------------------------------------------------------ beam search
-
-    def _step_beams(self, request: Request) -> None:
-        beams = request.sequences
-        rows = np.stack([request.beam_logprobs.pop(s.index) for s in beams])
-        step = request.beam_search.step(rows, [s.cumulative_logprob for s in beams],
-                                        [s.output_token_ids for s in beams])
-        num_top = request.params.logprobs
-        if num_top is not None:
-            for hypothesis in step.new_hypotheses:
-                parent = beams[hypothesis.parent]
-                hypothesis.logprobs = parent.pending_logprobs + [
-                    token_logprobs(rows[hypothesis.parent], hypothesis.token_ids[-1], num_top)]
-        if request.beam_search.is_done:
-            self._end_beam_search(request)
-        else:
-            self._reassign_beams(request, step, rows)
-
-    def _reassign_beams(self, request: Request, step: BeamStep, rows: np.ndarray) -> None:
-        """The next beams: a parent's first child continues in the parent's sequence, the
-        others fork it (sharing its blocks), and parents without children are freed."""
-        parents = request.sequences
-        children: list[Sequence] = []
-        continued: set[int] = set()
-        for candidate in step.next_beams:
-            parent = parents[candidate.parent]
-            if candidate.parent in continued:
-                child = parent.fork(request.next_sequence_index())
-                child.pending_logprobs = list(parent.pending_logprobs)
-                self.kv.fork(parent, child)
-                self.scheduler.add_running(child)
-            else:
-                continued.add(candidate.parent)
-                child = parent
-            children.append(child)
-        for row, parent in enumerate(parents):
-            if row not in continued:
-                self.scheduler.remove(parent)
-        num_top = request.params.logprobs
-        for child, candidate in zip(children, step.next_beams):
-            child.token_ids.append(candidate.token_id)
-            child.cumulative_logprob = candidate.cumulative_logprob
-            if num_top is not None:
-                child.pending_logprobs.append(token_logprobs(rows[candidate.parent], candidate.token_id, num_top))
-        request.sequences = children
-
-    def _end_beam_search(self, request: Request, reason: FinishReason | None = None, error: str | None = None) -> None:
-        """Free the live beams and report: the n best hypotheses, or `reason` on every choice."""
-        if request.request_id not in self.requests:
-            return  # already ended (two of its beams can be found unfittable in one step)
-        for seq in request.sequences:
-            if not seq.is_finished:
-                self.scheduler.remove(seq)
-        request.beam_logprobs.clear()
-        self.requests.pop(request.request_id, None)
-        search = request.beam_search
-        hypotheses = search.best(request.params.n) if reason is None else []
-        for index in range(request.params.n):
-            output = EngineCoreOutput(request.request_id, index, [], finish_reason=reason, error=error,
-                                      num_generated_tokens=search.num_generated_tokens,
-                                      num_cached_tokens=self._num_cached_tokens(request))
-            if index < len(hypotheses):
-                h = hypotheses[index]
-                output.new_token_ids = h.token_ids
-                output.new_logprobs = h.logprobs
-                output.cumulative_logprob = h.cumulative_logprob
-                output.finish_reason = FinishReason.LENGTH if h.stop_token_id is None else FinishReason.STOP
-                is_eos = h.stop_token_id in request.eos_token_ids and not request.params.ignore_eos
-                if h.stop_token_id is not None and not is_eos:
-                    output.stop_reason = h.stop_token_id
-            self._push(request, output)
 
     def _record_prompt_logprobs(self, seq: Sequence, logits: np.ndarray) -> None:
         request = seq.request
@@ -342,36 +287,108 @@ class EngineCore:
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
         if seq.num_output_tokens >= p.min_tokens:
-            if not p.ignore_eos and token in seq.request.eos_token_ids:
-                self._finish(seq, FinishReason.STOP)
+            if token in seq.request.stopping_eos_token_ids:
+                self._finish(seq, FinishCause.EOS)
                 return
             if token in p.stop_token_ids:
-                self._finish(seq, FinishReason.STOP, stop_reason=token)
+                self._finish(seq, FinishCause.STOP_TOKEN, stop_reason=token)
                 return
         if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            self._finish(seq, FinishReason.LENGTH)
+            self._finish(seq, FinishCause.LENGTH)
 
     def _advance_grammar(self, seq: Sequence, token: int) -> None:
         """A complete grammar ends the sequence (only EOS could follow); so would a token the
         grammar rejects, which the mask rules out."""
         if not seq.grammar.accept(token):
-            self._finish(seq, FinishReason.ERROR, error=f"the grammar rejected token {token}: {seq.grammar.error}")
+            self._finish(seq, FinishCause.ERROR, error=f"the grammar rejected token {token}: {seq.grammar.error}")
         elif seq.grammar.is_terminated:
-            self._finish(seq, FinishReason.STOP)
+            self._finish(seq, FinishCause.GRAMMAR_END)
+
+    # ------------------------------------------------------------------ beam search
+
+    def _step_ready_beam_searches(self, requests: list[Request]) -> None:
+        """A search steps once every live beam has its logits (they may come in several steps)."""
+        for request in requests:
+            if request.beams.is_ready(request.sequences):
+                self._step_beams(request)
+
+    def _step_beams(self, request: Request) -> None:
+        step = request.beams.step(request.sequences)
+        if request.beams.search.is_done:
+            self._end_beam_search(request)
+        else:
+            self._reassign_beams(request, step)
+
+    def _reassign_beams(self, request: Request, step: BeamStep) -> None:
+        """The next beams: a parent's first child continues in the parent's sequence, the
+        others fork it (sharing its blocks), and parents without children are freed."""
+        parents = request.sequences
+        children: list[Sequence] = []
+        continued: set[int] = set()
+        for candidate in step.next_beams:
+            parent = parents[candidate.parent]
+            if candidate.parent in continued:
+                child = parent.fork(request.beams.new_beam_index())
+                child.pending_logprobs = list(parent.pending_logprobs)
+                self.kv.fork(parent, child)
+                self.scheduler.add_running(child)
+            else:
+                continued.add(candidate.parent)
+                child = parent
+            children.append(child)
+        for row, parent in enumerate(parents):
+            if row not in continued:
+                self.scheduler.remove(parent)
+        for child, candidate in zip(children, step.next_beams):
+            child.token_ids.append(candidate.token_id)
+            child.cumulative_logprob = candidate.cumulative_logprob
+            if candidate.logprobs is not None:
+                child.pending_logprobs.append(candidate.logprobs)
+        request.sequences = children
+
+    def _end_beam_search(self, request: Request, cause: FinishCause | None = None, error: str | None = None) -> None:
+        """Free the live beams and report: the n best hypotheses, or `cause` on every choice."""
+        if request.request_id not in self.requests:
+            return  # already ended (two of its beams can be found unfittable in one step)
+        for seq in request.sequences:
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+        request.beams.forget_logprobs()
+        self.requests.pop(request.request_id, None)
+        search = request.beams.search
+        hypotheses = search.best(request.params.n) if cause is None else []
+        for index in range(request.params.n):
+            output = EngineCoreOutput(request.request_id, index, [],
+                                      num_generated_tokens=search.num_generated_tokens,
+                                      num_cached_tokens=self._num_cached_tokens(request))
+            if index < len(hypotheses):
+                h = hypotheses[index]
+                output.new_token_ids = h.token_ids
+                output.new_logprobs = h.logprobs
+                output.cumulative_logprob = h.cumulative_logprob
+                if h.stop_token_id is None:
+                    _set_finish(output, FinishCause.LENGTH)
+                elif h.stop_token_id in request.stopping_eos_token_ids:
+                    _set_finish(output, FinishCause.EOS)
+                else:
+                    _set_finish(output, FinishCause.STOP_TOKEN, stop_reason=h.stop_token_id)
+            elif cause is not None:
+                _set_finish(output, cause, error=error)
+            self._push(request, output)
 
     # ------------------------------------------------------------------ outputs
 
-    def _finish(self, seq: Sequence, reason: FinishReason, *, stop_reason: int | None = None,
+    def _finish(self, seq: Sequence, cause: FinishCause, *, stop_reason: int | None = None,
                 error: str | None = None) -> None:
-        if seq.request.beam_search is not None:
-            self._end_beam_search(seq.request, reason, error)
+        if seq.request.beams is not None:
+            self._end_beam_search(seq.request, cause, error)
             return
         self.scheduler.remove(seq)
-        seq.finish_reason = reason
+        seq.finish_cause = cause
         seq.stop_reason = stop_reason
         request = seq.request
-        if not request.is_forked_or_single:
-            self._end_unforked(request, reason, error)  # ended before its candidates existed
+        if not request.has_all_candidates:
+            self._end_unforked(request, cause, error)  # ended before its candidates existed
         elif request.holds_outputs_until_done:
             if request.is_finished:
                 self._emit_best(request)
@@ -380,12 +397,12 @@ class EngineCore:
         if all(s.is_finished for s in request.sequences):
             self.requests.pop(request.request_id, None)
 
-    def _end_unforked(self, request: Request, reason: FinishReason, error: str | None) -> None:
+    def _end_unforked(self, request: Request, cause: FinishCause, error: str | None) -> None:
         """Every one of the n choices the frontend waits for ends, with no tokens."""
         for index in range(request.params.n):
-            output = EngineCoreOutput(request.request_id, index, [], finish_reason=reason,
-                                      error=error, num_generated_tokens=0,
+            output = EngineCoreOutput(request.request_id, index, [], num_generated_tokens=0,
                                       num_cached_tokens=self._num_cached_tokens(request))
+            _set_finish(output, cause, error=error)
             self._push(request, output)
 
     def _push(self, request: Request, output: EngineCoreOutput) -> None:
@@ -401,21 +418,19 @@ class EngineCore:
     def _emit(self, seq: Sequence, *, error: str | None = None) -> None:
         request = seq.request
         new_tokens = seq.output_token_ids[seq.num_sent_tokens :]
-        if not new_tokens and seq.finish_reason is None:
+        if not new_tokens and seq.finish_cause is None:
             return
         output = EngineCoreOutput(
             request.request_id,
             seq.index,
             new_tokens,
             new_logprobs=seq.pending_logprobs if request.params.logprobs is not None else None,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-            error=error,
         )
-        if seq.finish_reason is not None:
+        if seq.finish_cause is not None:
+            _set_finish(output, seq.finish_cause, stop_reason=seq.stop_reason, error=error)
             output.cumulative_logprob = seq.cumulative_logprob
             output.num_generated_tokens = request.num_generated_tokens
-        if seq.finish_reason is not None or seq.num_sent_tokens == 0:
+        if seq.finish_cause is not None or seq.num_sent_tokens == 0:
             # known once the request has started: the frontend need not wait for the end (a
             # choice it stops on a stop string never sees its final output)
             output.num_cached_tokens = self._num_cached_tokens(request)
@@ -434,13 +449,13 @@ class EngineCore:
             self._emit(seq)
 
 
-def _biased(logits: np.ndarray, params) -> np.ndarray:
-    """A beam's logits with the request's logit_bias added (beams rank by the biased scores)."""
-    if not params.logit_bias:
-        return logits
-    row = logits.copy()
-    add_logit_bias(row, params.logit_bias)
-    return row
+def _set_finish(output: EngineCoreOutput, cause: FinishCause, *, stop_reason: int | None = None,
+                error: str | None = None) -> None:
+    """A final output says why, twice: OpenAI's coarse reason and the engine's exact cause."""
+    output.finish_cause = cause
+    output.finish_reason = cause.finish_reason
+    output.stop_reason = stop_reason
+    output.error = error
 
 
 def _rss_bytes() -> int:

@@ -3,17 +3,23 @@
 A request starts with one sequence that prefills the prompt. With n > 1 or best_of, that
 sequence forks into the request's candidates the moment the prompt is done, so the prompt is
 computed once and its KV blocks are shared.
+
+`Sequence` is the engine's name for one token sequence (as in vLLM and nano-vllm); no module
+here uses `collections.abc.Sequence` or `typing.Sequence`, so the name stands alone.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from engine_core.beam_search import BeamSearch
 from engine_core.structured_output import GrammarMatcher
-from ipc.messages import EngineCoreRequest, FinishReason, SamplingParams, TokenLogprobs
+from ipc.messages import EngineCoreRequest, FinishCause, SamplingParams, TokenLogprobs
+
+if TYPE_CHECKING:
+    from engine_core.beam_search import BeamState
 
 
 class SequenceStatus(enum.IntEnum):
@@ -23,21 +29,19 @@ class SequenceStatus(enum.IntEnum):
 
 
 class Request:
-    def __init__(self, message: EngineCoreRequest):
+    def __init__(self, message: EngineCoreRequest, vocab_size: int):
         self.request_id = message.request_id
         self.prompt_token_ids = message.prompt_token_ids
         self.params: SamplingParams = message.sampling_params
-        self.eos_token_ids = frozenset(message.eos_token_ids)
+        # the one place EOS ids are filtered: ids outside the vocabulary can never be sampled,
+        # and are kept out of the logit masks (see stopping_eos_token_ids for ignore_eos)
+        self.eos_token_ids = frozenset(i for i in message.eos_token_ids if 0 <= i < vocab_size)
         self.arrival_time = message.arrival_time
         self.sequences: list[Sequence] = [Sequence(self, 0, list(message.prompt_token_ids))]
         self.prompt_logprobs: list[TokenLogprobs | None] = [None]
         self.has_sent_output = False  # its first output carries the prompt logprobs and queue time
         self.is_forked = False
-        # beam search (set by the engine): the live beams are `sequences`, best first; each
-        # beam's next-token logprobs wait here until every live beam has them
-        self.beam_search: BeamSearch | None = None
-        self.beam_logprobs: dict[int, np.ndarray] = {}  # sequence index -> [vocab]
-        self.num_sequences_created = 1
+        self.beams: BeamState | None = None  # beam search (set by the engine); live beams are `sequences`
         # stamped by the scheduler: when it was queued, and at its first start the seconds it
         # waited and the prompt tokens it found in the prefix cache
         self.enqueued_at_s = 0.0
@@ -57,6 +61,11 @@ class Request:
         )
 
     @property
+    def stopping_eos_token_ids(self) -> frozenset[int]:
+        """The EOS ids that end a sequence: none with ignore_eos."""
+        return frozenset() if self.params.ignore_eos else self.eos_token_ids
+
+    @property
     def has_started(self) -> bool:
         return self.queue_time_s is not None
 
@@ -67,22 +76,19 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.is_forked_or_single and all(s.is_finished for s in self.sequences)
+        return self.has_all_candidates and all(s.is_finished for s in self.sequences)
 
     @property
-    def is_forked_or_single(self) -> bool:
+    def has_all_candidates(self) -> bool:
+        """Whether `sequences` are the request's candidates: the prompt's sequence has forked,
+        or it is the only one the request needs."""
         return self.is_forked or self.params.num_candidates == 1
 
     @property
     def num_generated_tokens(self) -> int:
-        if self.beam_search is not None:
-            return self.beam_search.num_generated_tokens
+        if self.beams is not None:
+            return self.beams.search.num_generated_tokens
         return sum(s.num_output_tokens for s in self.sequences)
-
-    def next_sequence_index(self) -> int:
-        """Beams come and go; each new one gets an index no other beam of the request had."""
-        self.num_sequences_created += 1
-        return self.num_sequences_created - 1
 
 
 class Sequence:
@@ -95,8 +101,8 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # prefix-cache names of its full blocks of tokens
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self.status = SequenceStatus.WAITING
-        self.finish_reason: FinishReason | None = None
-        self.stop_reason: int | None = None
+        self.finish_cause: FinishCause | None = None
+        self.stop_reason: int | None = None  # the stop token id that ended it (not an EOS)
         self.cumulative_logprob = 0.0
         self.num_sent_tokens = 0  # output tokens already reported to the frontend
         self.pending_logprobs: list[TokenLogprobs] = []
@@ -131,7 +137,6 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
-
     def fork(self, index: int) -> "Sequence":
         """A candidate that shares everything so far; the caller shares the KV blocks."""
         child = Sequence(self.request, index, list(self.token_ids))

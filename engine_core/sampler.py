@@ -114,9 +114,7 @@ class Sampler:
             ids, counts = np.unique(np.asarray(output, dtype=np.int64), return_counts=True)
             row[ids] -= p.frequency_penalty * counts + p.presence_penalty
         if len(output) < p.min_tokens:
-            suppressed = list(p.stop_token_ids)
-            if not p.ignore_eos:
-                suppressed += list(seq.request.eos_token_ids)
+            suppressed = list(p.stop_token_ids) + list(seq.request.stopping_eos_token_ids)
             if suppressed:
                 row[suppressed] = -np.inf
         return row

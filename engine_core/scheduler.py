@@ -114,7 +114,7 @@ class Scheduler:
             budget -= num_tokens
             index += 1
         while budget > 0 and not preempted_any:
-            seq = next((s for s in self.waiting if not _is_parked(s)), None)
+            seq = next((s for s in self.waiting if not _waits_for_sibling_beams(s)), None)
             if seq is None:
                 break
             cached = self.kv.cached_prefix(seq)  # blocks it can start on instead of computing
@@ -180,13 +180,13 @@ class Scheduler:
         self.num_preemptions += 1
 
 
-def _is_parked(seq: Sequence) -> bool:
+def _waits_for_sibling_beams(seq: Sequence) -> bool:
     """A beam preempted after its logits for this beam step were recorded: it needs nothing
     computed until its siblings have theirs too, so it waits without a place in line. (Were it
     recomputed, making room for it would preempt a sibling, and a search whose beams cannot all
     fit at once would go round in circles instead of taking them one at a time.)"""
-    request = seq.request
-    return request.beam_search is not None and seq.index in request.beam_logprobs
+    beams = seq.request.beams
+    return beams is not None and beams.has_logprobs(seq.index)
 
 
 def _num_seats_needed(seq: Sequence) -> int:

@@ -11,13 +11,17 @@ check per step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence as SequenceOf
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ipc.messages import StructuredOutputSpec
 from ipc.shared.structured_output import StructuredOutputError, grammar_for
 from ipc.shared.vocabulary import Vocabulary
+
+if TYPE_CHECKING:
+    from engine_core.request import Sequence
 
 
 class GrammarMatcher:
@@ -106,7 +110,7 @@ class _VocabularyTokenizer:
         return self.llg_tokenizer.greedy_tokenize(text.decode("utf-8", errors="replace"))
 
 
-def apply_grammar_masks(logits: np.ndarray, seqs: SequenceOf) -> None:
+def apply_grammar_masks(logits: np.ndarray, seqs: list[Sequence]) -> None:
     """Sets to -inf, in place, the logits of the tokens each constrained row's grammar does not
     allow next (`logits[i]` belongs to `seqs[i]`); EOS follows the grammar's acceptance."""
     rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
@@ -120,7 +124,7 @@ def apply_grammar_masks(logits: np.ndarray, seqs: SequenceOf) -> None:
         seqs[i].grammar.fill_mask(bitmask.ctypes.data + k * row_bytes, row_bytes)
     allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
     for k, i in enumerate(rows):
-        eos_ids = [t for t in seqs[i].request.eos_token_ids if t < vocab_size]
+        eos_ids = list(seqs[i].request.eos_token_ids)  # all in the vocabulary (see Request)
         if eos_ids:
             allowed[k, eos_ids] = allowed[k, seqs[i].grammar.eos_token_id]
         logits[i] += _MASK_BIAS[allowed[k]]  # in place on the row; cheaper than a masked store

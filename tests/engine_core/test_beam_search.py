@@ -25,7 +25,7 @@ from engine_helpers import (
     tiny_request,
     write_tiny_model,
 )
-from ipc.messages import FinishReason
+from ipc.messages import FinishCause, FinishReason
 
 GOLDEN = json.loads((pathlib.Path(__file__).parents[1] / "golden" / "smollm2_beam.json").read_text())
 BLOCK_BYTES = 737_280  # 2 * 30 layers * 3 kv heads * 16 tokens * 64 dims * 4 bytes
@@ -190,6 +190,30 @@ EARLY_STOPPING_STEPS = [
     rows([-0.2, -2, -5, -6, -7], [-0.3, -3, -5, -6, -7]),  # [1, 1, EOS] (-1.3/3) beats both
     rows([-10, -10, -10, -10, -10], [-10, -10, -10, -10, -10]),
 ]
+
+
+def test_hypotheses_say_which_condition_ended_them(tmp_path):
+    core = tiny_core(write_tiny_model(tmp_path))
+    every_token = list(range(core.model_config.vocab_size))
+    beams = dict(use_beam_search=True, n=2)
+    core.add_request(tiny_request("eos", [5, 6, 7], eos_token_ids=every_token, **beams))
+    core.add_request(tiny_request("stop", [5, 6, 7], eos_token_ids=every_token, ignore_eos=True,
+                                  stop_token_ids=every_token, **beams))
+    core.add_request(tiny_request("length", [5, 6, 7], eos_token_ids=[], max_tokens=2, **beams))
+    core.add_request(tiny_request("aborted", [5, 6, 7], eos_token_ids=[], **beams))
+    core.abort_requests(["aborted"])
+    finals = {(o.request_id, o.index): o for o in collect(core)}
+    assert len(finals) == 8
+    for index in range(2):
+        eos, stop, length = finals["eos", index], finals["stop", index], finals["length", index]
+        assert (eos.finish_cause, eos.finish_reason, eos.stop_reason) == (FinishCause.EOS, FinishReason.STOP, None)
+        assert len(eos.new_token_ids) == 1
+        assert (stop.finish_cause, stop.finish_reason) == (FinishCause.STOP_TOKEN, FinishReason.STOP)
+        assert stop.stop_reason == stop.new_token_ids[-1]
+        assert (length.finish_cause, length.finish_reason) == (FinishCause.LENGTH, FinishReason.LENGTH)
+        assert len(length.new_token_ids) == 2
+        assert finals["aborted", index].finish_cause == FinishCause.ABORT
+    assert_all_blocks_free(core)
 
 
 @pytest.mark.parametrize(

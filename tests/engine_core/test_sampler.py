@@ -8,7 +8,7 @@ import pytest
 
 from engine_core.request import Request, Sequence
 from engine_core.sampler import Sampler, log_softmax
-from ipc.messages import EngineCoreRequest, FinishReason, SamplingParams
+from ipc.messages import EngineCoreRequest, FinishCause, FinishReason, SamplingParams
 from engine_helpers import assert_all_blocks_free, collect, tiny_core, tiny_request, write_tiny_model
 
 # ------------------------------------------------------------------ the sampler on crafted logits
@@ -23,7 +23,7 @@ EOS = 7
 
 
 def sequence(params: SamplingParams, prompt=(1,), output=(), eos=(EOS,)) -> Sequence:
-    request = Request(EngineCoreRequest("r", list(prompt), params, list(eos), 0.0))
+    request = Request(EngineCoreRequest("r", list(prompt), params, list(eos), 0.0), vocab_size=len(LOGITS))
     seq = request.sequences[0]
     seq.token_ids.extend(output)
     return seq
@@ -323,6 +323,33 @@ def test_min_tokens_holds_back_eos_and_stop_ids_until_reached(model_dir, greedy_
     # min_tokens does not delay an EOS that comes after it
     tokens, final, _ = finish(model_dir, max_tokens=12, eos_token_ids=[greedy_reference[4]], min_tokens=2)
     assert tokens == greedy_reference[:5] and final.finish_reason == FinishReason.STOP
+
+
+def test_each_final_output_says_which_condition_ended_it(model_dir, greedy_reference):
+    first, second, third = greedy_reference[:3]
+    cases = [  # (params, cause, stop_reason)
+        (dict(eos_token_ids=[third]), FinishCause.EOS, None),
+        (dict(eos_token_ids=[], stop_token_ids=[second]), FinishCause.STOP_TOKEN, second),
+        (dict(eos_token_ids=[second], stop_token_ids=[second]), FinishCause.EOS, None),  # EOS first
+        (dict(eos_token_ids=[second], ignore_eos=True, stop_token_ids=[third]), FinishCause.STOP_TOKEN, third),
+        (dict(eos_token_ids=[first], min_tokens=12), FinishCause.LENGTH, None),
+        (dict(eos_token_ids=[]), FinishCause.LENGTH, None),
+    ]
+    for params, cause, stop_reason in cases:
+        _, final, _ = finish(model_dir, max_tokens=12, **params)
+        assert (final.finish_cause, final.stop_reason) == (cause, stop_reason), params
+        assert final.finish_reason == cause.finish_reason
+    core = tiny_core(model_dir, max_model_len=len(PROMPT) + 2)
+    core.add_request(tiny_request("context", PROMPT, max_tokens=12, eos_token_ids=[]))
+    core.add_request(tiny_request("too-long", PROMPT * 2, eos_token_ids=[]))
+    core.add_request(tiny_request("aborted", PROMPT, max_tokens=12, eos_token_ids=[]))
+    core.abort_requests(["aborted"])
+    outputs = collect(core)
+    finals = {o.request_id: o for o in outputs if o.finish_reason is not None}
+    assert finals["context"].finish_cause == FinishCause.LENGTH
+    assert finals["too-long"].finish_cause == FinishCause.ERROR and "context" in finals["too-long"].error
+    assert finals["aborted"].finish_cause == FinishCause.ABORT
+    assert [o.finish_cause for o in outputs if o.finish_reason is None] == [None]  # context's first token
 
 
 def test_prompt_scoring_with_max_tokens_zero(model_dir):

@@ -14,10 +14,11 @@ from tokenizers import Tokenizer
 
 from engine_core.core import EngineCore
 from engine_core.structured_output import StructuredOutputManager, apply_grammar_masks
-from engine_helpers import TWO_CANDIDATES
+from engine_helpers import TWO_CANDIDATES, collect
 from ipc.config import ServeConfig
 from ipc.messages import (
     EngineCoreRequest,
+    FinishCause,
     FinishReason,
     SamplingParams,
     StructuredOutputKind,
@@ -118,6 +119,15 @@ def test_regex_and_grammar_kinds(core, tiny_dir):
     if reason == FinishReason.STOP:  # a random model may write one long string until max_tokens
         assert isinstance(json.loads(text), dict)
     assert text.startswith("{")
+
+
+def test_a_complete_grammar_is_the_finish_cause(core, tiny_dir):
+    add(core, "lark", temperature=1.0, seed=4,
+        structured_output=StructuredOutputSpec(StructuredOutputKind.GRAMMAR, 'start: ("yes" | "no") "!"'))
+    outputs = collect(core)
+    assert decode(tiny_dir, [t for o in outputs for t in o.new_token_ids]) in ("yes!", "no!")
+    assert outputs[-1].finish_cause == FinishCause.GRAMMAR_END
+    assert outputs[-1].finish_reason == FinishReason.STOP and outputs[-1].stop_reason is None
 
 
 def test_n_candidates_each_follow_the_grammar(core, tiny_dir):
