@@ -5,14 +5,14 @@ import logging
 import sys
 
 from engine_core.process import run_engine_core
-from ipc.config import ServeConfig
+from ipc.config import EngineConfig
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m engine_core")
-    parser.add_argument("--config-json", required=True, help="a ServeConfig as JSON")
+    parser.add_argument("--config-json", required=True, help="an EngineConfig as JSON")
     args = parser.parse_args()
-    config = ServeConfig.from_json(args.config_json)
+    config = EngineConfig.from_json(args.config_json)
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s [engine] %(message)s",

@@ -29,7 +29,7 @@ from engine_core.request import Request, Sequence
 from engine_core.sampler import SampledToken, Sampler, log_softmax, token_logprobs
 from engine_core.structured_output import StructuredOutputManager
 from engine_core.scheduler import Scheduler, SchedulerOutput
-from ipc.config import ServeConfig
+from ipc.config import EngineConfig
 from ipc.messages import (
     EngineCoreOutput,
     EngineCoreRequest,
@@ -45,7 +45,7 @@ logger = logging.getLogger("furiosa_llm.engine")
 
 
 class EngineCore:
-    def __init__(self, config: ServeConfig, model_config: ModelConfig, weights: dict[str, np.ndarray]):
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict[str, np.ndarray]):
         self.config = config
         self.model_config = model_config
         self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype)
@@ -78,7 +78,7 @@ class EngineCore:
         self.num_prompt_tokens_computed = 0  # prefill tokens computed (not from the cache; recomputation included)
 
     @classmethod
-    def from_config(cls, config: ServeConfig) -> "EngineCore":
+    def from_config(cls, config: EngineConfig) -> "EngineCore":
         model_config, weights = load_artifact(config.model)
         return cls(config, model_config, weights)
 

@@ -22,7 +22,7 @@ import zmq
 
 from engine_core.core import EngineCore
 from engine_core.loader import ArtifactError, check_max_model_len, load_artifact
-from ipc.config import ServeConfig
+from ipc.config import EngineConfig
 from ipc.messages import (
     EngineCoreAbort,
     EngineCoreOutputs,
@@ -42,7 +42,7 @@ STATS_INTERVAL_S = 1.0  # scheduler stats reach the frontend at least this often
 
 
 class EngineCoreProc:
-    def __init__(self, config: ServeConfig, core: EngineCore | None = None):
+    def __init__(self, config: EngineConfig, core: EngineCore | None = None):
         self.config = config
         self.ctx = zmq.Context()
         # bind first, so a frontend that starts early queues its messages instead of failing
@@ -167,7 +167,7 @@ class EngineCoreProc:
             self.output_socket.close(linger=2000)  # let a final "dead" message reach the frontend
 
 
-def load_engine_core(config: ServeConfig) -> EngineCore:
+def load_engine_core(config: EngineConfig) -> EngineCore:
     model_config, weights = load_artifact(config.model)
     check_max_model_len(model_config, config.max_model_len,
                         is_long_allowed=config.allow_long_max_model_len, where=config.model)
@@ -190,7 +190,7 @@ def startup_error_line(model: str, error: Exception) -> str:
 DEFAULT_NUM_THREADS = 1
 
 
-def run_engine_core(config: ServeConfig) -> int:
+def run_engine_core(config: EngineConfig) -> int:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(config.num_threads or DEFAULT_NUM_THREADS)

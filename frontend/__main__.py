@@ -22,10 +22,10 @@ from litestar import Litestar
 
 from frontend.app import create_app
 from frontend.chat_template import load_chat_template
+from frontend.config import FrontendConfig
 from frontend.engine_client import EngineDeadError
 from frontend.sd_notify import sd_notify
 from frontend.tokenizer import TokenizerLoadError, load_tokenizer
-from ipc.config import ServeConfig
 from ipc.notify import report_startup_error
 
 # After SIGTERM in-flight requests get --shutdown-timeout seconds; this long before it runs out,
@@ -89,24 +89,24 @@ class StartupError(Exception):
     """The frontend cannot start; the message is the one line for the operator."""
 
 
-def load_startup_files(config: ServeConfig):
+def load_startup_files(config: FrontendConfig):
     """The tokenizer, with the chat template checked; raises `StartupError` with one line."""
     try:
-        tokenizer = load_tokenizer(config.model)
+        tokenizer = load_tokenizer(config.engine.model)
     except TokenizerLoadError as exc:  # its text starts with the file at fault
         raise StartupError(f"furiosa-llm: cannot load {exc}") from exc
     except Exception as exc:
-        raise StartupError(f"furiosa-llm: cannot load the tokenizer of {config.model}: "
+        raise StartupError(f"furiosa-llm: cannot load the tokenizer of {config.engine.model}: "
                            f"{type(exc).__name__}: {exc}") from exc
     try:
         load_chat_template(config.chat_template, tokenizer)
     except Exception as exc:  # a ChatTemplateError, or the template's own failure
-        source = config.chat_template or f"the chat template of {config.model}"
+        source = config.chat_template or f"the chat template of {config.engine.model}"
         raise StartupError(f"furiosa-llm: cannot load {source}: {exc}") from exc
     return tokenizer
 
 
-def listen(config: ServeConfig) -> socket.socket:
+def listen(config: FrontendConfig) -> socket.socket:
     """The listening socket, bound before uvicorn starts, so that a port already taken is one
     line like every other start-up failure (uvicorn would log it at ERROR, among others)."""
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
@@ -123,17 +123,17 @@ def listen(config: ServeConfig) -> socket.socket:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m frontend", description=__doc__)
-    parser.add_argument("--config-json", required=True, help="a ServeConfig as JSON (from the launcher)")
+    parser.add_argument("--config-json", required=True, help="a FrontendConfig as JSON (from the launcher)")
     args = parser.parse_args(argv)
     try:
-        config = ServeConfig.from_json(args.config_json)
+        config = FrontendConfig.from_json(args.config_json)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         print(f"frontend: invalid --config-json: {exc}", file=sys.stderr)
         return 2
     if config.api_key is None:
         config.api_key = os.environ.get(API_KEY_ENV) or None
     logging.basicConfig(
-        level=getattr(logging, config.log_level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=getattr(logging, config.engine.log_level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         tokenizer = load_startup_files(config)
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             app,
             host=config.host,
             port=config.port,
-            log_level=config.log_level,
+            log_level=config.engine.log_level,
             # "on", not "auto": with "auto" uvicorn logs a failed startup (tokenizer missing)
             # and serves anyway.
             lifespan="on",
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         app,
     )
-    if config.log_level != "debug":  # uvicorn.Config has configured its loggers by now
+    if config.engine.log_level != "debug":  # uvicorn.Config has configured its loggers by now
         logging.getLogger("uvicorn.error").addFilter(_StartupChatter())
     # uvicorn handles SIGTERM/SIGINT while it serves, drains, then re-raises the signal to the
     # handler that was there before; a drained shutdown is a success, so that one does nothing.

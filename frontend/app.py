@@ -29,6 +29,7 @@ from litestar.response import Stream
 
 from frontend.admission import RequestLoad
 from frontend.chat_template import load_chat_template
+from frontend.config import FrontendConfig
 from frontend.engine_client import EngineClient
 from frontend.errors import EXCEPTION_HANDLERS, OpenAIError, bad_request, client_closed_request, decode_body
 from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -50,7 +51,6 @@ from frontend.serving_completions import OpenAIServingCompletion
 from frontend.sse import SSE_HEADERS
 from frontend.stats_logger import StatsLogger
 from frontend.tokenizer import eos_token_ids, load_tokenizer
-from ipc.config import ServeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _version() -> str:
 class Services:
     """The long-lived objects the routes use; built by the lifespan."""
 
-    config: ServeConfig
+    config: FrontendConfig
     engine_client: object
     completions: OpenAIServingCompletion
     chat: OpenAIServingChat
@@ -182,7 +182,7 @@ def _model_card(services: Services) -> ModelCard:
     return ModelCard(
         id=services.config.served_model_name,
         max_model_len=_max_model_len(services),
-        root=services.config.model,
+        root=services.config.engine.model,
     )
 
 
@@ -195,7 +195,7 @@ def _vocab_size(services: Services) -> int:
 
 def _max_model_len(services: Services) -> int | None:
     info = services.engine_client.model_info
-    return info.max_model_len if info is not None else services.config.max_model_len
+    return info.max_model_len if info is not None else services.config.engine.max_model_len
 
 
 async def _unless_disconnected(work, request: Request):
@@ -250,15 +250,15 @@ def _api_key_check(api_key: str, *, is_metrics_public: bool):
 # The app
 
 
-def create_app(config: ServeConfig, engine_client=None, tokenizer=None) -> Litestar:
+def create_app(config: FrontendConfig, engine_client=None, tokenizer=None) -> Litestar:
     """The frontend app. Tests pass a fake `engine_client` (then it is neither started nor shut
     down here) and a ready `tokenizer`."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        tok = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+        tok = tokenizer if tokenizer is not None else load_tokenizer(config.engine.model)
         chat_template = load_chat_template(config.chat_template, tok)
-        eos_ids = eos_token_ids(tok, config.model)
+        eos_ids = eos_token_ids(tok, config.engine.model)
         client = engine_client
         if client is None:
             client = EngineClient(config)
@@ -266,7 +266,7 @@ def create_app(config: ServeConfig, engine_client=None, tokenizer=None) -> Lites
         serving_args = (config, client, tok, eos_ids)
         metrics = FrontendMetrics(config.served_model_name, client)
         executor = ThreadPoolExecutor(MAX_PREPARE_THREADS, thread_name_prefix="prepare")
-        load = RequestLoad.for_limits(max_num_seqs=config.max_num_seqs, max_waiting_requests=config.max_waiting_requests)
+        load = RequestLoad.for_limits(max_num_seqs=config.engine.max_num_seqs, max_waiting_requests=config.max_waiting_requests)
         shared = dict(load=load,
                       on_request_finished=metrics.observe_request, executor=executor)
         app.state.services = Services(

@@ -1,8 +1,10 @@
 """`furiosa-llm`: the command. `serve` spawns the engine core and the frontend and supervises them.
 
-The launcher parses every flag once into an `ipc.config.ServeConfig` and hands it to both
-children as JSON. Children run in their own session (a terminal's Ctrl-C reaches only the
-launcher, which then drains in order) and get SIGTERM if the launcher itself dies.
+The launcher parses every flag once into a `frontend.config.FrontendConfig` (which holds the
+engine's `ipc.config.EngineConfig`; flags take their defaults from those two) and hands each
+child its part as JSON: the engine gets only `config.engine`. Children run in their own
+session (a terminal's Ctrl-C reaches only the launcher, which then drains in order) and get
+SIGTERM if the launcher itself dies.
 
 - Start-up: the "serving on" line is printed once the frontend reports `READY=1` (it listens
   and the engine is ready) on the launcher's notify socket, which relays systemd's protocol.
@@ -30,8 +32,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 import msgspec
 
+from frontend.config import FrontendConfig
 from frontend.default_model import ArtifactNotFoundError, default_model_path
-from ipc.config import ServeConfig
+from ipc.config import EngineConfig
 from ipc.notify import STARTUP_ERROR_KEY, parse_state, sd_notify
 from ipc.sockets import ipc_addresses, make_ipc_dir
 
@@ -49,7 +52,17 @@ def package_version() -> str:
         return "0.0.0+unknown"
 
 
+def _defaults(*structs: type[msgspec.Struct]) -> dict:
+    """Each field's default, so that a flag's default is the config's own."""
+    fields = [f for struct in structs for f in msgspec.structs.fields(struct) if not f.required]
+    return {f.name: f.default_factory() if f.default is msgspec.NODEFAULT else f.default for f in fields}
+
+
+DEFAULTS = _defaults(EngineConfig, FrontendConfig)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
     parser = argparse.ArgumentParser(prog="furiosa-llm", description="OpenAI-compatible LLM server")
     parser.add_argument("--version", action="version", version=f"furiosa-llm {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -58,54 +71,55 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model", nargs="?", default=None, metavar="ARTIFACT_PATH",
                        help="a GGUF file or a Hugging Face model directory "
                             "(default: the embedded SmolLM2-135M-Instruct)")
-    serve.add_argument("--host", default="localhost", help="address to bind")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default=d["host"], help="address to bind")
+    serve.add_argument("--port", type=int, default=d["port"])
     serve.add_argument("--served-model-name", default=None,
                        help="the model name in the API (default: the artifact's name)")
-    serve.add_argument("--devices", default="cpu", help="where the model runs: cpu")
+    serve.add_argument("--devices", default=d["devices"], help="where the model runs: cpu")
     serve.add_argument("--max-model-len", type=int, default=None,
                        help="context length (default: the model's own max_position_embeddings, "
                             "which it may not exceed without --allow-long-max-model-len)")
     serve.add_argument("--allow-long-max-model-len", action="store_true",
                        help="accept a --max-model-len above the model's max_position_embeddings "
                             "(positions it was never trained on: its output may degrade)")
-    serve.add_argument("--max-num-seqs", type=int, default=128, help="most sequences stepped together")
-    serve.add_argument("--max-num-batched-tokens", type=int, default=2048,
+    serve.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"], help="most sequences stepped together")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"],
                        help="token budget of one engine step (prefill chunks + decodes)")
-    serve.add_argument("--kv-cache-gib", type=float, default=4.0, help="KV cache size in GiB")
-    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    serve.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    serve.add_argument("--kv-cache-gib", type=float, default=d["kv_cache_gib"], help="KV cache size in GiB")
+    serve.add_argument("--block-size", type=int, default=d["block_size"], help="tokens per KV cache block")
+    serve.add_argument("--kv-cache-dtype", default=d["kv_cache_dtype"], choices=["auto", "float32", "bfloat16", "float16"],
                        help="element type of the KV cache (auto: float32); 16 bits hold twice the "
                             "tokens in --kv-cache-gib and halve what decode attention reads")
-    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=d["enable_prefix_caching"],
                        help="reuse the KV blocks of prompt prefixes seen before")
     serve.add_argument("--num-threads", type=int, default=None,
                        help="BLAS threads in the engine core (default: 1, which stays fast while the frontend is busy)")
     serve.add_argument("--chat-template", default=None, metavar="FILE",
                        help="a Jinja2 chat template file overriding the tokenizer's")
-    serve.add_argument("--response-role", default="assistant")
+    serve.add_argument("--response-role", default=d["response_role"])
     serve.add_argument("--enable-auto-tool-choice", action="store_true")
     serve.add_argument("--tool-call-parser", default=None)
     serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                        help="require this bearer key (also FURIOSA_LLM_API_KEY)")
     serve.add_argument("--metrics-require-key", action="store_true",
                        help="with --api-key, /metrics needs the key too (by default it is open)")
-    serve.add_argument("--allowed-origins", nargs="*", default=[], help="CORS origins; off by default")
-    serve.add_argument("--max-waiting-requests", type=int, default=1024,
+    serve.add_argument("--allowed-origins", nargs="*", default=d["allowed_origins"], help="CORS origins; off by default")
+    serve.add_argument("--max-waiting-requests", type=int, default=d["max_waiting_requests"],
                        help="requests queued beyond this get 503")
     serve.add_argument("--clamp-max-tokens", action="store_true",
                        help="clamp max_tokens to the remaining context instead of a 400")
     serve.add_argument("--disable-log-stats", action="store_true",
                        help="no periodic throughput / queue / KV cache line in the log")
-    serve.add_argument("--log-level", default="info",
+    serve.add_argument("--log-level", default=d["log_level"],
                        choices=["critical", "error", "warning", "info", "debug"])
-    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+    serve.add_argument("--shutdown-timeout", type=float, default=d["shutdown_timeout_s"], metavar="SECONDS",
                        help="after SIGTERM, in-flight requests get this long to finish; streams still "
                             "open then end with an error event and [DONE]")
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> ServeConfig:
+def config_from_args(args: argparse.Namespace) -> FrontendConfig:
     """Validate the flags and build the config; raises SystemExit with a message on bad input."""
     if args.devices.split(":")[0] not in SUPPORTED_DEVICES:
         raise SystemExit(
@@ -136,11 +150,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                              f"known: {', '.join(sorted(known))}")
     _check_limits(args)
     served_name = args.served_model_name or _default_served_name(model)
-    return ServeConfig(
+    engine = EngineConfig(
         model=model,
         served_model_name=served_name,
-        host=args.host,
-        port=args.port,
         devices=args.devices,
         max_model_len=args.max_model_len,
         allow_long_max_model_len=args.allow_long_max_model_len,
@@ -151,6 +163,12 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         kv_cache_dtype=args.kv_cache_dtype,
         enable_prefix_caching=args.enable_prefix_caching,
         num_threads=args.num_threads,
+        log_level=args.log_level,
+    )
+    return FrontendConfig(
+        engine=engine,
+        host=args.host,
+        port=args.port,
         chat_template=os.path.abspath(args.chat_template) if args.chat_template else None,
         response_role=args.response_role,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
@@ -161,7 +179,6 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_waiting_requests=args.max_waiting_requests,
         clamp_max_tokens=args.clamp_max_tokens,
         disable_log_stats=args.disable_log_stats,
-        log_level=args.log_level,
         shutdown_timeout_s=args.shutdown_timeout,
     )
 
@@ -244,7 +261,7 @@ class NotifyRelay:
 
 
 class Launcher:
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: FrontendConfig):
         self.config = config
         self.ipc_dir = make_ipc_dir()
         self.relay = NotifyRelay(os.path.join(self.ipc_dir, "notify.sock"))
@@ -252,17 +269,17 @@ class Launcher:
         self.engine: subprocess.Popen | None = None
         self.frontend: subprocess.Popen | None = None
 
-    def _spawn(self, module: str, config: ServeConfig) -> subprocess.Popen:
+    def _spawn(self, module: str, config_json: str, *, api_key: str | None = None) -> subprocess.Popen:
         """The API key goes in the environment: a command line is readable by every local user."""
         env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
         env["NOTIFY_SOCKET"] = self.relay.path
         if module == "frontend":
             # transformers' "PyTorch was not found" advice: the frontend needs only tokenizers
             env.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-            if config.api_key:
-                env[API_KEY_ENV] = config.api_key
+        if api_key:
+            env[API_KEY_ENV] = api_key
         return subprocess.Popen(
-            [sys.executable, "-m", module, "--config-json", msgspec.structs.replace(config, api_key=None).to_json()],
+            [sys.executable, "-m", module, "--config-json", config_json],
             start_new_session=True,
             preexec_fn=_die_with_parent,
             env=env,
@@ -274,10 +291,11 @@ class Launcher:
         try:
             input_address, output_address = ipc_addresses(self.ipc_dir)
             config = self.config
-            config.input_address, config.output_address = input_address, output_address
-            self.engine = self._spawn("engine_core", config)
+            config.engine.input_address, config.engine.output_address = input_address, output_address
+            self.engine = self._spawn("engine_core", config.engine.to_json())
             config.engine_pid = self.engine.pid
-            self.frontend = self._spawn("frontend", config)
+            frontend_json = msgspec.structs.replace(config, api_key=None).to_json()
+            self.frontend = self._spawn("frontend", frontend_json, api_key=config.api_key)
             return self._supervise()
         except _Shutdown:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -335,7 +353,7 @@ class Launcher:
         if self.relay.is_ready and not self.is_announced:
             self.is_announced = True
             config = self.config
-            print(f"furiosa-llm: serving {config.model} as {config.served_model_name!r} "
+            print(f"furiosa-llm: serving {config.engine.model} as {config.served_model_name!r} "
                   f"on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
 
     def _stop_children(self, *, engine_died: bool) -> int:

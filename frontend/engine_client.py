@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Iterable
 import zmq
 import zmq.asyncio
 
-from ipc.config import ServeConfig
+from frontend.config import FrontendConfig
 from ipc.messages import (
     EngineCoreAbort,
     EngineCoreOutput,
@@ -77,7 +77,7 @@ class _OutputStream:
 
 
 class EngineClient:
-    def __init__(self, config: ServeConfig, *, pid_poll_interval_s: float = 0.5) -> None:
+    def __init__(self, config: FrontendConfig, *, pid_poll_interval_s: float = 0.5) -> None:
         self.config = config
         self.pid_poll_interval_s = pid_poll_interval_s
         self.model_info: EngineReady | None = None
@@ -104,8 +104,8 @@ class EngineClient:
 
     async def start(self) -> None:
         self._ctx = zmq.asyncio.Context()
-        self._input = make_socket(self._ctx, zmq.PUSH, self.config.input_address, bind=False)
-        self._output = make_socket(self._ctx, zmq.PULL, self.config.output_address, bind=False)
+        self._input = make_socket(self._ctx, zmq.PUSH, self.config.engine.input_address, bind=False)
+        self._output = make_socket(self._ctx, zmq.PULL, self.config.engine.output_address, bind=False)
         self._tasks.append(asyncio.create_task(self._read_outputs(), name="engine-outputs"))
         if self.config.engine_pid is not None:
             self._tasks.append(asyncio.create_task(self._watch_pid(), name="engine-pid"))

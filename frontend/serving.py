@@ -19,6 +19,7 @@ from concurrent.futures import Executor
 from transformers import PreTrainedTokenizerFast
 
 from frontend.admission import RequestLoad
+from frontend.config import FrontendConfig
 from frontend.errors import bad_request, engine_unavailable, model_not_found
 from frontend.metrics import RequestTiming
 from frontend.output_processor import ChoiceDelta, PreparedPrompt, UsageCounter, generate_choices
@@ -27,7 +28,6 @@ from frontend.serving_logprobs import TokenStrings
 from frontend.serving_validation import text_settings
 from frontend.sse import sse_stream
 from frontend.tokenizer import PromptTooLongError, encode_prompt
-from ipc.config import ServeConfig
 from ipc.messages import EngineCoreRequest, EngineReady, SamplingParams
 
 NOT_READY_RETRY_AFTER_S = 5
@@ -38,7 +38,7 @@ class OpenAIServing:
 
     def __init__(
         self,
-        config: ServeConfig,
+        config: FrontendConfig,
         engine_client,
         tokenizer: PreTrainedTokenizerFast,
         eos_token_ids: list[int],

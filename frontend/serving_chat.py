@@ -208,7 +208,7 @@ class OpenAIServingChat(OpenAIServing):
         arrival_time = time.time()
         self.check_model(request.model)
         info = self.engine_info()
-        check_sampling_fields(request, max_num_seqs=self.config.max_num_seqs)
+        check_sampling_fields(request, max_num_seqs=self.config.engine.max_num_seqs)
         check_stop_token_ids(request, info.vocab_size)
         bias = resolve_logit_bias(request, info.vocab_size)
         plan = ChatOutputPlan.for_request(request, self.config)

@@ -88,7 +88,7 @@ class OpenAIServingCompletion(OpenAIServing):
         info = self.engine_info()
         if request.suffix is not None:
             raise bad_request("suffix is not supported: this server does not do fill-in-the-middle.", param="suffix")
-        check_sampling_fields(request, max_num_seqs=self.config.max_num_seqs)
+        check_sampling_fields(request, max_num_seqs=self.config.engine.max_num_seqs)
         check_stop_token_ids(request, info.vocab_size)
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
             raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}.", param="logprobs")

@@ -21,11 +21,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from frontend.config import FrontendConfig
 from frontend.errors import bad_request
 from frontend.protocol import ChatCompletionRequest, NamedToolChoice, ResponseFormat, Tool
 from frontend.tool_parsers import ToolParser, ToolParserRegistry
 from frontend.tool_parsers.llama3_json import Llama3JsonToolParser
-from ipc.config import ServeConfig
 from ipc.messages import StructuredOutputKind, StructuredOutputSpec
 from ipc.shared.structured_output import JSON_OPTIONS, StructuredOutputError, check_structured_output
 
@@ -39,7 +39,7 @@ class ChatOutputPlan:
     tool_parser: ToolParser | None  # None: the output is plain content
 
     @classmethod
-    def for_request(cls, request: ChatCompletionRequest, config: ServeConfig) -> "ChatOutputPlan":
+    def for_request(cls, request: ChatCompletionRequest, config: FrontendConfig) -> "ChatOutputPlan":
         """The plan, or a 400 naming the field that makes it impossible."""
         choice = _tool_choice(request, config)
         response_spec = _response_format_spec(request.response_format)
@@ -56,7 +56,7 @@ class ChatOutputPlan:
         return cls(spec, Llama3JsonToolParser())
 
 
-def _tool_choice(request: ChatCompletionRequest, config: ServeConfig) -> str | NamedToolChoice:
+def _tool_choice(request: ChatCompletionRequest, config: FrontendConfig) -> str | NamedToolChoice:
     """"none", "auto", "required" or a named function, checked against the tools and flags."""
     choice = request.tool_choice
     is_auto_enabled = config.enable_auto_tool_choice and config.tool_call_parser is not None

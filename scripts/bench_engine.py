@@ -38,7 +38,7 @@ import engine_core.model as model_module
 from engine_core.core import EngineCore
 from engine_core.loader import load_artifact
 from frontend.default_model import default_model_path
-from ipc.config import ServeConfig
+from ipc.config import EngineConfig
 from ipc.messages import EngineCoreRequest, SamplingParams
 
 
@@ -70,7 +70,7 @@ def gemv_gbps() -> float:
 
 
 def make_core(model_config, weights, args, max_num_seqs: int) -> EngineCore:
-    config = ServeConfig(model=args.model, served_model_name="bench", max_num_seqs=max_num_seqs,
+    config = EngineConfig(model=args.model, served_model_name="bench", max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max(2048, max_num_seqs), kv_cache_gib=args.kv_cache_gib,
                          enable_prefix_caching=False)  # throughputs of computed tokens; see bench_cached_prompt
     return EngineCore(config, model_config, weights)

@@ -21,7 +21,7 @@ from engine_core.core import EngineCore
 from engine_core.loader import load_artifact
 from engine_core.structured_output import apply_grammar_masks
 from frontend.default_model import default_model_path
-from ipc.config import ServeConfig
+from ipc.config import EngineConfig
 from ipc.messages import EngineCoreRequest, SamplingParams, StructuredOutputKind, StructuredOutputSpec
 
 # A long JSON output: at least 64 strings, so no constrained request ends while it is timed.
@@ -31,7 +31,7 @@ PROMPT_WORDS = "List the names of rivers, cities and mountains you know as a JSO
 
 
 def make_core(model: str, weights) -> EngineCore:
-    config = ServeConfig(model=model, served_model_name="bench", kv_cache_gib=0.5, max_num_seqs=64)
+    config = EngineConfig(model=model, served_model_name="bench", kv_cache_gib=0.5, max_num_seqs=64)
     return EngineCore(config, *weights)
 
 

@@ -7,7 +7,7 @@ from threadpoolctl import threadpool_limits
 
 from engine_core.core import EngineCore
 from engine_core.loader import load_artifact
-from ipc.config import ServeConfig
+from ipc.config import EngineConfig
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,11 +24,11 @@ def smollm2(default_model):
 
 @pytest.fixture
 def make_core(smollm2, default_model):
-    """EngineCore over the default model; keyword arguments override ServeConfig fields."""
+    """EngineCore over the default model; keyword arguments override EngineConfig fields."""
 
     def make(**overrides) -> EngineCore:
         settings = {"kv_cache_gib": 0.25, **overrides}
-        config = ServeConfig(model=default_model, served_model_name="smollm2", **settings)
+        config = EngineConfig(model=default_model, served_model_name="smollm2", **settings)
         model_config, weights = smollm2
         return EngineCore(config, model_config, weights)
 

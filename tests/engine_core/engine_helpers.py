@@ -10,7 +10,7 @@ from pathlib import Path
 from engine_core.core import EngineCore
 from engine_core.loader import load_artifact
 from engine_core.model import KVCache
-from ipc.config import ServeConfig
+from ipc.config import EngineConfig
 from ipc.messages import EngineCoreOutput, EngineCoreRequest, SamplingParams
 from tiny_llama import EOS_ID, write_tiny_llama
 
@@ -36,12 +36,12 @@ def write_tiny_model(directory: Path, variant: str = "tied") -> str:
     return str(directory)
 
 
-def tiny_config(model_dir: str, *, num_blocks: int = 64, **overrides) -> ServeConfig:
-    """A ServeConfig whose KV cache holds exactly num_blocks blocks of the tiny model."""
+def tiny_config(model_dir: str, *, num_blocks: int = 64, **overrides) -> EngineConfig:
+    """An EngineConfig whose KV cache holds exactly num_blocks blocks of the tiny model."""
     model_config, _ = load_artifact(model_dir)
     block_size = overrides.get("block_size", 16)
     gib = num_blocks * KVCache.bytes_per_block(model_config, block_size) / 2**30
-    return ServeConfig(model=model_dir, served_model_name="tiny", kv_cache_gib=gib, **overrides)
+    return EngineConfig(model=model_dir, served_model_name="tiny", kv_cache_gib=gib, **overrides)
 
 
 def tiny_core(model_dir: str, **overrides) -> EngineCore:

@@ -20,7 +20,7 @@ import zmq
 
 from engine_core.core import EngineCore
 from engine_core.process import EngineCoreProc
-from ipc.config import ServeConfig
+from ipc.config import EngineConfig
 from ipc.messages import (
     EngineCoreAbort,
     EngineCoreOutputs,
@@ -54,7 +54,7 @@ def config(model_dir):
 class Frontend:
     """The frontend's side of the two pipes."""
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: EngineConfig):
         self.ctx = zmq.Context()
         self.to_engine = make_socket(self.ctx, zmq.PUSH, config.input_address, bind=False)
         self.from_engine = make_socket(self.ctx, zmq.PULL, config.output_address, bind=False)
@@ -82,7 +82,7 @@ class Frontend:
 class EngineThread:
     """EngineCoreProc.run() on a thread; exit_code is what a process would exit with."""
 
-    def __init__(self, config: ServeConfig, core: EngineCore):
+    def __init__(self, config: EngineConfig, core: EngineCore):
         self.proc = EngineCoreProc(config, core)
         self.exit_code: int | None = None
         self.thread = threading.Thread(target=self._run, name="test-engine-core")
@@ -209,7 +209,7 @@ def test_an_exception_mid_step_sends_dead_and_exits_non_zero(config, frontend):
 # ------------------------------------------------------------------ as a subprocess
 
 
-def start_engine_process(config: ServeConfig) -> subprocess.Popen:
+def start_engine_process(config: EngineConfig) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "engine_core", "--config-json", config.to_json()],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -252,7 +252,7 @@ def test_engine_process_serves_and_exits_zero_on_sigterm(config, frontend, model
 def test_engine_process_that_cannot_load_the_model_sends_dead_and_says_why_in_one_line(config, frontend, tmp_path):
     """Run on its own (no launcher's notify socket), it prints the line itself; the traceback
     is for --log-level debug."""
-    broken = ServeConfig.from_json(config.to_json())
+    broken = EngineConfig.from_json(config.to_json())
     broken.model = str(tmp_path / "missing-model")
     process = start_engine_process(broken)
     try:

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from engine_core.core import EngineCore
 from engine_core.structured_output import StructuredOutputManager, apply_grammar_masks
 from engine_helpers import TWO_CANDIDATES, collect
-from ipc.config import ServeConfig
+from ipc.config import EngineConfig
 from ipc.messages import (
     EngineCoreRequest,
     FinishCause,
@@ -49,7 +49,7 @@ def tiny_dir(tmp_path_factory) -> str:
 
 @pytest.fixture
 def core(tiny_dir) -> EngineCore:
-    return EngineCore.from_config(ServeConfig(model=tiny_dir, served_model_name="tiny", kv_cache_gib=0.01))
+    return EngineCore.from_config(EngineConfig(model=tiny_dir, served_model_name="tiny", kv_cache_gib=0.01))
 
 
 def json_spec(schema) -> StructuredOutputSpec:

@@ -11,7 +11,8 @@ from transformers import PreTrainedTokenizerFast
 
 from frontend.app import create_app
 from frontend.tokenizer import load_tokenizer
-from ipc.config import ServeConfig
+from frontend.config import FrontendConfig
+from ipc.config import EngineConfig
 from ipc.messages import EngineReady
 
 
@@ -32,8 +33,8 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def config() -> ServeConfig:
-    return ServeConfig(model="/nonexistent/model", served_model_name=MODEL_NAME, max_num_seqs=16)
+def config() -> FrontendConfig:
+    return FrontendConfig(engine=EngineConfig(model="/nonexistent/model", served_model_name=MODEL_NAME, max_num_seqs=16))
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ def test_models_list_and_retrieve(client):
 
 
 def test_model_ids_with_slashes(config, engine, tokenizer):
-    config.served_model_name = "org/model-1"
+    config.engine.served_model_name = "org/model-1"
     with TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer)) as client:
         assert client.get("/v1/models/org/model-1").json()["id"] == "org/model-1"
         assert client.get("/v1/models/org/other").status_code == 404
@@ -121,7 +121,7 @@ def test_cors_allows_configured_origins(config, engine, tokenizer):
 
 
 def test_overload_is_503(config, engine, tokenizer):
-    config.max_num_seqs, config.max_waiting_requests = 1, 0
+    config.engine.max_num_seqs, config.max_waiting_requests = 1, 0
     with TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer)) as client:
         client.app.state.services.completions.load.num_seqs = 1  # one sequence in flight
         response = client.post("/v1/chat/completions", json={"messages": USER_HI})
@@ -134,7 +134,7 @@ def test_overload_is_503(config, engine, tokenizer):
 
 def test_startup_does_not_wait_for_the_engine(config, tokenizer, tmp_path):
     # A real EngineClient whose engine never comes: the app serves, and says it is not ready.
-    config.input_address, config.output_address = ipc_addresses(str(tmp_path))
+    config.engine.input_address, config.engine.output_address = ipc_addresses(str(tmp_path))
     with TestClient(create_app(config, tokenizer=tokenizer)) as client:
         assert isinstance(client.app.state.services.engine_client, EngineClient)
         assert client.get("/health").status_code == 503
@@ -149,7 +149,7 @@ def test_main_rejects_a_bad_config(capsys):
 
 
 def test_main_exits_non_zero_when_startup_fails(tmp_path):
-    config = f'{{"model": "{tmp_path}/missing.gguf", "served_model_name": "m", "port": 0}}'
+    config = f'{{"engine": {{"model": "{tmp_path}/missing.gguf", "served_model_name": "m"}}, "port": 0}}'
     result = subprocess.run(
         [sys.executable, "-m", "frontend", "--config-json", config], capture_output=True, text=True, timeout=60
     )

@@ -3,9 +3,12 @@ server that starts and then refuses every request, nor a silent default."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from frontend.cli import build_parser, config_from_args
+from frontend.config import FrontendConfig
+from ipc.config import EngineConfig
 
 
 def config_of(*flags: str):
@@ -45,12 +48,33 @@ def test_the_edges_of_each_range_are_accepted(default_model, flags):
 
 def test_max_model_len_defaults_to_the_models_own_and_long_ones_need_the_flag(default_model):
     config = config_of(default_model)
-    assert config.max_model_len is None and not config.allow_long_max_model_len
+    assert config.engine.max_model_len is None and not config.engine.allow_long_max_model_len
     config = config_of(default_model, "--max-model-len", "100000", "--allow-long-max-model-len")
-    assert config.max_model_len == 100000 and config.allow_long_max_model_len
+    assert config.engine.max_model_len == 100000 and config.engine.allow_long_max_model_len
 
 
 def test_the_override_is_documented_in_help():
     serve = build_parser()._subparsers._group_actions[0].choices["serve"]
     text = " ".join(serve.format_help().split())
     assert "--allow-long-max-model-len" in text and "max_position_embeddings" in text
+
+
+def test_frontend_config_json_round_trip_keeps_the_frontend_settings_out_of_the_engines_part():
+    engine = EngineConfig(model="/models/llama", served_model_name="llama", max_num_seqs=8, log_level="debug",
+                          input_address="ipc:///tmp/x/in.sock", output_address="ipc:///tmp/x/out.sock")
+    config = FrontendConfig(
+        engine=engine, host="0.0.0.0", port=9000,
+        chat_template="/t/chat.jinja", enable_auto_tool_choice=True, tool_call_parser="llama3_json",
+        api_key="secret", metrics_require_key=True, allowed_origins=["https://a.example", "*"],
+        clamp_max_tokens=True, engine_pid=4242,
+    )
+    assert FrontendConfig.from_json(config.to_json()) == config
+    assert not {"host", "port", "api_key", "allowed_origins"} & set(msgspec.json.decode(engine.to_json()))
+    with pytest.raises(msgspec.ValidationError):
+        FrontendConfig.from_json('{"engine": {"model": "m.gguf", "served_model_name": "m"}, "port": "eighty"}')
+
+
+def test_flag_defaults_are_the_configs_defaults():
+    config = config_of("/")  # an existing path stands in for the artifact
+    assert config == FrontendConfig(engine=EngineConfig(model="/", served_model_name=config.served_model_name))
+    assert config.host == "localhost"  # as README documents

@@ -11,7 +11,8 @@ import zmq
 import zmq.asyncio
 
 from frontend.engine_client import EngineClient, EngineDeadError, ServerStoppingError
-from ipc.config import ServeConfig
+from frontend.config import FrontendConfig
+from ipc.config import EngineConfig
 from ipc.messages import (
     EngineCoreAbort,
     EngineCoreOutput,
@@ -37,10 +38,10 @@ TIMEOUT_S = 5.0  # a bound on waiting for an event that should come at once, not
 class FakeEngineSockets:
     """The engine's side of the pipes: binds both, reads requests, sends scripted messages."""
 
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: FrontendConfig) -> None:
         self.ctx = zmq.asyncio.Context()
-        self.input = make_socket(self.ctx, zmq.PULL, config.input_address, bind=True)
-        self.output = make_socket(self.ctx, zmq.PUSH, config.output_address, bind=True)
+        self.input = make_socket(self.ctx, zmq.PULL, config.engine.input_address, bind=True)
+        self.output = make_socket(self.ctx, zmq.PUSH, config.engine.output_address, bind=True)
 
     async def receive(self):
         return decode_to_engine(await asyncio.wait_for(self.input.recv(), TIMEOUT_S))
@@ -56,9 +57,10 @@ class FakeEngineSockets:
 
 
 @pytest.fixture
-def config(tmp_path) -> ServeConfig:
+def config(tmp_path) -> FrontendConfig:
     input_address, output_address = ipc_addresses(str(tmp_path))
-    return ServeConfig(model="m", served_model_name="m", input_address=input_address, output_address=output_address)
+    return FrontendConfig(engine=EngineConfig(model="m", served_model_name="m", input_address=input_address,
+                                              output_address=output_address))
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from fuzz_checks import check_response, name_model_and_half_stream
 from hypothesis import HealthCheck, settings
 
 from frontend.app import create_app
-from ipc.config import ServeConfig
+from frontend.config import FrontendConfig
+from ipc.config import EngineConfig
 from ipc.messages import EngineReady
 
 MAX_EXAMPLES = 60
@@ -21,7 +22,7 @@ def make_app():
     tokenizer = build_tokenizer()
     info = EngineReady(MODEL_NAME, MAX_MODEL_LEN, len(tokenizer), num_kv_blocks=64, block_size=16)
     engine = FakeEngineClient(info, script=rotating_script(tokenizer))
-    config = ServeConfig(model="/nonexistent/model", served_model_name=MODEL_NAME, max_num_seqs=16)
+    config = FrontendConfig(engine=EngineConfig(model="/nonexistent/model", served_model_name=MODEL_NAME, max_num_seqs=16))
     return create_app(config, engine_client=engine, tokenizer=tokenizer)
 
 

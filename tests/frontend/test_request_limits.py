@@ -33,7 +33,7 @@ def _error(response, status: int) -> dict:
 
 @pytest.fixture
 def small_bound(config):
-    config.max_num_seqs, config.max_waiting_requests = 2, 2  # 4 sequences in flight at most
+    config.engine.max_num_seqs, config.max_waiting_requests = 2, 2  # 4 sequences in flight at most
     return config
 
 

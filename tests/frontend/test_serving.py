@@ -669,7 +669,7 @@ def test_cached_tokens_of_every_prompt_and_choice_ended_by_stop_strings(client, 
 
 
 def test_without_prefix_caching_a_stop_string_ends_the_request_at_once(config, engine, tokenizer):
-    config.enable_prefix_caching = False  # the engine reports no cached tokens then
+    config.engine.enable_prefix_caching = False  # the engine reports no cached tokens then
     with TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer)) as client:
         body = chat(client, stop=["quick"])
     assert "prompt_tokens_details" not in body["usage"]

@@ -34,7 +34,7 @@ HERMES_OUTPUT = (
 
 @pytest.fixture
 def make_client(config, tokenizer):
-    """An app whose fake engine generates `text`; keyword arguments set ServeConfig fields."""
+    """An app whose fake engine generates `text`; keyword arguments set FrontendConfig fields."""
     clients = []
 
     def make(text: str, **settings):

@@ -1,12 +1,12 @@
 """The wire contract: every message survives msgpack, each decoder accepts only its direction,
-and the launcher's ServeConfig survives its JSON trip to the child processes."""
+and the engine's EngineConfig survives its JSON trip to the engine process."""
 
 from __future__ import annotations
 
 import msgspec
 import pytest
 
-from ipc.config import ServeConfig
+from ipc.config import EngineConfig
 from ipc.messages import (
     EngineCoreAbort,
     EngineCoreOutput,
@@ -178,23 +178,20 @@ def test_each_finish_cause_has_its_openai_finish_reason():
     assert [c.name for c in FinishCause] == ["EOS", "STOP_TOKEN", "GRAMMAR_END", "LENGTH", "ABORT", "ERROR"]
 
 
-def test_serve_config_json_round_trip():
-    config = ServeConfig(
-        model="/models/llama", served_model_name="llama", host="0.0.0.0", port=9000, max_model_len=4096,
+def test_engine_config_json_round_trip():
+    config = EngineConfig(
+        model="/models/llama", served_model_name="llama", max_model_len=4096,
         max_num_seqs=8, max_num_batched_tokens=512, block_size=32, kv_cache_gib=0.5, num_threads=2,
-        chat_template="/t/chat.jinja", enable_auto_tool_choice=True, tool_call_parser="llama3_json",
-        api_key="secret", metrics_require_key=True, allowed_origins=["https://a.example", "*"],
-        clamp_max_tokens=True, log_level="debug", input_address="ipc:///tmp/x/in.sock",
-        output_address="ipc:///tmp/x/out.sock", engine_pid=4242,
+        log_level="debug", input_address="ipc:///tmp/x/in.sock", output_address="ipc:///tmp/x/out.sock",
     )
-    assert ServeConfig.from_json(config.to_json()) == config
-    defaults = ServeConfig(model="m.gguf", served_model_name="m")
-    assert ServeConfig.from_json(defaults.to_json()) == defaults
-    assert ServeConfig.from_json('{"model": "m.gguf", "served_model_name": "m"}') == defaults
+    assert EngineConfig.from_json(config.to_json()) == config
+    defaults = EngineConfig(model="m.gguf", served_model_name="m")
+    assert EngineConfig.from_json(defaults.to_json()) == defaults
+    assert EngineConfig.from_json('{"model": "m.gguf", "served_model_name": "m"}') == defaults
 
 
-def test_serve_config_json_rejects_wrong_types():
+def test_engine_config_json_rejects_wrong_types():
     with pytest.raises(msgspec.ValidationError):
-        ServeConfig.from_json('{"model": "m.gguf", "served_model_name": "m", "port": "eighty"}')
+        EngineConfig.from_json('{"model": "m.gguf", "served_model_name": "m", "block_size": "eight"}')
     with pytest.raises(msgspec.ValidationError):
-        ServeConfig.from_json('{"served_model_name": "m"}')
+        EngineConfig.from_json('{"served_model_name": "m"}')
