@@ -16,15 +16,8 @@ import numpy as np
 import pytest
 
 from engine_core.beam_search import BeamSearch
-from engine_helpers import (
-    assert_all_blocks_free,
-    collect,
-    request,
-    run_to_completion,
-    tiny_core,
-    tiny_request,
-    write_tiny_model,
-)
+from engine_helpers import assert_all_blocks_free, collect, request, run_to_completion
+from engine_helpers import tiny_core, tiny_request, write_tiny_model  # the tiny random model
 from ipc.messages import FinishCause, FinishReason
 
 GOLDEN = json.loads((pathlib.Path(__file__).parents[1] / "golden" / "smollm2_beam.json").read_text())

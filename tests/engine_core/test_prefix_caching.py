@@ -7,16 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from engine_core.kv_cache_manager import BlockPool, block_hash
-from engine_helpers import (
-    TWO_CANDIDATES,
-    assert_all_blocks_free,
-    collect,
-    request,
-    run_to_completion,
-    tiny_core,
-    tiny_request,
-    write_tiny_model,
-)
+from engine_helpers import TWO_CANDIDATES, assert_all_blocks_free, collect, request, run_to_completion
+from engine_helpers import tiny_core, tiny_request, write_tiny_model  # the tiny random model
 
 
 def prompt_of(seed: int, length: int) -> list[int]:
