@@ -78,6 +78,18 @@ class ResponseFormat(RequestStruct):
     json_schema: JsonSchemaFormat | None = None
 
 
+class StructuredOutputsParams(RequestStruct):
+    """vLLM's `structured_outputs`: one constraint (see `serving_structured_outputs`)."""
+
+    json: str | dict[str, Any] | None = None  # a JSON schema
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # Lark (llguidance's dialect) or GBNF/EBNF
+    json_object: bool | None = None
+    structural_tag: str | dict[str, Any] | None = None
+    whitespace_pattern: str | None = None  # JSON whitespace instead of the fixed layout
+
+
 class SamplingRequestFields(RequestStruct, kw_only=True):
     """The sampling parameters shared by both generation endpoints."""
 
@@ -107,6 +119,17 @@ class SamplingRequestFields(RequestStruct, kw_only=True):
     length_penalty: float | None = 1.0
     early_stopping: bool | Literal["never"] | None = False
     cache_salt: str | None = None  # vLLM's: prefix-cache blocks are shared only under the same salt
+    # Structured outputs: at most one constraint (see `serving_structured_outputs`).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored (logged): llguidance decides
+    prompt_logprobs: int | None = None  # vLLM's: top alternatives per prompt token
+    return_token_ids: bool | None = False  # vLLM's: prompt and completion token ids in the response
 
 
 # ---------------------------------------------------------------------------------------
@@ -213,7 +236,6 @@ class ChatCompletionRequest(SamplingRequestFields, kw_only=True):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None

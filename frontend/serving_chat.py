@@ -212,8 +212,6 @@ class OpenAIServingChat(OpenAIServing):
         check_stop_token_ids(request, info.vocab_size)
         bias = resolve_logit_bias(request, info.vocab_size)
         plan = ChatOutputPlan.for_request(request, self.config)
-        if plan.structured_output is not None and request.use_beam_search:
-            raise bad_request("Beam search cannot be combined with constrained output.", param="use_beam_search")
         logprobs = self._num_logprobs(request)
         num_seqs = max(request.n, request.best_of or 0)
         self.load.check(num_seqs)  # before the costly part, rendering and tokenizing
@@ -236,9 +234,8 @@ class OpenAIServingChat(OpenAIServing):
             max_model_len=info.max_model_len,
             clamp=self.config.clamp_max_tokens,
         )
-        params = make_sampling_params(request, max_tokens=max_tokens, logprobs=logprobs, logit_bias=bias)
-        if plan.structured_output is not None:
-            params = msgspec.structs.replace(params, structured_output=plan.structured_output)
+        params = make_sampling_params(request, max_tokens=max_tokens, logprobs=logprobs, logit_bias=bias,
+                                      structured_output=plan.structured_output)
         chat_id = random_id("chatcmpl")
         prompt = PreparedPrompt(self.make_engine_request(chat_id, token_ids, params, arrival_time), text, 0)
         self.load.check(num_seqs)  # again: others may have started while this one was rendered

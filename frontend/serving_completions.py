@@ -26,6 +26,7 @@ from frontend.serving_logprobs import (
     TokenStrings,
     clamp_logprob,
 )
+from frontend.serving_structured_outputs import structured_output_spec
 from frontend.serving_validation import (
     MAX_LOGPROBS,
     check_sampling_fields,
@@ -93,6 +94,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
             raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}.", param="logprobs")
         bias = resolve_logit_bias(request, info.vocab_size)
+        structured_output, _ = structured_output_spec(request)
         split = _split_prompts(request.prompt)
         num_seqs = len(split) * max(request.n, request.best_of or 0)
         self.load.check(num_seqs)  # before the costly part, tokenizing
@@ -114,6 +116,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 logprobs=request.logprobs,
                 prompt_logprobs=request.logprobs if request.echo else None,
                 logit_bias=bias,
+                structured_output=structured_output,
             )
             engine_request = self.make_engine_request(f"{completion_id}-{i}", token_ids, params, arrival_time)
             prompt_text = prompt if isinstance(prompt, str) else await self.run_blocking(self.tokenizer.decode, token_ids)

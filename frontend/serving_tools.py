@@ -1,10 +1,13 @@
-"""`tools`, `tool_choice` and `response_format` -> what the engine is constrained to, and how the
-output text is read back.
+"""`tools` and `tool_choice` (with the request's own constraint) -> what the engine is
+constrained to, and how the output text is read back.
+
+The request's own constraint is `response_format`, `structured_outputs` or a `guided_*` field
+(see `serving_structured_outputs`).
 
 | request                               | engine constraint                    | output parsed by      |
 | ------------------------------------- | ------------------------------------ | --------------------- |
-| no tools, or tool_choice "none"       | response_format's, if any            | nothing               |
-| tool_choice "auto" (the default when  | response_format's, if any            | --tool-call-parser    |
+| no tools, or tool_choice "none"       | the request's own, if any            | nothing               |
+| tool_choice "auto" (the default when  | the request's own, if any            | --tool-call-parser    |
 | the server has auto tool choice on)   |                                      |                       |
 | tool_choice "required"                | calls to any of the tools            | llama3_json           |
 | tool_choice {"function": {"name": f}} | one call to f                        | llama3_json           |
@@ -23,7 +26,8 @@ from typing import Any
 
 from frontend.config import FrontendConfig
 from frontend.errors import bad_request
-from frontend.protocol import ChatCompletionRequest, NamedToolChoice, ResponseFormat, Tool
+from frontend.protocol import ChatCompletionRequest, NamedToolChoice, Tool
+from frontend.serving_structured_outputs import structured_output_spec
 from frontend.tool_parsers import ToolParser, ToolParserRegistry
 from frontend.tool_parsers.llama3_json import Llama3JsonToolParser
 from ipc.messages import StructuredOutputKind, StructuredOutputSpec
@@ -42,14 +46,14 @@ class ChatOutputPlan:
     def for_request(cls, request: ChatCompletionRequest, config: FrontendConfig) -> "ChatOutputPlan":
         """The plan, or a 400 naming the field that makes it impossible."""
         choice = _tool_choice(request, config)
-        response_spec = _response_format_spec(request.response_format)
+        own_spec, own_param = structured_output_spec(request)
         if choice in ("none", "auto"):
             parser = None if choice == "none" else ToolParserRegistry.get(config.tool_call_parser)()
-            return cls(response_spec, parser)
-        if response_spec is not None:
+            return cls(own_spec, parser)
+        if own_spec is not None:
             raise bad_request(
-                "response_format cannot be combined with a required or named tool_choice: both decide the output.",
-                param="response_format",
+                f"{own_param} cannot be combined with a required or named tool_choice: both decide the output.",
+                param=own_param,
             )
         spec = _forced_calls_spec(request.tools, choice, single=request.parallel_tool_calls is False)
         _check(spec, param="tools")
@@ -85,22 +89,6 @@ def _tool_choice(request: ChatCompletionRequest, config: FrontendConfig) -> str 
     return choice
 
 
-def _response_format_spec(response_format: ResponseFormat | None) -> StructuredOutputSpec | None:
-    if response_format is None or response_format.type == "text":
-        return None
-    if response_format.type == "json_object":
-        spec = StructuredOutputSpec(StructuredOutputKind.JSON_OBJECT)
-    else:
-        json_schema = response_format.json_schema
-        if json_schema is None or json_schema.schema is None:
-            raise bad_request(
-                'response_format of type "json_schema" needs json_schema.schema.', param="response_format"
-            )
-        spec = StructuredOutputSpec(StructuredOutputKind.JSON_SCHEMA, json.dumps(json_schema.schema))
-    _check(spec, param="response_format")
-    return spec
-
-
 def _forced_calls_spec(tools: list[Tool], choice: str | NamedToolChoice, *, single: bool) -> StructuredOutputSpec:
     if isinstance(choice, NamedToolChoice):
         tools = [tool for tool in tools if tool.function.name == choice.function.name]
@@ -129,5 +117,4 @@ def _check(spec: StructuredOutputSpec, *, param: str) -> None:
     try:
         check_structured_output(spec)
     except StructuredOutputError as exc:
-        what = "The response_format schema" if param == "response_format" else "A tool's parameters schema"
-        raise bad_request(f"{what} is not supported: {exc}", param=param) from None
+        raise bad_request(f"A tool's parameters schema is not supported: {exc}", param=param) from None

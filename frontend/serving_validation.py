@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from frontend.errors import bad_request
 from frontend.protocol import SamplingRequestFields
-from ipc.messages import SamplingParams
+from ipc.messages import SamplingParams, StructuredOutputSpec
 
 MAX_LOGPROBS = 20  # vLLM's default `max_logprobs`
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -202,7 +202,14 @@ def make_sampling_params(
     logprobs: int | None,
     prompt_logprobs: int | None = None,
     logit_bias: dict[int, float] | None = None,
+    structured_output: StructuredOutputSpec | None = None,
 ) -> SamplingParams:
+    _check(
+        structured_output is None or not request.use_beam_search,
+        "use_beam_search",
+        "Beam search cannot be combined with constrained output (structured outputs, response_format or a "
+        "required tool call).",
+    )
     _check(
         request.min_tokens <= max_tokens,
         "min_tokens",
@@ -234,4 +241,5 @@ def make_sampling_params(
         early_stopping=request.early_stopping,
         cache_salt=request.cache_salt,
         logit_bias=logit_bias,
+        structured_output=structured_output,
     )

@@ -61,3 +61,38 @@ def _schema(text: str) -> dict | bool:
     if not isinstance(schema, (dict, bool)):
         raise StructuredOutputError("a JSON schema must be an object or a boolean")
     return schema
+
+
+def lark_from_grammar(text: str) -> str:
+    """A grammar in llguidance's Lark dialect, or in GBNF/EBNF (llama.cpp's, as vLLM accepts),
+    as Lark."""
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        return any_to_lark(text)
+    except Exception as exc:  # the converter raises whatever its parser hits
+        raise StructuredOutputError(f"the grammar is neither Lark nor GBNF: {exc}") from None
+
+
+def lark_from_structural_tag(tag: dict) -> str:
+    """vLLM's structural tag (`{"structures": [{"begin", "schema", "end"}], "triggers": [...]}`)
+    as Lark: free text in which each structure's begin string, once its trigger appears, is
+    followed by JSON valid against its schema and its end string. Triggers are plain text."""
+    from llguidance import StructTag
+
+    if not isinstance(tag, dict) or not isinstance(tag.get("structures"), list) or not tag["structures"]:
+        raise StructuredOutputError('a structural tag needs a non-empty "structures" list')
+    triggers = tag.get("triggers") or []
+    tags = []
+    for structure in tag["structures"]:
+        if not isinstance(structure, dict) or not isinstance(structure.get("begin"), str):
+            raise StructuredOutputError('each structure needs a "begin" string')
+        begin = structure["begin"]
+        trigger = next((t for t in triggers if isinstance(t, str) and t and begin.startswith(t)), None)
+        if trigger is None:
+            raise StructuredOutputError(f"no trigger in {triggers!r} starts the structure's begin {begin!r}")
+        schema = structure.get("schema", {})
+        if not isinstance(schema, dict):
+            raise StructuredOutputError("a structure's schema must be a JSON object")
+        tags.append(StructTag(trigger=trigger, begin=begin, grammar={**schema, "x-guidance": JSON_OPTIONS}, end=str(structure.get("end", ""))))
+    return StructTag.to_grammar(tags, assume_special=False)

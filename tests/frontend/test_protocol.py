@@ -68,6 +68,7 @@ NESTED_MINIMAL = {
     "NamedFunction": {"name": "f"},
     "ResponseFormat": {"type": "text"},
     "JsonSchemaFormat": {},
+    "StructuredOutputsParams": {},
 }
 
 
