@@ -55,3 +55,16 @@ def test_a_corrupt_artifact_stops_the_start_up_with_a_message_naming_it(tmp_path
                             timeout=120)
     assert result.returncode != 0
     assert str(bad) in result.stderr
+
+
+def test_offline_inference_example():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "offline_inference.py")],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("'The capital of France is' -> ") and "Paris" in lines[0]
+
+
+def test_offline_chat_example():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "offline_chat.py")],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "Paris" in out
