@@ -75,5 +75,4 @@ def test_a_prompt_too_long_raises_the_servers_message(server, model_name, llm):
         llm.generate("Hi", SamplingParams(max_tokens=10**6), use_tqdm=False)
     assert response.status_code == 400
     # the server's KV cache (1 GiB) gives it a longer context than this LLM's (0.5 GiB)
-    assert str(info.value).split(" tokens.")[1] == response.json()["error"]["message"].split(" tokens.")[1].replace(
-        str(1 + 10**6), str(1 + 10**6))
+    assert str(info.value).split(" tokens.")[1] == response.json()["error"]["message"].split(" tokens.")[1]
