@@ -45,6 +45,7 @@ from frontend.protocol import (
     TokenizeRequest,
     TokenizeResponse,
     VersionResponse,
+    ignored_fields,
 )
 from frontend.serving_chat import OpenAIServingChat
 from frontend.serving_completions import OpenAIServingCompletion
@@ -90,10 +91,20 @@ def _services(state: State) -> Services:
 # Routes
 
 
+def _decode_generation_body(raw: bytes, cls: type, request: Request):
+    """The request body; one warning names the fields it ignores, so none is ignored silently."""
+    body = decode_body(raw, cls)
+    ignored = ignored_fields(raw, body)
+    if ignored:
+        logger.warning("%s %s: ignoring the fields %s: this server does not use them", request.method,
+                       request.url.path, ", ".join(map(repr, ignored)))
+    return body
+
+
 @post("/v1/completions", status_code=200)
 async def create_completion(request: Request, state: State) -> Response:
     services = _services(state)
-    body = decode_body(await request.body(), CompletionRequest)
+    body = _decode_generation_body(await request.body(), CompletionRequest, request)
     if body.stream:
         chunks = await services.completions.create_completion(body)
         return Stream(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
@@ -103,7 +114,7 @@ async def create_completion(request: Request, state: State) -> Response:
 @post("/v1/chat/completions", status_code=200)
 async def create_chat_completion(request: Request, state: State) -> Response:
     services = _services(state)
-    body = decode_body(await request.body(), ChatCompletionRequest)
+    body = _decode_generation_body(await request.body(), ChatCompletionRequest, request)
     if body.stream:
         chunks = await services.chat.create_chat_completion(body)
         return Stream(chunks, media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,6 +1,7 @@
 """OpenAI's request and response schemas as msgspec Structs, with OpenAI's own names.
 
-Requests ignore unknown fields (clients send fields we do not implement). Types are checked
+Requests accept unknown fields (clients send fields we do not implement, as vLLM accepts them);
+`ignored_fields` names them so that the app logs them. Types are checked
 by msgspec when a body is decoded; value ranges are checked in `serving`, which knows the
 model's limits. Parameters beyond OpenAI's (`top_k`, `min_tokens`, `use_beam_search`, ...)
 follow vLLM's OpenAI server.
@@ -130,6 +131,25 @@ class SamplingRequestFields(RequestStruct, kw_only=True):
     guided_decoding_backend: str | None = None  # accepted and ignored (logged): llguidance decides
     prompt_logprobs: int | None = None  # vLLM's: top alternatives per prompt token
     return_token_ids: bool | None = False  # vLLM's: prompt and completion token ids in the response
+
+
+_TOP_LEVEL_FIELDS = msgspec.json.Decoder(dict[str, msgspec.Raw])
+# Decoded but changing nothing: vLLM's choice of grammar backend (llguidance is the only one here).
+_ACCEPTED_AND_IGNORED = {"guided_decoding_backend"}
+
+
+def ignored_fields(body: bytes, request: SamplingRequestFields) -> list[str]:
+    """The fields of `body` (already decoded as `request`) that this server ignores, to be logged:
+    those its schema does not know (msgspec skips them, as vLLM accepts them) and those it accepts
+    only for compatibility. A field inside `structured_outputs` is named with a dot."""
+    fields = _TOP_LEVEL_FIELDS.decode(body)
+    known = type(request).__struct_fields__
+    ignored = [name for name in fields if name not in known
+               or (name in _ACCEPTED_AND_IGNORED and getattr(request, name) is not None)]
+    if request.structured_outputs is not None:
+        nested = _TOP_LEVEL_FIELDS.decode(fields["structured_outputs"])
+        ignored += [f"structured_outputs.{name}" for name in nested if name not in StructuredOutputsParams.__struct_fields__]
+    return ignored
 
 
 # ---------------------------------------------------------------------------------------

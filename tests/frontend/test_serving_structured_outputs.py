@@ -165,3 +165,24 @@ def test_a_required_tool_call_and_a_guided_field_is_400_naming_the_field(client,
     tool = {"type": "function", "function": {"name": "f"}}
     response = post(client, "chat", tools=[tool], tool_choice="required", guided_regex="a")
     assert response.status_code == 400 and response.json()["error"]["param"] == "guided_regex"
+
+
+# ---- ignored fields are logged by name, once per request
+
+
+@ENDPOINTS
+def test_unknown_fields_are_accepted_and_logged_by_name(client, engine, caplog, endpoint):
+    caplog.set_level("WARNING", logger="frontend.app")
+    fields = {"frobnicate": 1, "guided_decoding_backend": "outlines", "structured_outputs": {"regex": "a+", "disable_fallback": True}}
+    assert spec_of(client, engine, endpoint, **fields).kind == StructuredOutputKind.REGEX
+    warnings = [r.getMessage() for r in caplog.records if r.name == "frontend.app" and "ignoring" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    for name in ("'frobnicate'", "'guided_decoding_backend'", "'structured_outputs.disable_fallback'"):
+        assert name in warnings[0]
+    assert "'structured_outputs'" not in warnings[0] and "'prompt'" not in warnings[0]
+
+
+def test_a_request_with_only_known_fields_logs_no_warning(client, engine, caplog):
+    caplog.set_level("WARNING", logger="frontend.app")
+    spec_of(client, engine, "chat", guided_choice=["a"], temperature=0, seed=1, stream=False)
+    assert not [r for r in caplog.records if "ignoring" in r.getMessage()]
