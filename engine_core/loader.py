@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine_core.kernels.formats import QuantizedWeight
+
 
 class ArtifactError(Exception):
     """The model artifact is missing, unreadable or not a model we can run."""
@@ -278,7 +280,9 @@ _GGUF_LAYER_NAMES = {
 }
 
 
-def load_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+def load_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray | QuantizedWeight]]:
+    """Block-quantized tensors stay quantized (kernels.QuantizedWeight); F32/F16/BF16 become
+    float32 numpy arrays. Any other tensor type is an ArtifactError naming the tensor."""
     import gguf
 
     try:
@@ -286,27 +290,52 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     except Exception as e:  # the reader raises ValueError, struct errors, IndexError ...
         raise ArtifactError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from e
     config = _config_from_gguf(reader, path)
-    weights: dict[str, np.ndarray] = {}
+    weights: dict[str, np.ndarray | QuantizedWeight] = {}
     for tensor in reader.tensors:
         name = _hf_name(tensor.name)
         if name is None:
             continue
         try:
-            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            weights[name] = _gguf_tensor(tensor, name, config)
+        except ArtifactError as e:
+            raise ArtifactError(f"{path}: {e}") from e
         except Exception as e:
-            raise ArtifactError(f"{path}: cannot dequantize tensor {tensor.name}: {e}") from e
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        # llama.cpp's converter permutes Q/K rows for its interleaved RoPE; undo it so the
-        # model can use Hugging Face's rotate-half RoPE.
-        if name.endswith("q_proj.weight"):
-            array = _unpermute(array, config.num_heads)
-        elif name.endswith("k_proj.weight"):
-            array = _unpermute(array, config.num_kv_heads)
-        weights[name] = array
+            raise ArtifactError(f"{path}: cannot read tensor {tensor.name}: {e}") from e
+    reader = tensor = None  # drops the file mapping: the weights now live in our own arrays
     if "lm_head.weight" not in weights:
         config = _replace(config, tie_word_embeddings=True)
     _check_weights(weights, config, path)
     return config, weights
+
+
+def _gguf_tensor(tensor, name: str, config: ModelConfig) -> np.ndarray | QuantizedWeight:
+    from engine_core import kernels
+
+    kind = int(tensor.tensor_type)
+    # llama.cpp's converter permutes Q/K rows for its interleaved RoPE; undo it so the model can
+    # use Hugging Face's rotate-half RoPE. Rows are independent in every format: whole rows move.
+    heads = (config.num_heads if name.endswith("q_proj.weight")
+             else config.num_kv_heads if name.endswith("k_proj.weight") else 0)
+    if kind in kernels.BLOCK_FORMATS and tensor.data.ndim == 2:
+        qtype = kernels.BLOCK_FORMATS[kind][0]
+        rows, cols = (int(n) for n in tensor.shape[::-1])
+        if qtype.endswith("_K") and cols % 256:
+            raise ArtifactError(f"tensor {tensor.name} ({qtype}) has rows of {cols}, not a multiple of 256")
+        parts = kernels.unpack(qtype, np.asarray(tensor.data), cols)
+        if heads:
+            parts = kernels.permute_rows(parts, _unpermute_order(rows, heads))
+        return kernels.pack(qtype, parts, rows, cols)
+    if kind in kernels.PLAIN_FORMATS:
+        # F16/BF16 are widened to float32 (twice their size); only norms are F32 in the usual files
+        import gguf
+
+        array = np.ascontiguousarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        if heads:
+            array = array[_unpermute_order(array.shape[0], heads)]
+        return array
+    type_name = getattr(tensor.tensor_type, "name", str(kind))
+    supported = ", ".join(sorted(set(kernels.PLAIN_FORMATS.values()) | {v[0] for v in kernels.BLOCK_FORMATS.values()}))
+    raise ArtifactError(f"tensor {tensor.name} has type {type_name}, which is not supported (supported: {supported})")
 
 
 def _replace(config: ModelConfig, **changes) -> ModelConfig:
@@ -390,9 +419,7 @@ def _hf_name(gguf_name: str) -> str | None:
     return None  # e.g. rope_freqs: recomputed from the config
 
 
-def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    rows, cols = weight.shape
+def _unpermute_order(rows: int, num_heads: int) -> np.ndarray:
+    """Row i of the rotate-half layout is row order[i] of llama.cpp's interleaved one."""
     head_dim = rows // num_heads
-    return (
-        weight.reshape(num_heads, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols).copy()
-    )
+    return np.arange(rows).reshape(num_heads, head_dim // 2, 2).swapaxes(1, 2).reshape(rows)

@@ -17,11 +17,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine_core import kernels
+from engine_core.kernels import QuantizedWeight
 from engine_core.kernels.attention import KV_CACHE_DTYPES, paged_decode_attention, to_cache, to_float32
 from engine_core.loader import ModelConfig
 
 
-# --kv-cache-dtype auto. @KVAUTO@
+# --kv-cache-dtype auto. bfloat16 and float16 caches both reproduce the 7 golden greedy runs
+# token for token (448 tokens), but move the logits by up to 0.21 (bfloat16) and 0.04 (float16)
+# against float32 (which is within 7e-5 of transformers): a near tie could flip. float32 stays
+# the default; a 16-bit cache is a choice (twice the tokens in --kv-cache-gib).
 KV_CACHE_AUTO = "float32"
 
 # Prefill queries attended at a time (see LlamaModel._attention).
@@ -164,10 +169,13 @@ class LlamaModel:
         lm_head = weights.get("lm_head.weight", self.embed)
         if c.tie_word_embeddings:
             lm_head = self.embed
-        # both layouts: OpenBLAS is fastest with [hidden, vocab] for one row (GEMV) and with
-        # [vocab, hidden] for several (30-40% faster at 2..64 rows than the other layout)
-        self.lm_head = np.ascontiguousarray(lm_head)  # [vocab, hidden]; the embedding itself if tied
-        self.lm_head_t = np.ascontiguousarray(lm_head.T)  # [hidden, vocab]
+        if isinstance(lm_head, QuantizedWeight):  # read by the kernels in its own format
+            self.lm_head, self.lm_head_t = lm_head, None
+        else:
+            # both layouts: OpenBLAS is fastest with [hidden, vocab] for one row (GEMV) and with
+            # [vocab, hidden] for several (30-40% faster at 2..64 rows than the other layout)
+            self.lm_head = np.ascontiguousarray(lm_head)  # [vocab, hidden]; the embedding itself if tied
+            self.lm_head_t = np.ascontiguousarray(lm_head.T)  # [hidden, vocab]
         self.final_norm = weights["model.norm.weight"]
         self.layers = [self._fuse_layer(weights, i) for i in range(c.num_layers)]
         freqs = np.outer(np.arange(max_len, dtype=np.float64), rope_inv_freq(c))
@@ -188,16 +196,13 @@ class LlamaModel:
     def _fuse_layer(self, w: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
         p = f"model.layers.{i}."
         a = p + "self_attn."
-        qkv = np.concatenate([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]])
         layer = {
             "attn_norm": w[p + "input_layernorm.weight"],
             "mlp_norm": w[p + "post_attention_layernorm.weight"],
-            "qkv": np.ascontiguousarray(qkv.T),
-            "o": np.ascontiguousarray(w[a + "o_proj.weight"].T),
-            "gate_up": np.ascontiguousarray(
-                np.concatenate([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]).T
-            ),
-            "down": np.ascontiguousarray(w[p + "mlp.down_proj.weight"].T),
+            "qkv": _fuse([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]]),
+            "o": _fuse([w[a + "o_proj.weight"]]),
+            "gate_up": _fuse([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]),
+            "down": _fuse([w[p + "mlp.down_proj.weight"]]),
         }
         if a + "q_proj.bias" in w:
             layer["qkv_bias"] = np.concatenate(
@@ -209,8 +214,10 @@ class LlamaModel:
 
     @property
     def num_bytes(self) -> int:
-        arrays = [self.embed, self.lm_head, self.lm_head_t] + [a for l in self.layers for a in l.values()]
-        return sum({id(a): a.nbytes for a in arrays}.values())  # a tied lm_head is the embedding
+        arrays = [self.embed, self.lm_head, self.lm_head_t] + [
+            a for l in self.layers for v in l.values() for a in (v if isinstance(v, list) else [v])]
+        # a tied lm_head is the embedding
+        return sum({id(a): a.nbytes for a in arrays if a is not None}.values())
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         variance = np.einsum("ij,ij->i", x, x) / x.shape[1]
@@ -224,7 +231,7 @@ class LlamaModel:
         half = c.head_dim // 2
         cos = self.cos[batch.positions][:, None, :]
         sin = self.sin[batch.positions][:, None, :]
-        x = self.embed[batch.token_ids]
+        x = kernels.embedding(self.embed, batch.token_ids)
         num_tokens = x.shape[0]
         for index, layer in enumerate(self.layers):
             h = self.rms_norm(x, layer["attn_norm"])
@@ -257,6 +264,8 @@ class LlamaModel:
         return self.rms_norm(x[batch.output_rows], self.final_norm)
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
+        if isinstance(self.lm_head, QuantizedWeight):
+            return kernels.matmul(hidden, self.lm_head)
         if hidden.shape[0] == 1:
             return hidden @ self.lm_head_t
         rows, vocab = hidden.shape[0], self.lm_head.shape[0]
@@ -317,8 +326,22 @@ class LlamaModel:
         return out
 
 
-def _project(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+def _fuse(weights: list) -> np.ndarray | list[QuantizedWeight]:
+    """Projections over the same input as one: float32 weights concatenated and transposed to
+    [in, out] for BLAS; quantized ones stacked where their formats allow (kernels.fuse)."""
+    if all(isinstance(w, np.ndarray) for w in weights):
+        return np.ascontiguousarray(np.concatenate(weights).T)
+    if not all(isinstance(w, QuantizedWeight) for w in weights):  # a mixed file: quantize nothing back
+        weights = [kernels.dequantize(w) if isinstance(w, QuantizedWeight) else w for w in weights]
+        return np.ascontiguousarray(np.concatenate(weights).T)
+    return kernels.fuse(weights)
+
+
+def _project(x: np.ndarray, weight: np.ndarray | list[QuantizedWeight]) -> np.ndarray:
     """x [rows, in] @ weight [in, out]; see GEMV_MAX_ROWS."""
+    if isinstance(weight, list):
+        outs = [kernels.matmul(x, w) for w in weight]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
     rows = x.shape[0]
     if not 1 < rows <= GEMV_MAX_ROWS:
         return x @ weight

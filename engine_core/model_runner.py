@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine_core.loader import ModelConfig
+from engine_core import kernels
 from engine_core.kernels import attention
+from engine_core.loader import ModelConfig
 from engine_core.model import AttentionSpan, ForwardBatch, KVCache, LlamaModel, batch_decodes
 from engine_core.scheduler import SchedulerOutput, ScheduledSequence
 
@@ -29,6 +30,11 @@ class ModelRunner:
         self.config = config
         self.block_size = block_size
         self.model = LlamaModel(config, weights, max_len=max_model_len)
+        # the kernels use as many threads as BLAS was given (threadpool_limits at start-up), and
+        # are compiled (or loaded from the disk cache) now, before the engine reports ready
+        kernels.set_num_threads(_blas_threads())
+        formats = {w.qtype for w in weights.values() if isinstance(w, kernels.QuantizedWeight)}
+        self.kernel_warm_up_s = kernels.warm_up(formats) if formats else 0.0
         self.cache = KVCache(config, num_blocks, block_size, kv_cache_dtype)
         self.attention_warm_up_s = attention.warm_up(self.cache.keys.dtype)
 
@@ -76,3 +82,10 @@ class ModelRunner:
             output_rows=np.asarray(output_rows, dtype=np.int64),
         )
         return batch, sample_entries, prompt_slices
+
+
+def _blas_threads() -> int:
+    from threadpoolctl import threadpool_info
+
+    counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+    return min(counts) if counts else 1

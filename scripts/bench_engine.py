@@ -16,6 +16,11 @@ The KV cache is touched once before timing, as a server that has been up a while
 the first write to each page of the (lazily mapped) cache costs a page fault, which otherwise
 lands in whichever batch first reaches that far. --cold-cache skips this.
 
+With --llama-server PATH, llama.cpp's server is started on 127.0.0.1 with the same GGUF and
+thread count, and its single-stream decode speed (its own timings, greedy, ignore_eos, the same
+context length) is measured in the same run and printed beside ours with the ratio. Also printed:
+resident memory after load, and the kernels' start-up compilation with a cold and a warm cache.
+
 Prints a table and one JSON line. The OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE variables that some
 machines here set slow current numpy; to measure without them, unset both for this command only:
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/bench_engine.py
@@ -28,8 +33,12 @@ import argparse
 import contextlib
 import json
 import os
+import socket
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
@@ -40,6 +49,73 @@ from engine_core.loader import load_artifact
 from frontend.default_model import default_model_path
 from ipc.config import EngineConfig
 from ipc.messages import EngineCoreRequest, SamplingParams
+
+
+def matmul_params(w) -> int:
+    """Weights in one projection: a float32 array or a list of quantized weights."""
+    return sum(x.rows * x.cols for x in w) if isinstance(w, list) else w.size
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def kernel_startup_seconds(model: str) -> dict:
+    """The kernels' compilation at start-up (what ModelRunner does before the ready message), in
+    a fresh process: with an empty NUMBA_CACHE_DIR (cold) and then with that same one (warm)."""
+    code = ("import sys, time; t = time.perf_counter(); from engine_core import kernels; "
+            "from engine_core.loader import load_artifact; c, w = load_artifact(sys.argv[1]); "
+            "f = {x.qtype for x in w.values() if isinstance(x, kernels.QuantizedWeight)}; "
+            "print(kernels.warm_up(f), time.perf_counter() - t)")
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        for kind in ("cold", "warm"):
+            res = subprocess.run([sys.executable, "-c", code, model], env=env, capture_output=True, text=True,
+                                 check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            warm_up, total = (float(v) for v in res.stdout.split())
+            out[kind] = {"kernels_s": round(warm_up, 2), "load_and_kernels_s": round(total, 2)}
+    return out
+
+
+def llama_server_decode(binary: str, model: str, threads: int, context: int, tokens: int, windows: int) -> float:
+    """llama-server's single-stream decode tok/s (its own timings; the best of `windows` runs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "-m", model, "-t", str(threads), "-tb", str(threads), "-c", str(2 * (context + tokens)),
+                             "--host", "127.0.0.1", "--port", str(port), "-np", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:  # the model loads: /health answers 503, then 200
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {proc.returncode}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("llama-server did not become healthy in 600 s")
+            time.sleep(0.5)
+        rng = np.random.default_rng(1)
+        best = 0.0
+        for _ in range(windows + 1):  # the first run warms up
+            body = {"prompt": rng.integers(300, 20_000, size=context).tolist(), "n_predict": tokens,
+                    "temperature": 0.0, "top_k": 1, "ignore_eos": True, "cache_prompt": False}
+            req = urllib.request.Request(base + "/completion", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=900) as r:
+                timings = json.load(r)["timings"]
+            best = max(best, timings["predicted_per_second"])
+        return best
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def best_rate(work, units: float, seconds: float = 3.0, windows: int = 6) -> float:
@@ -231,10 +307,10 @@ def weight_gemm_seconds(core: EngineCore, batch: int, repeats: int = 5) -> float
     for _ in range(repeats):
         start = time.perf_counter()
         for layer in model.layers:
-            x @ layer["qkv"]
-            attn @ layer["o"]
-            x @ layer["gate_up"]
-            inner @ layer["down"]
+            model_module._project(x, layer["qkv"])
+            model_module._project(attn, layer["o"])
+            model_module._project(x, layer["gate_up"])
+            model_module._project(inner, layer["down"])
         model.logits(x)
         best = min(best, time.perf_counter() - start)
     return best
@@ -250,19 +326,53 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=3, help="timed windows per batch size (the best counts)")
     parser.add_argument("--kv-cache-gib", type=float, default=4.0)
     parser.add_argument("--cold-cache", action="store_true", help="do not touch the KV cache before timing")
+    parser.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server binary to compare with")
+    parser.add_argument("--quick", action="store_true",
+                        help="decode only (no prefill, aged pool, step split or rooflines)")
     args = parser.parse_args()
     args.model = args.model or default_model_path()
 
+    startup = kernel_startup_seconds(args.model)
     with threadpool_limits(args.threads):
         blas = [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()]
+        rss_before = rss_bytes()
         model_config, weights = load_artifact(args.model)
+        rss_loaded = rss_bytes()
         core = make_core(model_config, weights, args, max(args.batches))
+        rss_core = rss_bytes()
         model = core.runner.model
-        matmul_params = sum(l[k].size for l in model.layers for k in ("qkv", "o", "gate_up", "down"))
-        matmul_params += model.lm_head_t.size
+        params = sum(matmul_params(l[k]) for l in model.layers for k in ("qkv", "o", "gate_up", "down"))
+        params += matmul_params([model.lm_head] if not isinstance(model.lm_head, np.ndarray) else model.lm_head)
         if not args.cold_cache:
             core.runner.cache.keys.fill(0.0)
             core.runner.cache.values.fill(0.0)
+        if args.quick:
+            decode = {b: bench_decode(core, b, args.context, args.steps, args.windows) for b in args.batches}
+    memory = {"gguf_file_mb": round(os.path.getsize(args.model) / 1e6, 1) if os.path.isfile(args.model) else None,
+              "rss_before_load_mb": round(rss_before / 1e6, 1), "rss_after_load_mb": round(rss_loaded / 1e6, 1),
+              "rss_after_engine_mb": round(rss_core / 1e6, 1), "weights_mb": round(model.num_bytes / 1e6, 1),
+              "kv_cache_mb": round(core.runner.cache.keys.nbytes * 2 / 1e6, 1)}
+    theirs = None
+    if args.llama_server:
+        theirs = llama_server_decode(args.llama_server, args.model, args.threads, args.context,
+                                     max(64, args.steps * 4), args.windows)
+    if args.quick:
+        ours = decode.get(1)
+        result = {"model": os.path.basename(args.model), "threads": args.threads,
+                  "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"), "blas": blas,
+                  "decode_tok_s": {str(b): round(v, 1) for b, v in decode.items()},
+                  "llama_server_decode_tok_s_batch1": theirs and round(theirs, 1),
+                  "batch1_ratio_vs_llama_server": round(ours / theirs, 2) if ours and theirs else None,
+                  "memory": memory, "startup": startup}
+        for b, v in decode.items():
+            print(f"batch {b:>4}: {v:8.1f} tok/s")
+        if theirs:
+            print(f"llama-server batch 1: {theirs:8.1f} tok/s; ours/theirs {result['batch1_ratio_vs_llama_server']}")
+        print(f"memory: {memory}")
+        print(f"start-up (load + kernels): cold cache {startup['cold']}, warm cache {startup['warm']}")
+        print(json.dumps(result))
+        return 0
+    with threadpool_limits(args.threads):
         gflops, gbps = gemm_gflops(), gemv_gbps()
         overhead_batch = 64 if 64 in args.batches else max(args.batches)
         split: dict = {}
@@ -282,14 +392,14 @@ def main() -> int:
         outside_gemms = max(0.0, 1 - gemm_share)
         outside_blas = max(0.0, outside_gemms - attention_share * attention_blas)
 
-    compute_bound = gflops * 1e9 / (2 * matmul_params)
-    bytes_per_step = 4 * matmul_params  # what a batch-1 decode step reads (the embedding: one row)
+    compute_bound = gflops * 1e9 / (2 * params)
+    bytes_per_step = model.num_bytes  # what a batch-1 decode step reads (about: the weights)
     memory_bound = gbps * 1e9 / bytes_per_step
     result = {
         "model": os.path.basename(args.model), "blas": blas, "threads": args.threads,
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
         "gemm_gflops": round(gflops, 1), "gemv_gbps": round(gbps, 1),
-        "weights_mb": round(model.num_bytes / 1e6, 1), "matmul_params_m": round(matmul_params / 1e6, 1),
+        "weights_mb": round(model.num_bytes / 1e6, 1), "matmul_params_m": round(params / 1e6, 1),
         "bytes_read_per_decode_step_mb": round(bytes_per_step / 1e6, 1),
         "decode_tok_s": {str(b): round(v, 1) for b, v in decode.items()},
         "decode_windows": args.windows, "decode_steps_per_window": args.steps,
@@ -305,6 +415,9 @@ def main() -> int:
         f"batch{overhead_batch}_step_fraction_rest": round(max(0.0, 1 - gemm_share - attention_share), 3),
         "prompt_1024_first_token_s": {"computed": round(computed_s, 3), "prefix_cached": round(cached_s, 3)},
         "kv_cache_pretouched": not args.cold_cache,
+        "llama_server_decode_tok_s_batch1": theirs and round(theirs, 1),
+        "batch1_ratio_vs_llama_server": round(decode[1] / theirs, 2) if theirs and 1 in decode else None,
+        "memory": memory, "startup": startup,
     }
     print(f"BLAS: {blas}  OPENBLAS_CORETYPE={result['openblas_coretype']}")
     print(f"GEMM {gflops:.0f} GFLOP/s -> compute roofline {compute_bound:.0f} tok/s; "
@@ -323,6 +436,10 @@ def main() -> int:
           f"attention {attention_share:.0%}, the rest {max(0.0, 1 - gemm_share - attention_share):.0%}; "
           f"outside any BLAS call (the attention's matmuls being {attention_blas:.0%} of it): "
           f"{outside_blas:.0%}")
+    if theirs:
+        print(f"llama-server batch 1: {theirs:.1f} tok/s; ours/theirs {result['batch1_ratio_vs_llama_server']}")
+    print(f"memory: {memory}")
+    print(f"start-up (load + kernels): cold cache {startup['cold']}, warm cache {startup['warm']}")
     print(json.dumps(result))
     return 0
 

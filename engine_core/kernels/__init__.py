@@ -8,7 +8,8 @@ Few rows (up to GEMV_MAX_ROWS: a single stream, small batches, beams) go to a ke
 the codes directly, several rows sharing one read of the weights. More rows dequantize a chunk
 of tiles into a reused float32 buffer and multiply it with BLAS. Compiled kernels are cached in
 NUMBA_CACHE_DIR, by default $XDG_CACHE_HOME/furiosa-llm/numba (~/.cache/...), which a non-root
-user can write; it must be set before numba is imported, which this module does.
+user can write; it must be set before numba is imported, which this module does (and picks
+numba's workqueue threading layer; see below).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ def _default_cache_dir() -> str:
 
 
 os.environ.setdefault("NUMBA_CACHE_DIR", _default_cache_dir())
+# numba's own thread pool, not OpenMP: with OpenMP, single-stream decode ran 11 tok/s instead of
+# 44 on this 2-core machine while other processes kept it busy (its idle threads spin and its
+# barriers wait on descheduled threads). The pool serves one calling thread at a time, which is
+# how the engine calls the model.
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
 import numpy as np  # noqa: E402
 
@@ -33,6 +39,7 @@ from engine_core.kernels.formats import (  # noqa: E402
     TILE_ROWS,
     QuantizedWeight,
     concat_rows,
+    fuse,
     pack,
     permute_rows,
     unpack,
@@ -40,21 +47,54 @@ from engine_core.kernels.formats import (  # noqa: E402
 
 __all__ = [
     "BLOCK_FORMATS", "PLAIN_FORMATS", "TILE_ROWS", "QuantizedWeight", "concat_rows", "dequantize",
-    "embedding", "matmul", "pack", "permute_rows", "set_num_threads", "unpack", "warm_up",
+    "embedding", "fuse", "matmul", "pack", "permute_rows", "set_num_threads", "unpack", "warm_up",
 ]
 
-# Rows up to which the direct kernel beats dequantize + BLAS (bench: scripts/bench_kernels.py).
-GEMV_MAX_ROWS = 8
+# Rows up to which the direct kernel beats dequantize + BLAS. Measured on one thread (3072x576
+# Q4_1, 4096x4096 Q4_K/Q6_K/Q8_0): the kernel at 8 rows took 0.55-0.9x the time of the BLAS path
+# at 9, and the two meet between 8 and 16 rows.
+GEMV_MAX_ROWS = 12
 
 # Float32 bytes dequantized per BLAS call on the many-rows path: large enough that BLAS runs at
 # speed, small enough to stay in L2/L3 between the dequantization and the multiply.
 DEQUANT_CHUNK_BYTES = 2 << 20
 
 
+_threads = 1  # threads the kernels use (set_num_threads)
+
+
 def set_num_threads(n: int) -> None:
+    """Threads for the kernels (the engine passes its BLAS thread count)."""
     import numba
 
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    global _threads
+    _threads = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(_threads)
+
+
+def _gemv(w: QuantizedWeight, x: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    parts = min(_threads, w.tiles)
+    if w.nibbles:
+        args = (w.codes, w.d, w.sc, w.dmin, w.mn, w.groups_per_super, x, xs, out)
+        if parts > 1:
+            nk.gemv_nibbles_parallel(*args, parts)
+        else:
+            nk.gemv_nibbles(*args, 0, w.tiles)
+    else:
+        args = (w.codes, w.d, w.sc, w.dmin, w.mn, w.group_size, w.groups_per_super, x, xs, out)
+        if parts > 1:
+            nk.gemv_bytes_parallel(*args, parts)
+        else:
+            nk.gemv_bytes(*args, 0, w.tiles)
+
+
+def _dequantize_tiles(w: QuantizedWeight, t0: int, t1: int, out: np.ndarray) -> None:
+    parts = min(_threads, t1 - t0)
+    args = (w.codes, w.nibbles, w.d, w.sc, w.dmin, w.mn, w.group_size, w.groups_per_super, t0, t1)
+    if parts > 1:
+        nk.dequantize_tiles_parallel(*args, out, parts)
+    else:
+        nk.dequantize_tiles(*args, t0, out)
 
 
 def _group_sums(x: np.ndarray, group: int) -> np.ndarray:
@@ -80,11 +120,7 @@ def matmul(x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
     padded = w.tiles * TILE_ROWS
     if M <= GEMV_MAX_ROWS:
         res = np.empty((M, padded), dtype=np.float32)
-        xs = _group_sums(x, w.group_size)
-        if w.nibbles:
-            nk.gemv_nibbles(w.codes, w.d, w.sc, w.dmin, w.mn, w.groups_per_super, x, xs, res)
-        else:
-            nk.gemv_bytes(w.codes, w.d, w.sc, w.dmin, w.mn, w.group_size, w.groups_per_super, x, xs, res)
+        _gemv(w, x, _group_sums(x, w.group_size), res)
         return res[:, : w.rows] if padded != w.rows else res
     res = np.empty((M, padded), dtype=np.float32)
     per_chunk = max(1, DEQUANT_CHUNK_BYTES // (w.cols * TILE_ROWS * 4))
@@ -92,8 +128,7 @@ def matmul(x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
         t1 = min(t0 + per_chunk, w.tiles)
         cols = (t1 - t0) * TILE_ROWS
         buf = _buffer(w.cols * cols).reshape(w.cols, cols)
-        nk.dequantize_tiles(w.codes, w.nibbles, w.d, w.sc, w.dmin, w.mn, w.group_size,
-                            w.groups_per_super, t0, t1, buf)
+        _dequantize_tiles(w, t0, t1, buf)
         np.matmul(x, buf, out=res[:, t0 * TILE_ROWS : t1 * TILE_ROWS])
     return res[:, : w.rows] if padded != w.rows else res
 
@@ -123,8 +158,7 @@ def embedding(w, ids: np.ndarray) -> np.ndarray:
 def dequantize(w: QuantizedWeight) -> np.ndarray:
     """The whole weight as float32 [N, K] (tests, and tools that need it dense)."""
     buf = np.empty((w.cols, w.tiles * TILE_ROWS), dtype=np.float32)
-    nk.dequantize_tiles(w.codes, w.nibbles, w.d, w.sc, w.dmin, w.mn, w.group_size, w.groups_per_super,
-                        0, w.tiles, buf)
+    _dequantize_tiles(w, 0, w.tiles, buf)
     return np.ascontiguousarray(buf[:, : w.rows].T)
 
 
@@ -140,8 +174,10 @@ def warm_up(qtypes: set[str] | None = None) -> float:
     at one and several rows, so that no request pays for compilation. Returns the seconds taken."""
     start = time.perf_counter()
     for name in sorted(qtypes or {v[0] for v in BLOCK_FORMATS.values()}):
-        w = _example(name, TILE_ROWS, 256)
-        for rows in (1, 2, GEMV_MAX_ROWS + 1):
+        w = _example(name, 2 * TILE_ROWS, 256)
+        for rows in (1, GEMV_MAX_ROWS + 1):
             matmul(np.zeros((rows, 256), dtype=np.float32), w)
         embedding(w, np.zeros(1, dtype=np.int64))
+        if _threads > 1:  # the serial versions too: a weight of one tile runs on one thread
+            matmul(np.zeros((1, 256), dtype=np.float32), _example(name, TILE_ROWS, 256))
     return time.perf_counter() - start

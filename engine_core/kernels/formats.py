@@ -197,3 +197,26 @@ def concat_rows(parts_list: list[dict]) -> dict:
         if isinstance(v, np.ndarray):
             out[k] = np.concatenate([p[k].reshape(p[k].shape[0], -1) for p in parts_list])
     return out
+
+
+def fuse(weights: list[QuantizedWeight]) -> list[QuantizedWeight]:
+    """Consecutive weights over the same inputs stacked into one where the tiles allow it (same
+    format, every part but the last a whole number of tiles): a fused QKV or gate/up projection.
+    A Q4_K_M file's Q6_K V projection next to Q4_K Q/K stays apart."""
+    out: list[QuantizedWeight] = []
+    for w in weights:
+        last = out[-1] if out else None
+        if (last is not None and last.qtype == w.qtype and last.cols == w.cols
+                and last.rows % TILE_ROWS == 0):
+            def cat(a, b):
+                return None if a is None else np.concatenate([a, b])
+
+            out[-1] = QuantizedWeight(
+                qtype=w.qtype, rows=last.rows + w.rows, cols=w.cols, nibbles=w.nibbles,
+                group_size=w.group_size, groups_per_super=w.groups_per_super,
+                codes=cat(last.codes, w.codes), d=cat(last.d, w.d), sc=cat(last.sc, w.sc),
+                dmin=cat(last.dmin, w.dmin), mn=cat(last.mn, w.mn),
+            )
+        else:
+            out.append(w)
+    return out

@@ -95,3 +95,24 @@ def test_float32_weights_pass_through_blas():
     for m in (1, 3, 12):
         x = np.random.default_rng(m).standard_normal((m, 64)).astype(np.float32)
         np.testing.assert_allclose(kernels.matmul(x, w), x @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_stacks_tile_aligned_weights_of_one_format_only():
+    (q, q_ref), (k, k_ref) = quantized("Q4_K", 2 * TILE_ROWS, 256, 1), quantized("Q4_K", 5, 256, 2)
+    v, v_ref = quantized("Q6_K", TILE_ROWS, 256, 3)
+    fused = kernels.fuse([q, k, v])
+    assert [w.qtype for w in fused] == ["Q4_K", "Q6_K"] and fused[0].rows == 2 * TILE_ROWS + 5
+    np.testing.assert_array_equal(kernels.dequantize(fused[0]), np.concatenate([q_ref, k_ref]))
+    assert len(kernels.fuse([k, q])) == 2  # k's 5 rows end inside a tile: cannot be followed
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q6_K"])
+def test_parallel_kernels_split_the_tiles_without_changing_the_result(qtype):
+    w, ref = quantized(qtype, 3 * TILE_ROWS + 1, 512)
+    x = np.random.default_rng(0).standard_normal((20, 512)).astype(np.float32)
+    kernels.set_num_threads(2)
+    try:
+        for m in (1, 5, 20):  # the matrix-vector kernel, and dequantize + BLAS
+            close(kernels.matmul(x[:m], w), x[:m] @ ref.T)
+    finally:
+        kernels.set_num_threads(1)
