@@ -32,6 +32,10 @@ RUN useradd --system --uid 10001 --create-home --home-dir /home/furiosa furiosa 
     && mkdir /model && chown furiosa /model
 USER furiosa
 WORKDIR /home/furiosa
+# The engine's numba kernels, compiled once here into the user's cache (a host with another CPU
+# recompiles them at start-up, into the same writable directory).
+ENV NUMBA_CACHE_DIR=/home/furiosa/.cache/furiosa-llm/numba
+RUN python -c "from engine_core import kernels; kernels.warm_up()"
 
 EXPOSE 8000
 # /health is 200 only while the engine serves; urllib raises on the 503 of loading or death.
