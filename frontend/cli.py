@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-origins", nargs="*", default=d["allowed_origins"], help="CORS origins; off by default")
     serve.add_argument("--max-waiting-requests", type=int, default=d["max_waiting_requests"],
                        help="requests queued beyond this get 503")
+    serve.add_argument("--max-logprobs", type=int, default=d["max_logprobs"],
+                       help="the most logprobs, top_logprobs or prompt_logprobs a request may ask for")
     serve.add_argument("--clamp-max-tokens", action="store_true",
                        help="clamp max_tokens to the remaining context instead of a 400")
     serve.add_argument("--disable-log-stats", action="store_true",
@@ -178,6 +180,7 @@ def config_from_args(args: argparse.Namespace) -> FrontendConfig:
         allowed_origins=list(args.allowed_origins),
         max_waiting_requests=args.max_waiting_requests,
         clamp_max_tokens=args.clamp_max_tokens,
+        max_logprobs=args.max_logprobs,
         disable_log_stats=args.disable_log_stats,
         shutdown_timeout_s=args.shutdown_timeout,
     )
@@ -198,6 +201,8 @@ def _check_limits(args: argparse.Namespace) -> None:
         refuse("port", "between 1 and 65535", args.port)
     if not (args.kv_cache_gib > 0 and math.isfinite(args.kv_cache_gib)):
         refuse("kv-cache-gib", "a positive number of GiB", args.kv_cache_gib)
+    if args.max_logprobs < 0:
+        refuse("max-logprobs", "0 or more", args.max_logprobs)
     if args.max_waiting_requests < 0:
         refuse("max-waiting-requests", "0 or more", args.max_waiting_requests)
     if not (args.shutdown_timeout >= 0 and math.isfinite(args.shutdown_timeout)):

@@ -172,12 +172,28 @@ class CompletionLogProbs(msgspec.Struct):
     top_logprobs: list[dict[str, float] | None] = []
 
 
+class PromptLogprob(msgspec.Struct):
+    """vLLM's `Logprob`: one token's entry in `prompt_logprobs`, keyed by its id."""
+
+    logprob: float
+    rank: int | None = None  # 1-based, in the model's distribution at that position
+    decoded_token: str | None = None
+
+
+# One entry per prompt token (the first is null: nothing predicts it): token id -> its logprob,
+# the prompt's own token and the top alternatives.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionResponseChoice(msgspec.Struct):
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when asked
+    prompt_token_ids: list[int] | None = None  # with return_token_ids
+    token_ids: list[int] | None = None  # with return_token_ids
 
 
 class PromptTokensDetails(msgspec.Struct):
@@ -206,6 +222,8 @@ class CompletionStreamChoice(msgspec.Struct):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids, on a choice's first chunk
+    token_ids: list[int] | None = None  # with return_token_ids: this chunk's
 
 
 class CompletionStreamResponse(msgspec.Struct, omit_defaults=True):
@@ -290,6 +308,7 @@ class ChatCompletionResponseChoice(msgspec.Struct):
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids
 
 
 class ChatCompletionResponse(msgspec.Struct, kw_only=True):
@@ -299,6 +318,8 @@ class ChatCompletionResponse(msgspec.Struct, kw_only=True):
     model: str
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when asked
+    prompt_token_ids: list[int] | None = None  # with return_token_ids
 
 
 class DeltaFunctionCall(msgspec.Struct, omit_defaults=True):
@@ -327,6 +348,7 @@ class ChatCompletionStreamChoice(msgspec.Struct):
     logprobs: ChatCompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids: this chunk's
 
 
 class ChatCompletionStreamResponse(msgspec.Struct, omit_defaults=True):
@@ -336,6 +358,7 @@ class ChatCompletionStreamResponse(msgspec.Struct, omit_defaults=True):
     model: str
     choices: list[ChatCompletionStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids, on the first chunk
 
 
 # ---------------------------------------------------------------------------------------

@@ -38,10 +38,12 @@ from frontend.serving import GenerationJob, OpenAIServing, random_id
 from frontend.serving_logprobs import (
     TokenStrings,
     clamp_logprob,
+    prompt_logprobs,
 )
 from frontend.serving_tools import ChatOutputPlan
 from frontend.serving_validation import (
-    MAX_LOGPROBS,
+    check_num_logprobs,
+    check_prompt_logprobs,
     check_sampling_fields,
     check_stop_token_ids,
     make_sampling_params,
@@ -213,6 +215,7 @@ class OpenAIServingChat(OpenAIServing):
         bias = resolve_logit_bias(request, info.vocab_size)
         plan = ChatOutputPlan.for_request(request, self.config)
         logprobs = self._num_logprobs(request)
+        check_prompt_logprobs(request, self.config.max_logprobs)
         num_seqs = max(request.n, request.best_of or 0)
         self.load.check(num_seqs)  # before the costly part, rendering and tokenizing
         text = await self.run_blocking(
@@ -235,18 +238,16 @@ class OpenAIServingChat(OpenAIServing):
             clamp=self.config.clamp_max_tokens,
         )
         params = make_sampling_params(request, max_tokens=max_tokens, logprobs=logprobs, logit_bias=bias,
-                                      structured_output=plan.structured_output)
+                                      prompt_logprobs=request.prompt_logprobs, structured_output=plan.structured_output)
         chat_id = random_id("chatcmpl")
         prompt = PreparedPrompt(self.make_engine_request(chat_id, token_ids, params, arrival_time), text, 0)
         self.load.check(num_seqs)  # again: others may have started while this one was rendered
         return _ChatJob(self, request, chat_id, prompt, arrival_time, logprobs, plan)
 
-    @staticmethod
-    def _num_logprobs(request: ChatCompletionRequest) -> int | None:
+    def _num_logprobs(self, request: ChatCompletionRequest) -> int | None:
         top = request.top_logprobs
         if top is not None:
-            if not 0 <= top <= MAX_LOGPROBS:
-                raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top}.", param="top_logprobs")
+            check_num_logprobs(top, "top_logprobs", self.config.max_logprobs)
             if top > 0 and not request.logprobs:
                 raise bad_request("top_logprobs needs logprobs to be true.", param="top_logprobs")
         return (top or 0) if request.logprobs else None
@@ -280,9 +281,13 @@ class _ChatJob(GenerationJob):
         texts: list[list[str]] = [[] for _ in range(n)]
         logprobs: list[list[ChatCompletionLogProb]] = [[] for _ in range(n)]
         finish: list[tuple[str | None, int | str | None]] = [(None, None)] * n
+        token_ids: list[list[int]] = [[] for _ in range(n)]
+        prompt_entries = None
         async with contextlib.aclosing(self.deltas()) as deltas:
             async for delta in deltas:
                 texts[delta.index].append(delta.text)
+                token_ids[delta.index].extend(delta.token_ids)
+                prompt_entries = prompt_entries or delta.prompt_logprobs
                 logprobs[delta.index].extend(self._logprobs(delta) or [])
                 if delta.finish_reason is not None:
                     finish[delta.index] = (delta.finish_reason, delta.stop_reason)
@@ -296,10 +301,16 @@ class _ChatJob(GenerationJob):
                     logprobs=ChatCompletionLogProbs(logprobs[i]) if self.logprobs_builder is not None else None,
                     finish_reason=_chat_finish_reason(finish[i][0], has_tool_calls=bool(message.tool_calls)),
                     stop_reason=finish[i][1],
+                    token_ids=token_ids[i] if self.request.return_token_ids else None,
                 )
             )
+        prompt_token_ids = self.prompts[0].request.prompt_token_ids
+        num_top = self.request.prompt_logprobs
         return ChatCompletionResponse(
-            id=self.response_id, model=self.serving.model_name, choices=choices, usage=self.usage.usage(), created=self.created
+            id=self.response_id, model=self.serving.model_name, choices=choices, usage=self.usage.usage(), created=self.created,
+            prompt_logprobs=None if num_top is None else prompt_logprobs(
+                self.serving.token_strings, prompt_token_ids, prompt_entries, num_top),
+            prompt_token_ids=prompt_token_ids if self.request.return_token_ids else None,
         )
 
     def _message(self, text: str, *, is_cut_by_stop: bool) -> ChatResponseMessage:
@@ -315,9 +326,13 @@ class _ChatJob(GenerationJob):
             return self.usage.usage() if self.include_continuous_usage else None
 
         # OpenAI opens every choice with a chunk that only names the role.
+        with_ids = self.request.return_token_ids
         for i in range(self.request.n):
             role_delta = DeltaMessage(role=self.role, content="")
-            yield self._chunk([ChatCompletionStreamChoice(i, role_delta)], usage())
+            chunk = self._chunk([ChatCompletionStreamChoice(i, role_delta)], usage())
+            if with_ids and i == 0:
+                chunk.prompt_token_ids = self.prompts[0].request.prompt_token_ids
+            yield chunk
         # One tool-call parser per choice; it holds back text that may start a call (and, where
         # a stop string may cut a call short, a call's deltas until the output ends).
         parsers: list[ToolCallStream | StopCutToolCallStream | None] = [self._tool_stream() for _ in range(self.request.n)]
@@ -325,7 +340,7 @@ class _ChatJob(GenerationJob):
             async for delta in deltas:
                 entries = self._logprobs(delta)
                 message, has_tool_calls = _delta_message(delta, parsers[delta.index])
-                if message is None and delta.finish_reason is None and not entries:
+                if message is None and delta.finish_reason is None and not entries and not (with_ids and delta.token_ids):
                     continue  # nothing to say yet (text held back for a stop string or a tool call)
                 choice = ChatCompletionStreamChoice(
                     index=delta.index,
@@ -333,6 +348,7 @@ class _ChatJob(GenerationJob):
                     logprobs=ChatCompletionLogProbs(entries) if entries is not None else None,
                     finish_reason=_chat_finish_reason(delta.finish_reason, has_tool_calls=has_tool_calls),
                     stop_reason=delta.stop_reason,
+                    token_ids=delta.token_ids if with_ids else None,
                 )
                 yield self._chunk([choice], usage())
         if self.include_usage:

@@ -19,16 +19,19 @@ from frontend.protocol import (
     CompletionResponseChoice,
     CompletionStreamChoice,
     CompletionStreamResponse,
+    PromptLogprobs,
 )
 from frontend.output_processor import ChoiceDelta, PreparedPrompt
 from frontend.serving import GenerationJob, OpenAIServing, random_id
 from frontend.serving_logprobs import (
     TokenStrings,
     clamp_logprob,
+    prompt_logprobs,
 )
 from frontend.serving_structured_outputs import structured_output_spec
 from frontend.serving_validation import (
-    MAX_LOGPROBS,
+    check_num_logprobs,
+    check_prompt_logprobs,
     check_sampling_fields,
     check_stop_token_ids,
     make_sampling_params,
@@ -91,8 +94,8 @@ class OpenAIServingCompletion(OpenAIServing):
             raise bad_request("suffix is not supported: this server does not do fill-in-the-middle.", param="suffix")
         check_sampling_fields(request, max_num_seqs=self.config.engine.max_num_seqs)
         check_stop_token_ids(request, info.vocab_size)
-        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
-            raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}.", param="logprobs")
+        check_num_logprobs(request.logprobs, "logprobs", self.config.max_logprobs)
+        check_prompt_logprobs(request, self.config.max_logprobs)
         bias = resolve_logit_bias(request, info.vocab_size)
         structured_output, _ = structured_output_spec(request)
         split = _split_prompts(request.prompt)
@@ -114,7 +117,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 request,
                 max_tokens=max_tokens,
                 logprobs=request.logprobs,
-                prompt_logprobs=request.logprobs if request.echo else None,
+                prompt_logprobs=_engine_prompt_logprobs(request),
                 logit_bias=bias,
                 structured_output=structured_output,
             )
@@ -139,6 +142,13 @@ class OpenAIServingCompletion(OpenAIServing):
             if not 0 <= token_id < vocab_size:
                 raise bad_request(f"prompt: {token_id} is not a token id (the vocabulary has {vocab_size}).", param="prompt")
         return list(prompt)
+
+
+def _engine_prompt_logprobs(request: CompletionRequest) -> int | None:
+    """The prompt alternatives the engine computes: for vLLM's `prompt_logprobs`, and for the
+    echoed prompt's `logprobs`."""
+    wanted = [request.prompt_logprobs, request.logprobs if request.echo else None]
+    return max((n for n in wanted if n is not None), default=None)
 
 
 def _split_prompts(prompt: str | list) -> list[str | list[int]]:
@@ -188,6 +198,13 @@ class _CompletionJob(GenerationJob):
             p.first_choice_index + j: p for p in prompts for j in range(request.n)
         }
 
+    def _prompt_logprobs(self, delta: ChoiceDelta) -> PromptLogprobs | None:
+        if self.request.prompt_logprobs is None:
+            return None
+        prompt = self.prompt_of_choice[delta.index].request
+        return prompt_logprobs(self.serving.token_strings, prompt.prompt_token_ids, delta.prompt_logprobs,
+                               self.request.prompt_logprobs)
+
     def _choice_parts(self, delta: ChoiceDelta) -> tuple[str, CompletionLogProbs | None]:
         """The text and logprobs a delta adds to its choice, the echoed prompt included."""
         text = delta.text
@@ -207,10 +224,15 @@ class _CompletionJob(GenerationJob):
         texts: dict[int, list[str]] = {index: [] for index in self.logprobs_builders}
         logprobs: dict[int, CompletionLogProbs | None] = {}
         finish: dict[int, tuple[str | None, int | str | None]] = {}
+        token_ids: dict[int, list[int]] = {index: [] for index in self.logprobs_builders}
+        prompt_logprobs_of: dict[int, PromptLogprobs | None] = {}
         async with contextlib.aclosing(self.deltas()) as deltas:
             async for delta in deltas:
                 text, more = self._choice_parts(delta)
                 texts[delta.index].append(text)
+                token_ids[delta.index].extend(delta.token_ids)
+                if delta.is_first:
+                    prompt_logprobs_of[delta.index] = self._prompt_logprobs(delta)
                 if more is not None:
                     _append_logprobs(logprobs.setdefault(delta.index, CompletionLogProbs([], [], [], [])), more)
                 if delta.finish_reason is not None:
@@ -222,6 +244,9 @@ class _CompletionJob(GenerationJob):
                 logprobs=logprobs.get(index),
                 finish_reason=finish.get(index, (None, None))[0],
                 stop_reason=finish.get(index, (None, None))[1],
+                prompt_logprobs=prompt_logprobs_of.get(index),
+                prompt_token_ids=self._prompt_token_ids(index) if self.request.return_token_ids else None,
+                token_ids=token_ids[index] if self.request.return_token_ids else None,
             )
             for index in sorted(texts)
         ]
@@ -237,12 +262,21 @@ class _CompletionJob(GenerationJob):
         async with contextlib.aclosing(self.deltas()) as deltas:
             async for delta in deltas:
                 text, logprobs = self._choice_parts(delta)
-                if not text and delta.finish_reason is None and not (logprobs and logprobs.tokens):
+                with_ids = self.request.return_token_ids
+                if (not text and delta.finish_reason is None and not (logprobs and logprobs.tokens)
+                        and not (with_ids and (delta.token_ids or delta.is_first))):
                     continue  # nothing to say yet (text held back for a possible stop string)
                 choice = CompletionStreamChoice(delta.index, text, logprobs, delta.finish_reason, delta.stop_reason)
+                if with_ids:
+                    choice.token_ids = delta.token_ids
+                    if delta.is_first:
+                        choice.prompt_token_ids = self._prompt_token_ids(delta.index)
                 yield self._chunk([choice], self.usage.usage() if self.include_continuous_usage else None)
         if self.include_usage:
             yield self._chunk([], self.usage.usage())
+
+    def _prompt_token_ids(self, index: int) -> list[int]:
+        return self.prompt_of_choice[index].request.prompt_token_ids
 
     def _chunk(self, choices: list[CompletionStreamChoice], usage) -> CompletionStreamResponse:
         return CompletionStreamResponse(

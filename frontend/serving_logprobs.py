@@ -1,10 +1,13 @@
-"""Token strings for logprobs: the exact bytes of a token, and a printable spelling."""
+"""Token strings for logprobs: the exact bytes of a token, and a printable spelling; vLLM's
+`prompt_logprobs` built from the engine's entries."""
 
 from __future__ import annotations
 
 from tokenizers import decoders
 from transformers import PreTrainedTokenizerFast
 
+from frontend.protocol import PromptLogprob, PromptLogprobs
+from ipc.messages import TokenLogprobs
 from ipc.shared.vocabulary import byte_level_bytes, sentencepiece_bytes
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps to the same value
@@ -42,3 +45,25 @@ class TokenStrings:
 
 def clamp_logprob(value: float) -> float:
     return max(value, MIN_LOGPROB)
+
+
+def prompt_logprobs(
+    token_strings: TokenStrings, token_ids: list[int], entries: list[TokenLogprobs | None] | None, num_top: int
+) -> PromptLogprobs | None:
+    """vLLM's `prompt_logprobs`: per prompt token, its own logprob and its position's top
+    `num_top` alternatives, keyed by token id (null for the first token, which nothing predicts)."""
+    if entries is None:
+        return None
+    result: PromptLogprobs = []
+    for token_id, entry in zip(token_ids, entries):
+        if entry is None:
+            result.append(None)
+            continue
+        ranked = {token_id: (entry.logprob, entry.rank)}
+        for rank, (top_id, top_logprob) in enumerate(zip(entry.top_token_ids[:num_top], entry.top_logprobs), 1):
+            ranked.setdefault(top_id, (top_logprob, rank))
+        result.append({
+            str(top_id): PromptLogprob(clamp_logprob(logprob), rank, token_strings.text_of(top_id))
+            for top_id, (logprob, rank) in ranked.items()
+        })
+    return result

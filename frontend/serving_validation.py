@@ -10,11 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from frontend.config import DEFAULT_MAX_LOGPROBS
 from frontend.errors import bad_request
 from frontend.protocol import SamplingRequestFields
 from ipc.messages import SamplingParams, StructuredOutputSpec
 
-MAX_LOGPROBS = 20  # vLLM's default `max_logprobs`
+MAX_LOGPROBS = DEFAULT_MAX_LOGPROBS  # without a config (the Python API); the server's is --max-logprobs
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -31,6 +32,18 @@ class TextSettings:
 def _check(ok: bool, param: str, message: str) -> None:
     if not ok:
         raise bad_request(message, param=param)
+
+
+def check_num_logprobs(value: int | None, param: str, max_logprobs: int) -> None:
+    """A requested number of logprobs: 0 (the chosen token's only) up to the server's limit."""
+    _check(value is None or 0 <= value <= max_logprobs, param,
+           f"{param} must be in [0, {max_logprobs}] (the server's --max-logprobs), got {value}.")
+
+
+def check_prompt_logprobs(request: SamplingRequestFields, max_logprobs: int) -> None:
+    check_num_logprobs(request.prompt_logprobs, "prompt_logprobs", max_logprobs)
+    _check(request.prompt_logprobs is None or not request.stream, "prompt_logprobs",
+           "prompt_logprobs are not available when stream is true (as in vLLM).")
 
 
 def check_sampling_fields(request: SamplingRequestFields, *, max_num_seqs: int) -> None:

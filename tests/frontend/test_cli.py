@@ -32,6 +32,7 @@ def config_of(*flags: str):
         (["--block-size", "0"], "--block-size must be positive, got 0"),
         (["--max-num-seqs", "-1"], "--max-num-seqs must be positive, got -1"),
         (["--max-waiting-requests", "-1"], "--max-waiting-requests must be 0 or more, got -1"),
+        (["--max-logprobs", "-1"], "--max-logprobs must be 0 or more, got -1"),
     ],
 )
 def test_a_value_out_of_range_is_an_error_naming_the_flag(default_model, flags, message):
@@ -44,6 +45,11 @@ def test_a_value_out_of_range_is_an_error_naming_the_flag(default_model, flags, 
                                    ["--max-model-len", "1"], ["--num-threads", "1"]])
 def test_the_edges_of_each_range_are_accepted(default_model, flags):
     config_of(default_model, *flags)
+
+
+def test_max_logprobs_defaults_to_vllms_20_and_reaches_the_frontend_config(default_model):
+    assert config_of(default_model).max_logprobs == 20
+    assert config_of(default_model, "--max-logprobs", "0").max_logprobs == 0
 
 
 def test_max_model_len_defaults_to_the_models_own_and_long_ones_need_the_flag(default_model):
