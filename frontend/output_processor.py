@@ -25,7 +25,10 @@ from frontend.errors import bad_request, engine_unavailable
 from frontend.metrics import RequestTiming
 from frontend.protocol import PromptTokensDetails, UsageInfo
 from frontend.serving_validation import TextSettings
-from ipc.messages import EngineCoreOutput, EngineCoreRequest, FinishReason, TokenLogprobs
+from ipc.messages import EngineCoreOutput, EngineCoreRequest, FinishCause, FinishReason, TokenLogprobs
+
+# the last token of a sequence ended this way is the EOS or stop token itself
+_TOKENS_WITHOUT_TEXT = (FinishCause.EOS, FinishCause.STOP_TOKEN)
 
 
 @dataclass
@@ -92,10 +95,8 @@ class UsageCounter:
 class ChoiceState:
     """Turns one sequence's engine outputs into text deltas: detokenize, then stop strings."""
 
-    def __init__(self, index: int, tokenizer: PreTrainedTokenizerFast, settings: TextSettings,
-                 eos_token_ids: Iterable[int] = ()) -> None:
+    def __init__(self, index: int, tokenizer: PreTrainedTokenizerFast, settings: TextSettings) -> None:
         self.index = index
-        self.eos_token_ids = frozenset(eos_token_ids)
         self.include_stop_text = settings.include_stop_str_in_output
         self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=settings.skip_special_tokens)
         self.matcher = StopStringMatcher(settings.stop, include_stop_str_in_output=settings.include_stop_str_in_output)
@@ -129,10 +130,10 @@ class ChoiceState:
 
     def _text_token_ids(self, output: EngineCoreOutput) -> list[int]:
         """As vLLM does, the EOS or stop token id that ended the sequence adds no text (unless
-        include_stop_str_in_output); its id and logprob are still reported."""
+        include_stop_str_in_output); its id and logprob are still reported. The engine says
+        which token that was (`finish_cause`), so the frontend keeps no EOS ids of its own."""
         ids = output.new_token_ids
-        if (output.finish_reason == FinishReason.STOP and ids and not self.include_stop_text
-                and (output.stop_reason is not None or ids[-1] in self.eos_token_ids)):
+        if ids and not self.include_stop_text and output.finish_cause in _TOKENS_WITHOUT_TEXT:
             return ids[:-1]
         return ids
 
@@ -171,7 +172,7 @@ async def generate_choices(
     for prompt in prompts:
         for j in range(prompt.request.sampling_params.n):
             states[(prompt.request.request_id, j)] = ChoiceState(
-                prompt.first_choice_index + j, tokenizer, settings, prompt.request.eos_token_ids)
+                prompt.first_choice_index + j, tokenizer, settings)
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = {}
     timing.num_prompt_tokens = usage.num_prompt_tokens
     request_ids = [p.request.request_id for p in prompts]

@@ -20,7 +20,7 @@ from ipc.messages import (
     EngineCoreOutput,
     EngineCoreRequest,
     EngineReady,
-    FinishReason,
+    FinishCause,
     SchedulerStats,
     TokenLogprobs,
 )
@@ -159,16 +159,19 @@ class FakeEngineClient:
         params = request.sampling_params
         request_id = request.request_id
         if self.error_message is not None:
-            return EngineCoreOutput(request_id, index, [], finish_reason=FinishReason.ERROR, error=self.error_message)
+            return finished(EngineCoreOutput(request_id, index, [], error=self.error_message), FinishCause.ERROR)
         if self.unrequested_abort and step > 0:
-            return EngineCoreOutput(request_id, index, [], finish_reason=FinishReason.ABORT)
+            return finished(EngineCoreOutput(request_id, index, []), FinishCause.ABORT)
         token_id = script[step % len(script)]
         output = EngineCoreOutput(request_id, index, [token_id])
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(request.eos_token_ids))
-        if token_id in stop_ids and step + 1 >= params.min_tokens:
-            output.finish_reason, output.stop_reason = FinishReason.STOP, token_id
+        # as the engine: an EOS id (unless ignore_eos) before a stop token id, neither below min_tokens
+        may_stop = step + 1 >= params.min_tokens
+        if may_stop and not params.ignore_eos and token_id in request.eos_token_ids:
+            finished(output, FinishCause.EOS)
+        elif may_stop and token_id in params.stop_token_ids:
+            finished(output, FinishCause.STOP_TOKEN, stop_reason=token_id)
         elif step + 1 >= params.max_tokens:
-            output.finish_reason = FinishReason.LENGTH
+            finished(output, FinishCause.LENGTH)
         if params.logprobs is not None:
             output.new_logprobs = [fake_logprobs(token_id, step, params.logprobs)]
         if step == 0 and index == 0 and params.prompt_logprobs is not None:
@@ -178,6 +181,11 @@ class FakeEngineClient:
         if output.finish_reason is not None and self.num_generated_tokens is not None:
             output.num_generated_tokens = self.num_generated_tokens
         return output
+
+
+def finished(output: EngineCoreOutput, cause: FinishCause, *, stop_reason: int | None = None) -> EngineCoreOutput:
+    output.finish_cause, output.finish_reason, output.stop_reason = cause, cause.finish_reason, stop_reason
+    return output
 
 
 def fake_logprobs(token_id: int, position: int, num_top: int) -> TokenLogprobs:
