@@ -5,7 +5,7 @@ same ZeroMQ contract and prepares requests and reads outputs with the frontend's
 (`frontend.serving_*`, `frontend.output_processor`), so offline results match the server's.
 """
 
-from furiosa_llm.llm import LLM
+from furiosa_llm.llm import LLM, AsyncLLM
 from furiosa_llm.outputs import (
     BeamSearchOutput,
     BeamSearchSequence,
@@ -18,6 +18,7 @@ from furiosa_llm.sampling_params import BeamSearchParams, SamplingParams
 
 __all__ = [
     "LLM",
+    "AsyncLLM",
     "SamplingParams",
     "BeamSearchParams",
     "RequestOutput",

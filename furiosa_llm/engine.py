@@ -54,8 +54,8 @@ class EngineProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def startup_error(self) -> str:
-        """The child's own one-line reason for not starting, else its exit status."""
+    def startup_error(self) -> str | None:
+        """The child's own one-line reason for not starting, if it sent one."""
         while True:
             try:
                 error = parse_state(self._notify.recv(65536)).get(STARTUP_ERROR_KEY)
@@ -63,8 +63,7 @@ class EngineProcess:
                 break
             if error:
                 return error
-        code = self.proc.poll()
-        return f"the engine core exited with status {code}" if code is not None else "the engine core died"
+        return None
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -11,12 +11,14 @@ become Python ones: a 400 is a `ValueError` with the server's message, a 503 a `
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -92,7 +94,8 @@ class LLM:
         try:
             self._loop.run(self._client.wait_ready())
         except EngineDeadError:
-            raise RuntimeError(f"the engine core could not start: {self._engine.startup_error()}") from None
+            reason = self._engine.startup_error() or self._client.dead_reason
+            raise RuntimeError(f"the engine core could not start: {reason}") from None
         args = (config, self._client, self.tokenizer, eos_token_ids(self.tokenizer, path))
         load = RequestLoad.for_limits(max_num_seqs=config.engine.max_num_seqs, max_waiting_requests=_MAX_WAITING_SEQS)
         self._completions = OpenAIServingCompletion(*args, load=load)
@@ -168,7 +171,8 @@ class LLM:
             for future in futures:
                 future.cancel()  # after an error: stop (and abort in the engine) the others
 
-    async def _complete(self, prompt: PromptType, params: SamplingParams) -> RequestOutput:
+    async def _complete(self, prompt: PromptType, params: SamplingParams,
+                        on_update: Callable[[RequestOutput], None] | None = None) -> RequestOutput:
         if isinstance(prompt, dict):
             prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt["prompt"]
         with as_value_error():
@@ -178,7 +182,7 @@ class LLM:
                 engine_request = job.prompts[0].request
                 engine_request.sampling_params = msgspec.structs.replace(
                     engine_request.sampling_params, prompt_logprobs=params.prompt_logprobs)
-            return await _collect(job, self._completions)
+            return await _collect(job, self._completions, on_update)
 
     async def _chat_one(self, serving: OpenAIServingChat, conversation: list[dict], params: SamplingParams,
                         options: dict) -> RequestOutput:
@@ -194,32 +198,75 @@ class LLM:
             return await _collect(await serving._prepare(request), serving)
 
 
-async def _collect(job: GenerationJob, serving: OpenAIServing) -> RequestOutput:
-    """Reads the output processor's deltas of a one-prompt job into a RequestOutput."""
+async def _collect(job: GenerationJob, serving: OpenAIServing,
+                   on_update: Callable[[RequestOutput], None] | None = None) -> RequestOutput:
+    """Reads the output processor's deltas of a one-prompt job into a RequestOutput;
+    `on_update` gets a copy of the output so far after each delta (AsyncLLM's stream)."""
     prompt = job.prompts[0]
     num_choices = prompt.request.sampling_params.n
-    choices = [CompletionOutput(j, "", [], None, None) for j in range(num_choices)]
+    output = RequestOutput(prompt.request.request_id, prompt.prompt_text, list(prompt.request.prompt_token_ids),
+                           None, [CompletionOutput(j, "", [], None, None) for j in range(num_choices)], finished=False)
     texts: list[list[str]] = [[] for _ in range(num_choices)]
     wants_logprobs = prompt.request.sampling_params.logprobs is not None
-    prompt_logprobs = None
     async with contextlib.aclosing(job.deltas()) as deltas:
         async for delta in deltas:
-            choice = choices[delta.index - prompt.first_choice_index]
+            choice = output.outputs[delta.index - prompt.first_choice_index]
             texts[choice.index].append(delta.text)
             choice.token_ids.extend(delta.token_ids)
             if wants_logprobs:
                 _add_logprobs(choice, delta, serving)
             if delta.prompt_logprobs is not None:
-                prompt_logprobs = [None if e is None else _position(e, serving) for e in delta.prompt_logprobs]
+                output.prompt_logprobs = [None if e is None else _position(e, serving) for e in delta.prompt_logprobs]
             if delta.finish_reason is not None:
                 choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
-    for choice, parts in zip(choices, texts):
+            if on_update is not None:
+                on_update(_snapshot(output, texts))
+    for choice, parts in zip(output.outputs, texts):
         choice.text = "".join(parts)
+    output.finished = True
     timing = job.timing
-    metrics = RequestMetrics(timing.arrival_time, timing.first_token_time, timing.finish_time,
-                             job.usage.num_completion_tokens)
-    return RequestOutput(prompt.request.request_id, prompt.prompt_text, list(prompt.request.prompt_token_ids),
-                         prompt_logprobs, choices, metrics=metrics)
+    output.metrics = RequestMetrics(timing.arrival_time, timing.first_token_time, timing.finish_time,
+                                    job.usage.num_completion_tokens)
+    return output
+
+
+def _snapshot(output: RequestOutput, texts: list[list[str]]) -> RequestOutput:
+    choices = [dataclasses.replace(c, text="".join(parts), token_ids=list(c.token_ids),
+                                   logprobs=None if c.logprobs is None else list(c.logprobs))
+               for c, parts in zip(output.outputs, texts)]
+    return dataclasses.replace(output, outputs=choices, finished=all(c.finish_reason for c in choices))
+
+
+class AsyncLLM:
+    """`LLM` for asyncio code: `generate` streams one prompt's partial `RequestOutput`s (each
+    holds everything so far; the last has `finished` set). The engine and the server's code run
+    on the `LLM`'s own loop thread; outputs cross to the caller's loop."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        self.llm = LLM(model, **kwargs)
+
+    def get_tokenizer(self):
+        return self.llm.get_tokenizer()
+
+    def close(self) -> None:
+        self.llm.close()
+
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                       ) -> AsyncIterator[RequestOutput]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput | None] = asyncio.Queue()
+
+        def put(item: RequestOutput | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        future = self.llm._loop.submit(self.llm._complete(prompt, sampling_params or SamplingParams(), put))
+        future.add_done_callback(lambda _: put(None))
+        try:
+            while (item := await queue.get()) is not None:
+                yield item
+            future.result()  # the request's error, if any
+        finally:
+            future.cancel()  # a consumer that stops early aborts the request in the engine
 
 
 def _add_logprobs(choice: CompletionOutput, delta: ChoiceDelta, serving: OpenAIServing) -> None:

@@ -208,3 +208,24 @@ def test_start_up_errors(tmp_path):
         LLM(chat_template=str(template), kv_cache_gib=0.25)
     with pytest.raises(RuntimeError, match="could not start: .*--max-model-len 10000000"):  # the engine's own one line
         LLM(max_model_len=10**7, kv_cache_gib=0.25)
+
+
+def test_async_llm_streams_partial_outputs_that_end_in_the_full_one(llm):
+    import asyncio
+
+    from furiosa_llm import AsyncLLM
+
+    async_llm = AsyncLLM.__new__(AsyncLLM)
+    async_llm.llm = llm  # the module's engine, not a third one
+
+    async def collect(params):
+        return [output async for output in async_llm.generate("1, 2, 3, 4,", params)]
+
+    params = SamplingParams(temperature=0, max_tokens=8)
+    partial = asyncio.run(collect(params))
+    full = llm.generate("1, 2, 3, 4,", params, use_tqdm=False)[0]
+    assert len(partial) > 1 and not partial[0].finished and partial[-1].finished
+    assert partial[-1].outputs[0].text == full.outputs[0].text
+    assert all(full.outputs[0].text.startswith(p.outputs[0].text) for p in partial)
+    with pytest.raises(ValueError, match="maximum context length"):
+        asyncio.run(collect(SamplingParams(max_tokens=10**6)))
