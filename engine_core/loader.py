@@ -329,7 +329,9 @@ def _gguf_tensor(tensor, name: str, config: ModelConfig) -> np.ndarray | Quantiz
         # F16/BF16 are widened to float32 (twice their size); only norms are F32 in the usual files
         import gguf
 
-        array = np.ascontiguousarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        # a copy: an F32 tensor comes back as a view of the file mapping, which would keep the
+        # whole file resident
+        array = np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32, copy=True)
         if heads:
             array = array[_unpermute_order(array.shape[0], heads)]
         return array

@@ -327,12 +327,13 @@ def main() -> int:
     parser.add_argument("--kv-cache-gib", type=float, default=4.0)
     parser.add_argument("--cold-cache", action="store_true", help="do not touch the KV cache before timing")
     parser.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server binary to compare with")
+    parser.add_argument("--no-startup", action="store_true", help="skip the cold/warm start-up measurement")
     parser.add_argument("--quick", action="store_true",
                         help="decode only (no prefill, aged pool, step split or rooflines)")
     args = parser.parse_args()
     args.model = args.model or default_model_path()
 
-    startup = kernel_startup_seconds(args.model)
+    startup = {"cold": None, "warm": None} if args.no_startup else kernel_startup_seconds(args.model)
     with threadpool_limits(args.threads):
         blas = [(i["internal_api"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()]
         rss_before = rss_bytes()
