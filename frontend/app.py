@@ -32,6 +32,7 @@ from frontend.chat_template import load_chat_template
 from frontend.config import FrontendConfig
 from frontend.engine_client import EngineClient
 from frontend.errors import EXCEPTION_HANDLERS, OpenAIError, bad_request, client_closed_request, decode_body
+from frontend.generation_config import describe as describe_generation_defaults
 from frontend.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from frontend.metrics import FrontendMetrics
 from frontend.openapi import OpenAIJsonRenderPlugin
@@ -287,6 +288,8 @@ def create_app(config: FrontendConfig, engine_client=None, tokenizer=None) -> Li
             chat=OpenAIServingChat(*serving_args, chat_template=chat_template, **shared),
             metrics=metrics,
         )
+        logger.info("sampling defaults for fields a request leaves out: %s (--generation-config %s)",
+                    describe_generation_defaults(app.state.services.chat.generation_defaults), config.generation_config)
         stats_task = None if config.disable_log_stats else asyncio.create_task(StatsLogger(client).run())
         try:
             yield

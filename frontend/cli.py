@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-origins", nargs="*", default=d["allowed_origins"], help="CORS origins; off by default")
     serve.add_argument("--max-waiting-requests", type=int, default=d["max_waiting_requests"],
                        help="requests queued beyond this get 503")
+    serve.add_argument("--generation-config", default=d["generation_config"],
+                       help="sampling defaults for fields a request leaves out: 'auto' (the model's "
+                            "generation_config.json or GGUF general.sampling.*), 'vllm' (neutral) or a directory")
     serve.add_argument("--max-logprobs", type=int, default=d["max_logprobs"],
                        help="the most logprobs, top_logprobs or prompt_logprobs a request may ask for")
     serve.add_argument("--clamp-max-tokens", action="store_true",
@@ -181,6 +184,7 @@ def config_from_args(args: argparse.Namespace) -> FrontendConfig:
         max_waiting_requests=args.max_waiting_requests,
         clamp_max_tokens=args.clamp_max_tokens,
         max_logprobs=args.max_logprobs,
+        generation_config=args.generation_config,
         disable_log_stats=args.disable_log_stats,
         shutdown_timeout_s=args.shutdown_timeout,
     )

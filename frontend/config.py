@@ -28,6 +28,7 @@ class FrontendConfig(msgspec.Struct, kw_only=True):
     allowed_origins: list[str] = []
     max_waiting_requests: int = 1024
     clamp_max_tokens: bool = False
+    generation_config: str = "auto"  # "auto" (the model's sampling defaults), "vllm" (neutral) or a directory
     max_logprobs: int = DEFAULT_MAX_LOGPROBS  # logprobs, top_logprobs and prompt_logprobs above this are a 400
     disable_log_stats: bool = False
     shutdown_timeout_s: float = 30.0  # after SIGTERM, in-flight requests get this long to finish

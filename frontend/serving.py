@@ -26,6 +26,7 @@ from frontend.output_processor import ChoiceDelta, PreparedPrompt, UsageCounter,
 from frontend.protocol import SamplingRequestFields
 from frontend.serving_logprobs import TokenStrings
 from frontend.serving_validation import text_settings
+from frontend.generation_config import load_generation_defaults
 from frontend.sse import sse_stream
 from frontend.tokenizer import PromptTooLongError, encode_prompt
 from ipc.messages import EngineCoreRequest, EngineReady, SamplingParams
@@ -56,6 +57,8 @@ class OpenAIServing:
         # A hook for metrics: called once per request with its timing.
         self.on_request_finished = on_request_finished
         self.executor = executor  # None: the event loop's default executor
+        # for the sampling fields a request leaves out (`--generation-config`)
+        self.generation_defaults = load_generation_defaults(config.generation_config, config.engine.model)
 
     @property
     def model_name(self) -> str:

@@ -238,7 +238,8 @@ class OpenAIServingChat(OpenAIServing):
             clamp=self.config.clamp_max_tokens,
         )
         params = make_sampling_params(request, max_tokens=max_tokens, logprobs=logprobs, logit_bias=bias,
-                                      prompt_logprobs=request.prompt_logprobs, structured_output=plan.structured_output)
+                                      prompt_logprobs=request.prompt_logprobs, structured_output=plan.structured_output,
+                                      defaults=self.generation_defaults)
         chat_id = random_id("chatcmpl")
         prompt = PreparedPrompt(self.make_engine_request(chat_id, token_ids, params, arrival_time), text, 0)
         self.load.check(num_seqs)  # again: others may have started while this one was rendered

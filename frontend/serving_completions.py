@@ -120,6 +120,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 prompt_logprobs=_engine_prompt_logprobs(request),
                 logit_bias=bias,
                 structured_output=structured_output,
+                defaults=self.generation_defaults,
             )
             engine_request = self.make_engine_request(f"{completion_id}-{i}", token_ids, params, arrival_time)
             prompt_text = prompt if isinstance(prompt, str) else await self.run_blocking(self.tokenizer.decode, token_ids)

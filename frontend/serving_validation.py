@@ -8,6 +8,7 @@ limits as arguments.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from frontend.config import DEFAULT_MAX_LOGPROBS
@@ -216,7 +217,10 @@ def make_sampling_params(
     prompt_logprobs: int | None = None,
     logit_bias: dict[int, float] | None = None,
     structured_output: StructuredOutputSpec | None = None,
+    defaults: Mapping[str, float | int] | None = None,
 ) -> SamplingParams:
+    """`defaults` (the model's, from `--generation-config`) fill the sampling fields the request
+    left out (null or absent); a value the request sets wins."""
     _check(
         structured_output is None or not request.use_beam_search,
         "use_beam_search",
@@ -232,16 +236,24 @@ def make_sampling_params(
     if seed is not None and seed < 0:
         seed %= 2**64  # the engine's generators take unsigned seeds; still reproducible
     beam = request.use_beam_search
+    defaults = defaults or {}
+
+    def field(name: str):
+        value = getattr(request, name)
+        return defaults.get(name) if value is None else value
+
+    temperature, top_p, top_k, min_p = field("temperature"), field("top_p"), field("top_k"), field("min_p")
+    repetition_penalty = field("repetition_penalty")
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=_effective_temperature(request.temperature, beam),
-        top_p=1.0 if beam or request.top_p is None else request.top_p,
-        top_k=0 if beam or request.top_k in (None, -1) else request.top_k,
-        min_p=0.0 if beam or request.min_p is None else request.min_p,
+        temperature=_effective_temperature(temperature, beam),
+        top_p=1.0 if beam or top_p is None else top_p,
+        top_k=0 if beam or top_k is None or top_k < 0 else top_k,
+        min_p=0.0 if beam or min_p is None else min_p,
         seed=seed,
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
         min_tokens=request.min_tokens,
         stop_token_ids=list(request.stop_token_ids or []),
         ignore_eos=request.ignore_eos,

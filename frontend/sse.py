@@ -1,10 +1,13 @@
 """Server-sent events as OpenAI frames them: one `data: JSON` event a chunk, `data: [DONE]` last.
 
-The one place that frames a stream; the routes send `SSE_HEADERS` with it.
+The one place that frames a stream; the routes send `SSE_HEADERS` with it. While no chunk is
+ready (the request waits in the queue, or a long prefill runs) it sends an SSE comment every
+`KEEPALIVE_INTERVAL_S`, which clients ignore, so that proxies with idle timeouts keep the stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -17,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_KEEPALIVE = b": keep-alive\n\n"  # an SSE comment line: every client skips it
+KEEPALIVE_INTERVAL_S = 10.0  # well under the 60 s idle timeout of common proxies
 
 
 def sse_event(payload: msgspec.Struct) -> bytes:
@@ -28,12 +33,45 @@ async def sse_stream(chunks: AsyncIterator[msgspec.Struct]) -> AsyncIterator[byt
     """Frames chunks as SSE and always ends with `[DONE]`; a failure after the 200 status was
     sent becomes an `{"error": ...}` event."""
     try:
-        async with contextlib.aclosing(chunks):
-            async for chunk in chunks:
-                yield sse_event(chunk)
+        # closed in this order: the keep-alive wrapper ends its pending read before `chunks` closes
+        async with contextlib.aclosing(chunks), contextlib.aclosing(_with_keepalives(chunks)) as waiting:
+            async for chunk in waiting:
+                yield SSE_KEEPALIVE if chunk is None else sse_event(chunk)
     except OpenAIError as exc:
         yield error_event(exc)
     except Exception:
         logger.exception("a streamed request failed")
         yield error_event(internal_error())
     yield SSE_DONE
+
+
+async def _with_keepalives(chunks: AsyncIterator[msgspec.Struct]) -> AsyncIterator[msgspec.Struct | None]:
+    """`chunks`, with a None whenever the next one has not come for `KEEPALIVE_INTERVAL_S`. The
+    pending chunk is awaited in a task that a keep-alive does not disturb; if this generator is
+    closed or cancelled (the client left), that task is cancelled and awaited here, so the
+    cancellation reaches `chunks` (whose `finally` aborts the engine request) and no task is left."""
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(_next(chunks))
+            done, _ = await asyncio.wait((pending,), timeout=KEEPALIVE_INTERVAL_S)
+            if not done:
+                yield None
+                continue
+            finished, pending = pending, None
+            try:
+                chunk = finished.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.wait((pending,))
+            if not pending.cancelled():
+                pending.exception()  # retrieved: a failure after the client left is no news
+
+
+async def _next(chunks: AsyncIterator[msgspec.Struct]) -> msgspec.Struct:
+    return await anext(chunks)

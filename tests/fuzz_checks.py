@@ -31,7 +31,8 @@ def check_response(response) -> None:
         error = json.loads(response.text)["error"]
         assert set(error) == ERROR_FIELDS and isinstance(error["message"], str) and error["message"], where
     elif response.headers.get("content-type", [""])[0].startswith("text/event-stream"):
-        events = [line[len("data: "):] for line in response.text.split("\n\n") if line]
+        # (a ": keep-alive" comment, sent while a stream waits, is no event)
+        events = [line[len("data: "):] for line in response.text.split("\n\n") if line and not line.startswith(":")]
         assert events[-1] == "[DONE]" and not getattr(response, STREAM_CUT_SHORT_ATTRIBUTE, False), where
         for event in events[:-1]:
             payload = json.loads(event)

@@ -7,7 +7,7 @@ finishes sequences the way the engine does (max_tokens -> LENGTH, an EOS or stop
 STOP; each choice's first and final outputs carry `num_cached_tokens` when set, as the engine's
 do with prefix caching), ends a stream once each sequence has finished or was aborted by the
 consumer, as the client does, and records every request and abort. Knobs script the failures:
-hang after k steps (until cancelled), die after k steps, finish with ERROR, abort unasked.
+hang after k steps (until cancelled or released), die after k steps, finish with ERROR, abort unasked.
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ class FakeEngineClient:
         while any(is_running(r.request_id, j) for r in requests for j in range(r.sampling_params.n)):
             if self.hang_after_steps is not None and step >= self.hang_after_steps:
                 self._event("hanging").set()
-                await asyncio.Event().wait()  # until cancelled
+                await self._event("released").wait()  # until cancelled or released
+                self.hang_after_steps = None
             if self.die_after_steps is not None and step >= self.die_after_steps:
                 self.dead_reason = "scripted death"
                 queue.put_nowait(EngineDeadError(self.dead_reason))
@@ -144,6 +145,10 @@ class FakeEngineClient:
             step += 1
 
     # -- helpers for tests -----------------------------------------------------------------
+
+    def release(self) -> None:
+        """Ends a hang: the engine steps on."""
+        self._event("released").set()
 
     def set_ready(self) -> None:
         self.model_info = self._model_info

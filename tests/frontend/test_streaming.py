@@ -8,9 +8,11 @@ import contextlib
 import json
 import logging
 
+import httpx
 import pytest
 from fake_model import EOS_ID, parse_sse, text_script
 
+from frontend import sse
 from frontend.app import create_app
 
 USER_HI = [{"role": "user", "content": "hi"}]
@@ -306,3 +308,117 @@ async def test_a_client_gone_while_sending_the_body_is_not_a_server_error(config
 
 def test_eos_id_constant_matches_tokenizer(tokenizer):
     assert tokenizer.eos_token_id == EOS_ID
+
+
+# ---- keep-alive comments while a stream waits ------------------------------------------------
+
+
+def spying(app, engine, bodies: list[tuple[bytes, int]], *, release_after: int | None = None,
+           keepalives_sent: asyncio.Event | None = None, count: int = 2):
+    """`app`, recording each body part it sends with the number of tokens the engine had made by
+    then; once `count` keep-alive comments went out it releases the hanging engine (if
+    `release_after` is set) or sets `keepalives_sent`."""
+    async def wrapped(scope, receive, send):
+        async def spy(message: dict) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                bodies.append((message["body"], engine.num_generation_tokens))
+                if sum(body == sse.SSE_KEEPALIVE for body, _ in bodies) == count:
+                    if release_after is not None:
+                        engine.release()
+                    if keepalives_sent is not None:
+                        keepalives_sent.set()
+            await send(message)
+
+        await app(scope, receive, spy)
+
+    return wrapped
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 50}),
+    ("/v1/chat/completions", {"messages": USER_HI}),
+])
+async def test_a_waiting_stream_gets_keepalive_comments_then_its_chunks(config, engine, tokenizer, monkeypatch,
+                                                                         path, body):
+    monkeypatch.setattr(sse, "KEEPALIVE_INTERVAL_S", 0.01)
+    engine.script = text_script(tokenizer, "Hello world!")
+    engine.hang_after_steps = 0  # the engine makes nothing until released
+    app = create_app(config, engine_client=engine, tokenizer=tokenizer)
+    bodies: list[tuple[bytes, int]] = []
+    async with running(app):
+        transport = httpx.ASGITransport(app=spying(app, engine, bodies, release_after=2))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            response = await asyncio.wait_for(http.post(path, json={**body, "stream": True}), timeout=10)
+    assert response.status_code == 200
+    is_chat = path == "/v1/chat/completions"
+    head = bodies[:3] if is_chat else bodies[:2]
+    if is_chat:  # the role chunk goes out at once, before the engine made anything
+        role_body, tokens_made = head.pop(0)
+        assert tokens_made == 0
+        assert parse_sse(role_body.decode() + "data: [DONE]\n\n")[0]["choices"][0]["delta"] == {
+            "role": "assistant", "content": ""}
+    assert head == [(sse.SSE_KEEPALIVE, 0), (sse.SSE_KEEPALIVE, 0)]
+    # the comments are the only difference: without them the stream is the usual one
+    text = response.text
+    assert text.count(": keep-alive\n\n") >= 2
+    events = parse_sse(text.replace(": keep-alive\n\n", ""))
+    key = "content" if is_chat else "text"
+    pieces = [(e["choices"][0]["delta"] if is_chat else e["choices"][0]).get(key, "") for e in events]
+    assert "".join(pieces) == "Hello world!"
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.anyio
+async def test_no_keepalive_while_chunks_flow(config, engine, tokenizer):
+    """With the default interval a stream that never waits long carries no comments."""
+    assert sse.KEEPALIVE_INTERVAL_S == 10.0
+    engine.script = text_script(tokenizer, "Hello world!")
+    app = create_app(config, engine_client=engine, tokenizer=tokenizer)
+    async with running(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            response = await asyncio.wait_for(http.post("/v1/completions", json={"prompt": "x", "stream": True}),
+                                              timeout=10)
+    assert b"keep-alive" not in response.content
+    assert "".join(e["choices"][0]["text"] for e in parse_sse(response.text)) == "Hello world!"
+
+
+@pytest.mark.anyio
+async def test_a_client_gone_during_keepalives_aborts_the_request(config, engine, tokenizer, monkeypatch):
+    monkeypatch.setattr(sse, "KEEPALIVE_INTERVAL_S", 0.01)
+    engine.hang_after_steps = 0
+    app = create_app(config, engine_client=engine, tokenizer=tokenizer)
+    bodies: list[tuple[bytes, int]] = []
+    keepalives_sent = asyncio.Event()
+    async with running(app):
+        wrapped = spying(app, engine, bodies, keepalives_sent=keepalives_sent)
+        sent = await post_then_disconnect(wrapped, "/v1/chat/completions", {"messages": USER_HI, "stream": True},
+                                          keepalives_sent.wait)
+        # the task that awaited the next chunk was cancelled and awaited, not left behind
+        assert [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__name__", "") == "_next"] == []
+    assert sent[0]["status"] == 200
+    assert [body for body, _ in bodies[1:3]] == [sse.SSE_KEEPALIVE, sse.SSE_KEEPALIVE]
+    assert engine.closed_unfinished == [engine.requests[0].request_id]
+    assert engine.client_gone_ids == [engine.requests[0].request_id]
+
+
+@pytest.mark.anyio
+async def test_closing_a_waiting_stream_closes_its_chunks(monkeypatch):
+    """A stream closed while it waits for a chunk (not cancelled: the server stops reading it)
+    ends the pending read and closes the chunks, whose cleanup runs at once."""
+    monkeypatch.setattr(sse, "KEEPALIVE_INTERVAL_S", 0.01)
+    cleaned_up = []
+
+    async def chunks():
+        try:
+            await asyncio.Event().wait()  # never a chunk
+            yield None
+        finally:
+            cleaned_up.append(True)
+
+    stream = sse.sse_stream(chunks())
+    assert [await anext(stream), await anext(stream)] == [sse.SSE_KEEPALIVE, sse.SSE_KEEPALIVE]
+    await stream.aclose()
+    assert cleaned_up == [True]
+    assert [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__name__", "") == "_next"] == []
