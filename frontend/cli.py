@@ -211,6 +211,8 @@ def _check_limits(args: argparse.Namespace) -> None:
         refuse("max-waiting-requests", "0 or more", args.max_waiting_requests)
     if not (args.shutdown_timeout >= 0 and math.isfinite(args.shutdown_timeout)):
         refuse("shutdown-timeout", "0 or more seconds", args.shutdown_timeout)
+    if args.generation_config not in ("auto", "vllm") and not os.path.isdir(args.generation_config):
+        refuse("generation-config", "auto, vllm or a directory", args.generation_config)
 
 
 def _default_served_name(model: str) -> str:

@@ -33,6 +33,7 @@ def config_of(*flags: str):
         (["--max-num-seqs", "-1"], "--max-num-seqs must be positive, got -1"),
         (["--max-waiting-requests", "-1"], "--max-waiting-requests must be 0 or more, got -1"),
         (["--max-logprobs", "-1"], "--max-logprobs must be 0 or more, got -1"),
+        (["--generation-config", "/no/such/dir"], "--generation-config must be auto, vllm or a directory, got /no/such/dir"),
     ],
 )
 def test_a_value_out_of_range_is_an_error_naming_the_flag(default_model, flags, message):
@@ -84,3 +85,9 @@ def test_flag_defaults_are_the_configs_defaults():
     config = config_of("/")  # an existing path stands in for the artifact
     assert config == FrontendConfig(engine=EngineConfig(model="/", served_model_name=config.served_model_name))
     assert config.host == "localhost"  # as README documents
+
+
+def test_generation_config_defaults_to_auto_and_reaches_the_frontend_config(default_model, tmp_path):
+    assert config_of(default_model).generation_config == "auto"
+    assert config_of(default_model, "--generation-config", "vllm").generation_config == "vllm"
+    assert config_of(default_model, "--generation-config", str(tmp_path)).generation_config == str(tmp_path)
