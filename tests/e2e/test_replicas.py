@@ -160,10 +160,13 @@ def complete(url: str, outcome: Outcome) -> Outcome:
 
 
 class LongStream(threading.Thread):
-    """A 200-token stream through the balancer, the first turn of session `SESSION_ID`;
-    `first_event` is set once it is under way."""
+    """A long stream through the balancer, the first turn of session `SESSION_ID`;
+    `first_event` is set once it is under way. Long enough (several times what the 50 short
+    requests before the SIGTERM take, however loaded the machine) to be in flight at the SIGTERM;
+    200 tokens once ended before it on a busy machine."""
 
     SESSION_ID = "stopped-conversation"
+    NUM_TOKENS = 600
 
     def __init__(self, url: str):
         super().__init__(daemon=True)
@@ -174,7 +177,7 @@ class LongStream(threading.Thread):
         self.last_event_s = 0.0
 
     def run(self) -> None:
-        body = {**COMPLETION, "max_tokens": 200, "stream": True, "stream_options": {"include_usage": True}}
+        body = {**COMPLETION, "max_tokens": self.NUM_TOKENS, "stream": True, "stream_options": {"include_usage": True}}
         with httpx.stream("POST", self.url + "/v1/completions", json=body,
                           headers={"X-Session-ID": self.SESSION_ID}, timeout=180) as response:
             self.served_by = response.headers.get("x-served-by")
@@ -241,7 +244,7 @@ def test_a_replica_stopped_with_sigterm_mid_traffic_costs_no_request(tmp_path):
     assert stream.events[-1] == "[DONE]", stream.events[-3:]
     chunks = [json.loads(e) for e in stream.events[:-1]]
     assert not any("error" in c for c in chunks)
-    assert chunks[-1]["usage"]["completion_tokens"] == 200
+    assert chunks[-1]["usage"]["completion_tokens"] == LongStream.NUM_TOKENS
     assert stream.last_event_s > sigterm_s
 
 
