@@ -15,25 +15,11 @@ evicted least recently used first, a prefix's tail before its head.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections import OrderedDict
 
-import numpy as np
-
 from engine_core.request import Sequence
-
-
-def block_hash(parent: bytes | None, token_ids: list[int]) -> bytes:
-    """A collision-resistant name (SHA-256), so no prompt can be crafted to read another's cache."""
-    digest = hashlib.sha256(parent or b"")
-    digest.update(np.asarray(token_ids, dtype=np.int64).tobytes())
-    return digest.digest()
-
-
-def _salt(cache_salt: str | None) -> bytes | None:
-    """The first block's parent: a salt puts a request's chain apart from every other salt's."""
-    return None if cache_salt is None else hashlib.sha256(b"salt:" + cache_salt.encode()).digest()
+from ipc.shared.prefix_hash import block_hash, salt_root
 
 
 class BlockPool:
@@ -293,7 +279,7 @@ class KVCacheManager:
         bs = self.block_size
         while len(hashes) < count:
             index = len(hashes)
-            parent = hashes[-1] if hashes else _salt(seq.params.cache_salt)
+            parent = hashes[-1] if hashes else salt_root(seq.params.cache_salt)
             hashes.append(block_hash(parent, seq.token_ids[index * bs : (index + 1) * bs]))
         return hashes[:count]
 
