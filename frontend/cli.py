@@ -34,11 +34,13 @@ import msgspec
 
 from frontend.config import FrontendConfig
 from frontend.default_model import ArtifactNotFoundError, default_model_path
+from frontend.reasoning_parsers.registry import ReasoningParserRegistry
 from ipc.config import EngineConfig
 from ipc.notify import STARTUP_ERROR_KEY, parse_state, sd_notify
 from ipc.sockets import ipc_addresses, make_ipc_dir
 
 SUPPORTED_DEVICES = ("cpu",)
+REASONING_PARSERS = ReasoningParserRegistry.names()
 FRONTEND_STOP_MARGIN_S = 10.0  # past --shutdown-timeout, for the frontend to close and exit
 ENGINE_STOP_TIMEOUT_S = 10.0
 AFTER_ENGINE_DEATH_TIMEOUT_S = 3.0  # lets the frontend send error events to open streams
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--response-role", default=d["response_role"])
     serve.add_argument("--enable-auto-tool-choice", action="store_true")
     serve.add_argument("--tool-call-parser", default=None)
+    serve.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                       help="split a reasoning model's <think> block into message.reasoning_content")
     serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                        help="require this bearer key (also FURIOSA_LLM_API_KEY)")
     serve.add_argument("--metrics-require-key", action="store_true",
@@ -178,6 +182,7 @@ def config_from_args(args: argparse.Namespace) -> FrontendConfig:
         response_role=args.response_role,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         api_key=args.api_key or None,
         metrics_require_key=args.metrics_require_key,
         allowed_origins=list(args.allowed_origins),

@@ -23,6 +23,7 @@ class FrontendConfig(msgspec.Struct, kw_only=True):
     response_role: str = "assistant"
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    reasoning_parser: str | None = None  # a frontend.reasoning_parsers name: <think> blocks -> reasoning_content
     api_key: str | None = None  # never in the JSON on a command line: the launcher passes it in the environment
     metrics_require_key: bool = False
     allowed_origins: list[str] = []

@@ -200,11 +200,16 @@ class PromptTokensDetails(msgspec.Struct):
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
+class CompletionTokensDetails(msgspec.Struct):
+    reasoning_tokens: int = 0  # tokens of the think block, with --reasoning-parser
+
+
 class UsageInfo(msgspec.Struct, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None  # when the engine caches prefixes
+    completion_tokens_details: CompletionTokensDetails | None = None  # with --reasoning-parser
 
 
 class CompletionResponse(msgspec.Struct, kw_only=True):
@@ -300,6 +305,9 @@ class ChatResponseMessage(msgspec.Struct, omit_defaults=True):
     role: str
     content: str | None  # no default: always present, null when empty
     tool_calls: list[ToolCall] | None = None
+    # with --reasoning-parser, the think block: vLLM's older and newer names for the same text
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatCompletionResponseChoice(msgspec.Struct):
@@ -340,6 +348,8 @@ class DeltaMessage(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+    reasoning_content: str | None = None  # with --reasoning-parser; `reasoning` is the same text
+    reasoning: str | None = None
 
 
 class ChatCompletionStreamChoice(msgspec.Struct):

@@ -26,14 +26,17 @@ from frontend.protocol import (
     ChatCompletionTopLogprob,
     ChatMessage,
     ChatResponseMessage,
+    CompletionTokensDetails,
     DeltaFunctionCall,
     DeltaMessage,
     DeltaToolCall,
     FunctionCall,
     Tool,
     ToolCall,
+    UsageInfo,
 )
 from frontend.output_processor import ChoiceDelta, PreparedPrompt
+from frontend.reasoning_parsers import ReasoningParser, ReasoningParserRegistry
 from frontend.serving import GenerationJob, OpenAIServing, random_id
 from frontend.serving_logprobs import (
     TokenStrings,
@@ -200,6 +203,8 @@ class OpenAIServingChat(OpenAIServing):
     def __init__(self, *args, chat_template: ChatTemplate | None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.prompt_builder = ChatPromptBuilder(chat_template, self.tokenizer)
+        name = self.config.reasoning_parser
+        self.reasoning_parser: type[ReasoningParser] | None = ReasoningParserRegistry.get(name) if name else None
 
     async def create_chat_completion(
         self, request: ChatCompletionRequest
@@ -271,6 +276,37 @@ class _ChatJob(GenerationJob):
         self.logprobs_builder = ChatLogprobsBuilder(serving.token_strings, logprobs or 0) if logprobs is not None else None
         self.role = serving.config.response_role
         self.tool_parser = plan.tool_parser
+        self.is_constrained = plan.structured_output is not None
+        self.num_reasoning_tokens = [0] * request.n
+
+    def _reasoning_parser(self) -> ReasoningParser | None:
+        """A fresh parser for one choice, or None without --reasoning-parser."""
+        parser_class = self.serving.reasoning_parser
+        if parser_class is None:
+            return None
+        return parser_class.for_request(prompt_text=self.prompts[0].prompt_text,
+                                        chat_template_kwargs=self.request.chat_template_kwargs,
+                                        is_constrained=self.is_constrained)
+
+    def _split_reasoning(self, delta: ChoiceDelta, parser: ReasoningParser | None) -> tuple[str, str]:
+        """A delta's text as (reasoning, content); its tokens count as reasoning tokens if the
+        choice was in its think block at the delta's start or end."""
+        if parser is None:
+            return "", delta.text
+        was_in_reasoning = parser.is_in_reasoning
+        reasoning, content = parser.feed(delta.text)
+        if delta.finish_reason is not None:
+            tail = parser.finish()
+            reasoning, content = reasoning + tail[0], content + tail[1]
+        if was_in_reasoning or parser.is_in_reasoning or reasoning:
+            self.num_reasoning_tokens[delta.index] += len(delta.token_ids)
+        return reasoning, content
+
+    def _usage(self) -> UsageInfo:
+        usage = self.usage.usage()
+        if self.serving.reasoning_parser is not None:
+            usage.completion_tokens_details = CompletionTokensDetails(sum(self.num_reasoning_tokens))
+        return usage
 
     def _logprobs(self, delta: ChoiceDelta) -> list[ChatCompletionLogProb] | None:
         if self.logprobs_builder is None:
@@ -280,13 +316,17 @@ class _ChatJob(GenerationJob):
     async def collect(self) -> ChatCompletionResponse:
         n = self.request.n
         texts: list[list[str]] = [[] for _ in range(n)]
+        reasoning_texts: list[list[str]] = [[] for _ in range(n)]
+        reasoners = [self._reasoning_parser() for _ in range(n)]
         logprobs: list[list[ChatCompletionLogProb]] = [[] for _ in range(n)]
         finish: list[tuple[str | None, int | str | None]] = [(None, None)] * n
         token_ids: list[list[int]] = [[] for _ in range(n)]
         prompt_entries = None
         async with contextlib.aclosing(self.deltas()) as deltas:
             async for delta in deltas:
-                texts[delta.index].append(delta.text)
+                reasoning, content = self._split_reasoning(delta, reasoners[delta.index])
+                reasoning_texts[delta.index].append(reasoning)
+                texts[delta.index].append(content)
                 token_ids[delta.index].extend(delta.token_ids)
                 prompt_entries = prompt_entries or delta.prompt_logprobs
                 logprobs[delta.index].extend(self._logprobs(delta) or [])
@@ -295,6 +335,9 @@ class _ChatJob(GenerationJob):
         choices = []
         for i in range(n):
             message = self._message("".join(texts[i]), is_cut_by_stop=isinstance(finish[i][1], str))
+            if reasoners[i] is not None and reasoners[i].has_reasoning:
+                message.reasoning_content = message.reasoning = "".join(reasoning_texts[i])
+                message.content = message.content or None
             choices.append(
                 ChatCompletionResponseChoice(
                     index=i,
@@ -308,7 +351,7 @@ class _ChatJob(GenerationJob):
         prompt_token_ids = self.prompts[0].request.prompt_token_ids
         num_top = self.request.prompt_logprobs
         return ChatCompletionResponse(
-            id=self.response_id, model=self.serving.model_name, choices=choices, usage=self.usage.usage(), created=self.created,
+            id=self.response_id, model=self.serving.model_name, choices=choices, usage=self._usage(), created=self.created,
             prompt_logprobs=None if num_top is None else prompt_logprobs(
                 self.serving.token_strings, prompt_token_ids, prompt_entries, num_top),
             prompt_token_ids=prompt_token_ids if self.request.return_token_ids else None,
@@ -324,7 +367,7 @@ class _ChatJob(GenerationJob):
 
     async def stream_chunks(self) -> AsyncIterator[ChatCompletionStreamResponse]:
         def usage():
-            return self.usage.usage() if self.include_continuous_usage else None
+            return self._usage() if self.include_continuous_usage else None
 
         # OpenAI opens every choice with a chunk that only names the role.
         with_ids = self.request.return_token_ids
@@ -337,10 +380,21 @@ class _ChatJob(GenerationJob):
         # One tool-call parser per choice; it holds back text that may start a call (and, where
         # a stop string may cut a call short, a call's deltas until the output ends).
         parsers: list[ToolCallStream | StopCutToolCallStream | None] = [self._tool_stream() for _ in range(self.request.n)]
+        # One reasoning parser per choice, before the tool-call parser: calls are read from the
+        # content only. A delta that ends the think block is sent as a reasoning chunk, then the
+        # content chunk.
+        reasoners = [self._reasoning_parser() for _ in range(self.request.n)]
         async with contextlib.aclosing(self.deltas()) as deltas:
             async for delta in deltas:
                 entries = self._logprobs(delta)
-                message, has_tool_calls = _delta_message(delta, parsers[delta.index])
+                reasoning, content = self._split_reasoning(delta, reasoners[delta.index])
+                message, has_tool_calls = _delta_message(content, delta, parsers[delta.index])
+                if reasoning:
+                    reasoning_delta = DeltaMessage(reasoning_content=reasoning, reasoning=reasoning)
+                    if message is None:
+                        message = reasoning_delta
+                    else:
+                        yield self._chunk([ChatCompletionStreamChoice(delta.index, reasoning_delta)], usage())
                 if message is None and delta.finish_reason is None and not entries and not (with_ids and delta.token_ids):
                     continue  # nothing to say yet (text held back for a stop string or a tool call)
                 choice = ChatCompletionStreamChoice(
@@ -353,7 +407,7 @@ class _ChatJob(GenerationJob):
                 )
                 yield self._chunk([choice], usage())
         if self.include_usage:
-            yield self._chunk([], self.usage.usage())
+            yield self._chunk([], self._usage())
 
     def _tool_stream(self) -> ToolCallStream | StopCutToolCallStream | None:
         if self.tool_parser is None:
@@ -373,11 +427,10 @@ class _ChatJob(GenerationJob):
 
 
 def _delta_message(
-    delta: ChoiceDelta, parser: ToolCallStream | StopCutToolCallStream | None
+    text: str, delta: ChoiceDelta, parser: ToolCallStream | StopCutToolCallStream | None
 ) -> tuple[DeltaMessage | None, bool]:
-    """What a text delta says once tool calls are parsed out (None: nothing yet), and whether
-    the choice has made tool calls so far."""
-    text = delta.text
+    """What a delta's content text says once tool calls are parsed out (None: nothing yet), and
+    whether the choice has made tool calls so far."""
     if parser is None:
         return (DeltaMessage(content=text) if text else None), False
     parsed = parser.feed(text)
