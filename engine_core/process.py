@@ -194,6 +194,10 @@ def run_engine_core(config: EngineConfig) -> int:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(config.num_threads or DEFAULT_NUM_THREADS)
+    if config.data_parallel_size > 1:  # the launcher pinned this process before exec
+        logger.info("engine core %d of %d, %d threads, on CPUs %s", config.data_parallel_rank,
+                    config.data_parallel_size, config.num_threads or DEFAULT_NUM_THREADS,
+                    sorted(os.sched_getaffinity(0)))
     proc = EngineCoreProc(config)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: proc.stop())

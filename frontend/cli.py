@@ -33,6 +33,8 @@ from importlib.metadata import PackageNotFoundError, version
 import msgspec
 
 from frontend.config import FrontendConfig
+from frontend.data_parallel import DataParallelPlan, parse_size
+from frontend.data_parallel import plan as plan_data_parallel
 from frontend.default_model import ArtifactNotFoundError, default_model_path
 from frontend.reasoning_parsers.registry import ReasoningParserRegistry
 from ipc.config import EngineConfig
@@ -97,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reuse the KV blocks of prompt prefixes seen before")
     serve.add_argument("--num-threads", type=int, default=None,
                        help="BLAS threads in the engine core (default: 1, which stays fast while the frontend is busy)")
+    serve.add_argument("--data-parallel-size", type=_data_parallel_size, default=d["data_parallel_size"],
+                       metavar="N|auto",
+                       help="engine-core processes, each with --num-threads threads, its own KV cache of "
+                            "--kv-cache-gib and (when the CPUs suffice) its own CPUs; 'auto': one per "
+                            "physical core that fits in memory. Requests go to the engine that cached "
+                            "their prefix, else the least loaded")
     serve.add_argument("--chat-template", default=None, metavar="FILE",
                        help="a Jinja2 chat template file overriding the tokenizer's")
     serve.add_argument("--response-role", default=d["response_role"])
@@ -173,6 +181,7 @@ def config_from_args(args: argparse.Namespace) -> FrontendConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         num_threads=args.num_threads,
         log_level=args.log_level,
+        data_parallel_size=data_parallel_plan(args, model).size,
     )
     return FrontendConfig(
         engine=engine,
@@ -220,6 +229,17 @@ def _check_limits(args: argparse.Namespace) -> None:
         refuse("generation-config", "auto, vllm or a directory", args.generation_config)
 
 
+def _data_parallel_size(text: str) -> int | str:
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text!r}") from None
+
+
+def data_parallel_plan(args: argparse.Namespace, model: str) -> DataParallelPlan:
+    return plan_data_parallel(args.data_parallel_size, args.num_threads or 1, model, args.kv_cache_gib)
+
+
 def _default_served_name(model: str) -> str:
     name = os.path.basename(os.path.normpath(model))
     return name[: -len(".gguf")] if name.endswith(".gguf") else name
@@ -232,6 +252,16 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def _child_setup(cpu_ids: list[int]):
+    """The child's set-up before exec; pinning there means every thread the engine later
+    starts (OpenBLAS, numba, its IO threads) inherits the CPU set."""
+    def setup() -> None:
+        _die_with_parent()
+        if cpu_ids:
+            os.sched_setaffinity(0, cpu_ids)
+    return setup
 
 
 class _Shutdown(Exception):
@@ -277,15 +307,19 @@ class NotifyRelay:
 
 
 class Launcher:
-    def __init__(self, config: FrontendConfig):
+    def __init__(self, config: FrontendConfig, plan: DataParallelPlan | None = None):
         self.config = config
+        engine = config.engine
+        self.plan = plan or plan_data_parallel(engine.data_parallel_size, engine.num_threads or 1,
+                                               engine.model, engine.kv_cache_gib)
         self.ipc_dir = make_ipc_dir()
         self.relay = NotifyRelay(os.path.join(self.ipc_dir, "notify.sock"))
         self.is_announced = False  # the "serving on" line is printed once, when ready
-        self.engine: subprocess.Popen | None = None
+        self.engines: list[subprocess.Popen] = []  # in rank order
         self.frontend: subprocess.Popen | None = None
 
-    def _spawn(self, module: str, config_json: str, *, api_key: str | None = None) -> subprocess.Popen:
+    def _spawn(self, module: str, config_json: str, *, api_key: str | None = None,
+               cpu_ids: list[int] | None = None) -> subprocess.Popen:
         """The API key goes in the environment: a command line is readable by every local user."""
         env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
         env["NOTIFY_SOCKET"] = self.relay.path
@@ -297,7 +331,7 @@ class Launcher:
         return subprocess.Popen(
             [sys.executable, "-m", module, "--config-json", config_json],
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_child_setup(cpu_ids or []),
             env=env,
         )
 
@@ -305,11 +339,8 @@ class Launcher:
         signal.signal(signal.SIGTERM, _raise_shutdown)
         signal.signal(signal.SIGINT, _raise_shutdown)
         try:
-            input_address, output_address = ipc_addresses(self.ipc_dir)
             config = self.config
-            config.engine.input_address, config.engine.output_address = input_address, output_address
-            self.engine = self._spawn("engine_core", config.engine.to_json())
-            config.engine_pid = self.engine.pid
+            self._spawn_engines()
             frontend_json = msgspec.structs.replace(config, api_key=None).to_json()
             self.frontend = self._spawn("frontend", frontend_json, api_key=config.api_key)
             return self._supervise()
@@ -322,9 +353,25 @@ class Launcher:
             self.relay.close()
             shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
+    def _spawn_engines(self) -> None:
+        """One engine core per rank, each with its own sockets and CPU set; the frontend's
+        config gets every engine's addresses and pid (rank 0's as `engine` / `engine_pid`)."""
+        config = self.config
+        print(f"furiosa-llm: data parallel: {self.plan.reason}", file=sys.stderr, flush=True)
+        config.engine.data_parallel_size = self.plan.size
+        for rank, cpu_ids in enumerate(self.plan.cpu_sets):
+            input_address, output_address = ipc_addresses(self.ipc_dir, rank)
+            engine = msgspec.structs.replace(config.engine, data_parallel_rank=rank, cpu_ids=cpu_ids,
+                                             input_address=input_address, output_address=output_address)
+            self.engines.append(self._spawn("engine_core", engine.to_json(), cpu_ids=cpu_ids))
+            config.engine_addresses.append((input_address, output_address))
+            config.engine_pids.append(self.engines[-1].pid)
+        config.engine.input_address, config.engine.output_address = config.engine_addresses[0]
+        config.engine_pid = self.engines[0].pid
+
     def _supervise(self) -> int:
         """Until a child exits or reports that it cannot start."""
-        died = self._wait_for_exit([self.engine, self.frontend], timeout_s=None)
+        died = self._wait_for_exit([*self.engines, self.frontend], timeout_s=None)
         if not self.is_announced:
             # a start-up failure: nothing is served yet, so nothing drains; one line says why
             print(self.relay.startup_error or _startup_exit_line(died, self._name(died)),
@@ -333,11 +380,14 @@ class Launcher:
             return 1
         name = self._name(died)
         print(f"furiosa-llm: the {name} process exited unexpectedly; stopping", file=sys.stderr)
-        self._stop_children(engine_died=(name == "engine core"))
+        self._stop_children(engine_died=(died is not self.frontend))
         return 1
 
     def _name(self, child: subprocess.Popen | None) -> str:
-        return "engine core" if child is self.engine else "frontend"
+        if child is None or child is self.frontend:
+            return "frontend"
+        rank = self.engines.index(child)
+        return "engine core" if len(self.engines) == 1 else f"engine core {rank} (pid {child.pid})"
 
     def _wait_for_exit(self, children: list[subprocess.Popen], timeout_s: float | None) -> subprocess.Popen | None:
         """The first of `children` to exit (not reaped; None on timeout), relaying their
@@ -373,22 +423,31 @@ class Launcher:
                   f"on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
 
     def _stop_children(self, *, engine_died: bool) -> int:
-        """Frontend first (it drains in-flight requests), then the engine."""
-        status = 0
-        frontend_timeout = (AFTER_ENGINE_DEATH_TIMEOUT_S if engine_died
-                            else self.config.shutdown_timeout_s + FRONTEND_STOP_MARGIN_S)
-        for child, timeout in ((self.frontend, frontend_timeout), (self.engine, ENGINE_STOP_TIMEOUT_S)):
-            if child is None or child.poll() is not None:
-                continue
+        """Frontend first (it drains in-flight requests), then the engines together. After an
+        engine's death the survivors have nothing left to serve: all stop at once."""
+        if engine_died:
+            return self._terminate([self.frontend, *self.engines], AFTER_ENGINE_DEATH_TIMEOUT_S)
+        status = self._terminate([self.frontend], self.config.shutdown_timeout_s + FRONTEND_STOP_MARGIN_S)
+        return self._terminate(self.engines, ENGINE_STOP_TIMEOUT_S) or status
+
+    def _terminate(self, children: list[subprocess.Popen | None], timeout_s: float) -> int:
+        """SIGTERM each live child, wait up to `timeout_s` for all, kill the rest; 1 if any
+        exited non-zero."""
+        live = [child for child in children if child is not None and child.poll() is None]
+        for child in live:
             child.send_signal(signal.SIGTERM)
-            if self._wait_for_exit([child], timeout_s=timeout) is None:
-                child.kill()
-            code = child.wait()
-            status = status or (code != 0)
-        return int(status)
+        deadline = time.monotonic() + timeout_s
+        waiting = list(live)
+        while waiting and time.monotonic() < deadline:
+            if self._wait_for_exit(waiting, timeout_s=deadline - time.monotonic()) is None:
+                break  # the time is up (or a start-up error: the child is about to exit)
+            waiting = [child for child in waiting if child.poll() is None]
+        for child in waiting:
+            child.kill()
+        return int(any(child.wait() != 0 for child in live))
 
     def _kill_leftovers(self) -> None:
-        for child in (self.frontend, self.engine):
+        for child in (self.frontend, *self.engines):
             if child is not None and child.poll() is None:
                 child.kill()
                 child.wait()
@@ -405,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         config = config_from_args(args)
-        return Launcher(config).run()
+        return Launcher(config, data_parallel_plan(args, config.engine.model)).run()
     return 2
 
 

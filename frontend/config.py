@@ -34,6 +34,14 @@ class FrontendConfig(msgspec.Struct, kw_only=True):
     disable_log_stats: bool = False
     shutdown_timeout_s: float = 30.0  # after SIGTERM, in-flight requests get this long to finish
     engine_pid: int | None = None  # set by the launcher: lets the frontend notice the engine's death
+    # set by the launcher with --data-parallel-size: each engine's (input, output) addresses and
+    # pid, in rank order (empty: the one engine of `engine` and `engine_pid`)
+    engine_addresses: list[tuple[str, str]] = []
+    engine_pids: list[int] = []
+
+    @property
+    def engine_endpoints(self) -> list[tuple[str, str]]:
+        return self.engine_addresses or [(self.engine.input_address, self.engine.output_address)]
 
     @property
     def served_model_name(self) -> str:

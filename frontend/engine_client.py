@@ -10,9 +10,17 @@ engine's pid vanishing) wakes every waiting `generate()` with `EngineDeadError`,
 hangs on an engine that is gone. A shutdown whose grace period runs out ends the requests still
 in flight with `ServerStoppingError` (`stop_in_flight`).
 
-It also keeps the counts the metrics read: the engine's latest `SchedulerStats`, every
+It also keeps the counts the metrics read: each engine's latest `SchedulerStats`, every
 generated token, and the tokens the engine still made for requests whose client had gone
 (from `mark_client_gone` until each sequence's final output).
+
+Data parallelism (`--data-parallel-size N`): the client holds one pair of sockets per engine
+core (each engine binds its own) and one reader task each. `EngineRouter` is the one place that
+picks an engine for each engine request (all its n / best_of / beam sequences stay there): the
+engine whose prefix cache most likely holds the prompt's leading blocks, unless it is busier
+than the least loaded engine by more than a small slack, else the least loaded. Aborts follow
+their request to its engine. The death of any engine is the death of the client: every request
+fails, /health turns 503 and the launcher stops the server.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 
 import zmq
@@ -39,6 +48,7 @@ from ipc.messages import (
     decode_to_frontend,
     encode,
 )
+from ipc.shared.prefix_hash import prefix_block_hashes
 from ipc.sockets import make_socket
 
 logger = logging.getLogger(__name__)
@@ -76,16 +86,101 @@ class _OutputStream:
             self.live_indices[request_id].discard(index)
 
 
+# Prefix affinity gives way to load: the engine that holds a prompt's prefix gets the request
+# unless it already has more than this many sequences beyond the least loaded engine (or a
+# quarter more, when busier), so a prefix every request shares (a system prompt) cannot pile all
+# traffic on one engine: once the other engine took one such request, both hold it and load
+# decides.
+AFFINITY_MIN_SLACK = 2
+AFFINITY_SLACK_FRACTION = 0.25
+MAX_AFFINITY_BLOCKS = 128  # leading blocks named per prompt (2048 tokens at block size 16)
+DEFAULT_REMEMBERED_BLOCKS = 4096  # per engine, until its ready message gives its KV capacity
+
+
+class EngineRouter:
+    """Picks the engine for each engine request: by prefix affinity, then load. It remembers,
+    per engine, the names of the leading blocks of prompts it sent there (least recently used
+    first out, as many as the engine's KV cache has blocks), named as the engine names them
+    (`ipc.shared.prefix_hash`, cache_salt included, so tenants never attract each other)."""
+
+    def __init__(self, num_engines: int, block_size: int, *, is_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.is_prefix_caching = is_prefix_caching
+        self.remembered: list[OrderedDict[bytes, None]] = [OrderedDict() for _ in range(num_engines)]
+        self.max_remembered = [DEFAULT_REMEMBERED_BLOCKS] * num_engines
+
+    def choose(self, prompt_token_ids: list[int], cache_salt: str | None, loads: list[int]) -> int:
+        """The engine for a prompt, given each engine's sequences in flight; remembers that its
+        blocks are now cached there."""
+        if len(loads) == 1:
+            return 0
+        hashes = self._hashes(prompt_token_ids, cache_salt)
+        min_load = min(loads)
+        slack = max(AFFINITY_MIN_SLACK, int(min_load * AFFINITY_SLACK_FRACTION))
+        candidates = [rank for rank, load in enumerate(loads) if load <= min_load + slack]
+        rank = min(candidates, key=lambda r: (-self.num_cached_blocks(r, hashes), loads[r], r))
+        self.remember(rank, hashes)
+        return rank
+
+    def num_cached_blocks(self, rank: int, hashes: list[bytes]) -> int:
+        """How many of the leading `hashes` engine `rank` was sent (a chain: the first miss ends it)."""
+        remembered = self.remembered[rank]
+        count = 0
+        for h in hashes:
+            if h not in remembered:
+                break
+            count += 1
+        return count
+
+    def remember(self, rank: int, hashes: list[bytes]) -> None:
+        remembered = self.remembered[rank]
+        for h in hashes:
+            remembered[h] = None
+            remembered.move_to_end(h)
+        while len(remembered) > self.max_remembered[rank]:
+            remembered.popitem(last=False)
+
+    def _hashes(self, prompt_token_ids: list[int], cache_salt: str | None) -> list[bytes]:
+        if not self.is_prefix_caching:
+            return []
+        return prefix_block_hashes(prompt_token_ids, self.block_size, cache_salt, MAX_AFFINITY_BLOCKS)
+
+
+class _Engine:
+    """One engine core as the client sees it: its sockets, facts, stats, and the sequences it
+    was sent that have not had their final output yet (the router's load)."""
+
+    def __init__(self, rank: int, input_address: str, output_address: str, pid: int | None) -> None:
+        self.rank = rank
+        self.input_address, self.output_address = input_address, output_address
+        self.pid = pid
+        self.input: zmq.asyncio.Socket | None = None
+        self.output: zmq.asyncio.Socket | None = None
+        self.model_info: EngineReady | None = None
+        self.stats: SchedulerStats | None = None
+        self.num_live: dict[str, int] = {}  # request id -> its sequences not yet final here
+
+    @property
+    def load(self) -> int:
+        """Sequences in flight: the frontend's own count, or the engine's running + waiting if
+        that is more (aborted sequences the engine has not reached yet)."""
+        in_flight = sum(self.num_live.values())
+        reported = 0 if self.stats is None else self.stats.num_running + self.stats.num_waiting
+        return max(in_flight, reported)
+
+
 class EngineClient:
     def __init__(self, config: FrontendConfig, *, pid_poll_interval_s: float = 0.5) -> None:
         self.config = config
         self.pid_poll_interval_s = pid_poll_interval_s
-        self.model_info: EngineReady | None = None
-        self.latest_stats: SchedulerStats | None = None
         self.dead_reason: str | None = None
         self._ctx: zmq.asyncio.Context | None = None
-        self._input: zmq.asyncio.Socket | None = None
-        self._output: zmq.asyncio.Socket | None = None
+        pids = config.engine_pids or [config.engine_pid]
+        self.engines = [_Engine(rank, input_address, output_address, pids[rank] if rank < len(pids) else None)
+                        for rank, (input_address, output_address) in enumerate(config.engine_endpoints)]
+        self.router = EngineRouter(len(self.engines), config.engine.block_size,
+                                   is_prefix_caching=config.engine.enable_prefix_caching)
+        self._engine_of: dict[str, _Engine] = {}  # request id -> the engine it was sent to
         self._tasks: list[asyncio.Task] = []
         self._streams: dict[str, _OutputStream] = {}  # request id -> its API request's stream
         self.num_generation_tokens = 0
@@ -93,6 +188,30 @@ class EngineClient:
         self._num_live_after_gone: dict[str, int] = {}  # request id -> sequences not yet final
         self._ready = asyncio.Event()
         self._dead = asyncio.Event()
+
+    @property
+    def model_info(self) -> EngineReady | None:
+        """The engines' facts (rank 0's: all serve the same model), once every engine is ready."""
+        if any(engine.model_info is None for engine in self.engines):
+            return None
+        return self.engines[0].model_info
+
+    @property
+    def engine_stats(self) -> list[SchedulerStats | None]:
+        """Each engine's latest stats, in rank order."""
+        return [engine.stats for engine in self.engines]
+
+    @property
+    def latest_stats(self) -> SchedulerStats | None:
+        """All engines' latest stats added up (KV cache usage: their mean)."""
+        known = [stats for stats in self.engine_stats if stats is not None]
+        if not known:
+            return None
+        if len(known) == 1:
+            return known[0]
+        total = SchedulerStats(*(sum(getattr(s, f) for s in known) for f in SchedulerStats.__struct_fields__))
+        total.kv_cache_usage = sum(s.kv_cache_usage for s in self.engine_stats if s is not None) / len(self.engines)
+        return total
 
     @property
     def is_ready(self) -> bool:
@@ -104,11 +223,12 @@ class EngineClient:
 
     async def start(self) -> None:
         self._ctx = zmq.asyncio.Context()
-        self._input = make_socket(self._ctx, zmq.PUSH, self.config.engine.input_address, bind=False)
-        self._output = make_socket(self._ctx, zmq.PULL, self.config.engine.output_address, bind=False)
-        self._tasks.append(asyncio.create_task(self._read_outputs(), name="engine-outputs"))
-        if self.config.engine_pid is not None:
-            self._tasks.append(asyncio.create_task(self._watch_pid(), name="engine-pid"))
+        for engine in self.engines:
+            engine.input = make_socket(self._ctx, zmq.PUSH, engine.input_address, bind=False)
+            engine.output = make_socket(self._ctx, zmq.PULL, engine.output_address, bind=False)
+            self._tasks.append(asyncio.create_task(self._read_outputs(engine), name=f"engine-outputs-{engine.rank}"))
+            if engine.pid is not None:
+                self._tasks.append(asyncio.create_task(self._watch_pid(engine), name=f"engine-pid-{engine.rank}"))
 
     async def wait_ready(self) -> EngineReady:
         ready = asyncio.ensure_future(self._ready.wait())
@@ -139,7 +259,7 @@ class EngineClient:
             self._streams[request.request_id] = stream
         try:
             for request in requests:
-                self._send(request)
+                self._send_request(request)
             while stream.has_live:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
@@ -166,7 +286,7 @@ class EngineClient:
         unfinished = {r: len(live) for r, live in stream.live_indices.items() if live}
         if unfinished and not self.is_dead:
             logger.info("aborting requests %s (their consumer stopped early)", ", ".join(unfinished))
-            self._send(EngineCoreAbort(list(unfinished)))
+            self._send_abort(list(unfinished), None)
             if stream.is_client_gone:
                 self._num_live_after_gone.update(unfinished)
 
@@ -185,7 +305,7 @@ class EngineClient:
             if stream is not None:
                 stream.end(request_id, None if indices is None else indices[k])
         if not self.is_dead:
-            self._send(EngineCoreAbort(list(request_ids), indices))
+            self._send_abort(list(request_ids), indices)
 
     def stop_in_flight(self, reason: str) -> None:
         """End every running `generate()` with `ServerStoppingError` (their engine requests are
@@ -213,35 +333,64 @@ class EngineClient:
             self._ctx.destroy(linger=0)
             self._ctx = None
 
-    def _send(self, message: FrontendToEngine) -> None:
+    def _send_request(self, request: EngineCoreRequest) -> None:
+        """To the engine the router picks; all the request's sequences stay there."""
+        params = request.sampling_params
+        rank = self.router.choose(request.prompt_token_ids, params.cache_salt,
+                                  [engine.load for engine in self.engines])
+        engine = self.engines[rank]
+        self._engine_of[request.request_id] = engine
+        engine.num_live[request.request_id] = params.num_candidates
+        self._send(engine, request)
+
+    def _send_abort(self, request_ids: list[str], indices: list[int] | None) -> None:
+        """Each abort to the engine its request went to; one the client no longer tracks (its
+        sequences all final) to every engine, as aborts are idempotent."""
+        by_engine: dict[int, tuple[list[str], list[int]]] = {}
+        for k, request_id in enumerate(request_ids):
+            engine = self._engine_of.get(request_id)
+            for rank in range(len(self.engines)) if engine is None else [engine.rank]:
+                ids, engine_indices = by_engine.setdefault(rank, ([], []))
+                ids.append(request_id)
+                if indices is not None:
+                    engine_indices.append(indices[k])
+        for rank, (ids, engine_indices) in by_engine.items():
+            self._send(self.engines[rank], EngineCoreAbort(ids, engine_indices if indices is not None else None))
+
+    def _send(self, engine: _Engine, message: FrontendToEngine) -> None:
         # PUSH with no high-water mark queues instead of blocking, so the returned future is
         # already resolved; not awaiting keeps this usable from a generator's `finally`.
-        assert self._input is not None, "EngineClient.start() was not called"
-        self._input.send(encode(message), copy=False)
+        assert engine.input is not None, "EngineClient.start() was not called"
+        engine.input.send(encode(message), copy=False)
 
-    async def _read_outputs(self) -> None:
-        assert self._output is not None
+    async def _read_outputs(self, engine: _Engine) -> None:
+        assert engine.output is not None
+        name = "the engine core" if len(self.engines) == 1 else f"engine core {engine.rank}"
         try:
             while True:
-                message = decode_to_frontend(await self._output.recv())
+                message = decode_to_frontend(await engine.output.recv())
                 if isinstance(message, EngineCoreOutputs):
-                    self._route(message)
+                    self._route(engine, message)
                 elif isinstance(message, EngineReady):
-                    self.model_info = message
-                    self._ready.set()
-                    logger.info("engine ready: %s", message)
+                    engine.model_info = message
+                    self.router.max_remembered[engine.rank] = message.num_kv_blocks
+                    logger.info("%s ready: %s", name, message)
+                    if self.model_info is not None:
+                        self._ready.set()
                 elif isinstance(message, EngineDead):
-                    self._mark_dead(f"the engine core died: {message.reason}")
+                    self._mark_dead(f"{name} died: {message.reason}")
                     return
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a message we cannot decode means the contract is broken
             logger.exception("engine output reader failed")
-            self._mark_dead(f"lost the engine connection: {exc}")
+            self._mark_dead(f"lost the {'engine' if len(self.engines) == 1 else name} connection: {exc}")
 
-    def _route(self, message: EngineCoreOutputs) -> None:
-        self.latest_stats = message.stats
+    def _route(self, engine: _Engine, message: EngineCoreOutputs) -> None:
+        engine.stats = message.stats
         for output in message.outputs:
+            if output.finish_reason is not None:
+                self._count_final(engine, output.request_id)
             self.num_generation_tokens += len(output.new_token_ids)
             stream = self._streams.get(output.request_id)
             if stream is not None:
@@ -249,6 +398,15 @@ class EngineClient:
             elif output.request_id in self._num_live_after_gone:
                 self._count_after_disconnect(output)
             # else: a late output of a request we stopped ourselves (a stop string); dropped
+
+    def _count_final(self, engine: _Engine, request_id: str) -> None:
+        """One of the request's sequences is final in its engine (finished, aborted or refused)."""
+        left = engine.num_live.get(request_id, 0) - 1
+        if left > 0:
+            engine.num_live[request_id] = left
+        else:
+            engine.num_live.pop(request_id, None)
+            self._engine_of.pop(request_id, None)
 
     def _count_after_disconnect(self, output: EngineCoreOutput) -> None:
         request_id = output.request_id
@@ -258,8 +416,8 @@ class EngineClient:
             if self._num_live_after_gone[request_id] <= 0:
                 del self._num_live_after_gone[request_id]
 
-    async def _watch_pid(self) -> None:
-        pid = self.config.engine_pid
+    async def _watch_pid(self, engine: _Engine) -> None:
+        pid = engine.pid
         assert pid is not None
         while not self.is_dead:
             if not _process_exists(pid):

@@ -29,6 +29,11 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # Set by the launcher: the two ZeroMQ endpoints (ipc:// paths in a private temp dir).
     input_address: str = ""  # frontend -> engine
     output_address: str = ""  # engine -> frontend
+    # --data-parallel-size: engine-core processes behind the one frontend, each with its own
+    # KV cache of kv_cache_gib and num_threads threads. Rank and CPU set are set by the launcher.
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0  # this engine's index among them
+    cpu_ids: list[int] = []  # the CPUs this engine is pinned to (before its threads start); empty: not pinned
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()

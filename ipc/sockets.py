@@ -17,11 +17,13 @@ def make_ipc_dir() -> str:
     return tempfile.mkdtemp(prefix="furiosa-llm-")
 
 
-def ipc_addresses(ipc_dir: str) -> tuple[str, str]:
-    """(input_address, output_address) as seen from the engine core."""
+def ipc_addresses(ipc_dir: str, rank: int = 0) -> tuple[str, str]:
+    """(input_address, output_address) as seen from engine core `rank` (each engine of
+    --data-parallel-size has its own pair)."""
+    suffix = "" if rank == 0 else f"_{rank}"
     return (
-        "ipc://" + os.path.join(ipc_dir, "to_engine.sock"),
-        "ipc://" + os.path.join(ipc_dir, "to_frontend.sock"),
+        "ipc://" + os.path.join(ipc_dir, f"to_engine{suffix}.sock"),
+        "ipc://" + os.path.join(ipc_dir, f"to_frontend{suffix}.sock"),
     )
 
 
