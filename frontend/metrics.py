@@ -5,7 +5,9 @@ Two sources feed them:
 - the engine client's live state (the `SchedulerStats` of the latest engine step, which come
   with every outputs message, and its token counts), read by a collector at scrape time:
   `num_requests_running`, `num_requests_waiting`, `kv_cache_usage_perc` (a fraction, 1 is
-  full), `prompt_tokens_total` (as vLLM: the whole prompt of every request whose prefill
+  full) per engine core, labelled `engine="0"`, `"1"`, ... as vLLM does (with
+  `--data-parallel-size`: sum them for the server's total), and as counters summed over the
+  engines: `prompt_tokens_total` (as vLLM: the whole prompt of every request whose prefill
   finished, cached tokens included, once), `prompt_tokens_computed_total` (prefill tokens
   the engine computed: not those found in the prefix cache, recomputation after preemption
   included), `prefix_cache_queries_total` and `prefix_cache_hits_total` (prompt tokens looked
@@ -77,16 +79,19 @@ class _EngineCollector:
 
     def collect(self):
         client = self.engine_client
-        stats = client.latest_stats
-        running, waiting, usage, preemptions, prompt_tokens, computed, queried, hits = (
-            (0, 0, 0.0, 0, 0, 0, 0, 0) if stats is None else
-            (stats.num_running, stats.num_waiting, stats.kv_cache_usage, stats.num_preemptions,
-             stats.num_prompt_tokens, stats.num_prompt_tokens_computed,
+        stats = client.latest_stats  # summed over the engines
+        preemptions, prompt_tokens, computed, queried, hits = (
+            (0, 0, 0, 0, 0) if stats is None else
+            (stats.num_preemptions, stats.num_prompt_tokens, stats.num_prompt_tokens_computed,
              stats.prefix_cache_queried_tokens, stats.prefix_cache_hit_tokens)
         )
-        yield self._gauge("num_requests_running", "Sequences in the engine's running batch.", running)
-        yield self._gauge("num_requests_waiting", "Sequences waiting in the engine to be scheduled.", waiting)
-        yield self._gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 means 100 percent).", usage)
+        per_engine = client.engine_stats or [stats]
+        yield self._gauge("num_requests_running", "Sequences in the engine's running batch.",
+                          [0 if s is None else s.num_running for s in per_engine])
+        yield self._gauge("num_requests_waiting", "Sequences waiting in the engine to be scheduled.",
+                          [0 if s is None else s.num_waiting for s in per_engine])
+        yield self._gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 means 100 percent).",
+                          [0.0 if s is None else s.kv_cache_usage for s in per_engine])
         yield self._counter("num_preemptions", "Sequences preempted by the engine (recomputed later).", preemptions)
         yield self._counter("prompt_tokens", "Prompt tokens of requests whose prefill finished (cached ones included).",
                             prompt_tokens)
@@ -99,9 +104,11 @@ class _EngineCollector:
                             "Tokens generated for requests whose client had already gone.",
                             client.num_tokens_after_disconnect)
 
-    def _gauge(self, name: str, documentation: str, value: float) -> GaugeMetricFamily:
-        family = GaugeMetricFamily(PREFIX + name, documentation, labels=["model_name"])
-        family.add_metric(self.labels, value)
+    def _gauge(self, name: str, documentation: str, values: list[float]) -> GaugeMetricFamily:
+        """One sample per engine core, labelled with its rank."""
+        family = GaugeMetricFamily(PREFIX + name, documentation, labels=["model_name", "engine"])
+        for rank, value in enumerate(values):
+            family.add_metric([*self.labels, str(rank)], value)
         return family
 
     def _counter(self, name: str, documentation: str, value: float) -> CounterMetricFamily:

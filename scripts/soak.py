@@ -210,8 +210,8 @@ async def wait_idle(url: str, headers: dict, timeout_s: float) -> dict[str, floa
         deadline = time.monotonic() + timeout_s
         while True:
             metrics = await scrape(client)
-            if (metrics["furiosa_llm:num_requests_running"] == 0 and metrics["furiosa_llm:num_requests_waiting"] == 0
-                    and metrics["furiosa_llm:kv_cache_usage_perc"] == 0):
+            if (metrics["furiosa_llm:num_requests_running{engine=0}"] == 0 and metrics["furiosa_llm:num_requests_waiting{engine=0}"] == 0
+                    and metrics["furiosa_llm:kv_cache_usage_perc{engine=0}"] == 0):
                 return metrics
             if time.monotonic() > deadline:
                 return metrics
@@ -302,9 +302,9 @@ def soak(args, url: str, launcher_pid: int | None, headers: dict) -> int:
 
     checks = {
         "no_failed_requests": not tally.failures and not warm.failures,
-        "nothing_running": metrics["furiosa_llm:num_requests_running"] == 0
-        and metrics["furiosa_llm:num_requests_waiting"] == 0,
-        "kv_cache_empty": metrics["furiosa_llm:kv_cache_usage_perc"] == 0,
+        "nothing_running": metrics["furiosa_llm:num_requests_running{engine=0}"] == 0
+        and metrics["furiosa_llm:num_requests_waiting{engine=0}"] == 0,
+        "kv_cache_empty": metrics["furiosa_llm:kv_cache_usage_perc{engine=0}"] == 0,
         "server_answers": probe.status_code == 200 and probe.json()["usage"]["completion_tokens"] == 4,
         "rss_within_tolerance": all(abs(rss_after[n] - rss_warm[n]) <= args.rss_tolerance * rss_warm[n]
                                     for n in rss_warm),

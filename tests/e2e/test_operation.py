@@ -80,7 +80,7 @@ def test_engine_killed_mid_stream_ends_requests_with_errors_and_the_command_exit
             lines = stream.iter_lines()
             assert json.loads(data_events([next(lines)])[0])["choices"][0]["text"] is not None
             non_stream = pool.submit(httpx.post, server.url + "/v1/completions", json=LONG, timeout=30)
-            wait_until(lambda: scrape(server)["furiosa_llm:num_requests_running"] == 2, 30, "both requests to run")
+            wait_until(lambda: scrape(server)["furiosa_llm:num_requests_running{engine=0}"] == 2, 30, "both requests to run")
             os.kill(engine_pid(server), signal.SIGKILL)
             killed_at = time.monotonic()
             events = data_events(lines)
@@ -207,8 +207,8 @@ def test_requests_past_the_queue_bound_get_503_with_retry_after():
                                                         json={**LONG, "stream": True}), stream=True)
                        for _ in range(2)]
             try:
-                wait_until(lambda: (lambda m: m["furiosa_llm:num_requests_running"] == 1
-                                    and m["furiosa_llm:num_requests_waiting"] == 1)(scrape(server)),
+                wait_until(lambda: (lambda m: m["furiosa_llm:num_requests_running{engine=0}"] == 1
+                                    and m["furiosa_llm:num_requests_waiting{engine=0}"] == 1)(scrape(server)),
                            30, "one request running and one waiting")
                 refused = client.post(server.url + "/v1/chat/completions",
                                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
@@ -219,7 +219,7 @@ def test_requests_past_the_queue_bound_get_503_with_retry_after():
             finally:
                 for stream in streams:
                     stream.close()
-            wait_until(lambda: scrape(server)["furiosa_llm:num_requests_running"] == 0, 30, "the aborts")
+            wait_until(lambda: scrape(server)["furiosa_llm:num_requests_running{engine=0}"] == 0, 30, "the aborts")
             again = client.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
             assert again.status_code == 200
     finally:
@@ -244,9 +244,9 @@ def test_clients_dropping_their_streams_leave_nothing_running():
     try:
         with ThreadPoolExecutor(8) as pool:
             assert all(n >= 2 for n in pool.map(read_then_drop, range(8)))
-        metrics = wait_until(lambda: (lambda m: m if m["furiosa_llm:num_requests_running"] == 0
-                                      and m["furiosa_llm:num_requests_waiting"] == 0
-                                      and m["furiosa_llm:kv_cache_usage_perc"] == 0 else None)(scrape(server)),
+        metrics = wait_until(lambda: (lambda m: m if m["furiosa_llm:num_requests_running{engine=0}"] == 0
+                                      and m["furiosa_llm:num_requests_waiting{engine=0}"] == 0
+                                      and m["furiosa_llm:kv_cache_usage_perc{engine=0}"] == 0 else None)(scrape(server)),
                              30, "the engine to be empty")
         assert metrics["furiosa_llm:request_success_total{finished_reason=abort}"] == 8
         assert metrics["furiosa_llm:generation_tokens_after_disconnect_total"] >= 0

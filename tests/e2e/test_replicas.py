@@ -279,4 +279,4 @@ def test_a_conversations_turns_with_a_session_header_land_on_one_replica(tmp_pat
     assert set(without_header) == set(replicas), without_header
     # each replica found its conversations' earlier turns in its prefix cache
     assert all(h > 0 for h in hits.values()), hits
-    assert [s.labels.keys() for s in waiting] == [{"model_name"}]
+    assert [(set(s.labels), s.labels["engine"]) for s in waiting] == [({"model_name", "engine"}, "0")]

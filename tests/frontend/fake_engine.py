@@ -34,6 +34,7 @@ class FakeEngineClient:
         self.script = script
         self.model_info: EngineReady | None = model_info if ready else None
         self.latest_stats: SchedulerStats | None = None
+        self.engine_stats: list[SchedulerStats | None] | None = None  # per engine; None: [latest_stats]
         self.dead_reason: str | None = None
         self.requests: list[EngineCoreRequest] = []
         self.abort_calls: list[tuple[list[str], list[int] | None]] = []

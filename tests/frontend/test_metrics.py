@@ -30,7 +30,7 @@ def scrape(client) -> dict[str, float]:
 
 def test_metrics_count_requests_tokens_and_latencies(client, engine, tokenizer):
     before = scrape(client)
-    assert before["furiosa_llm:num_requests_running"] == 0 and before["furiosa_llm:generation_tokens_total"] == 0
+    assert before["furiosa_llm:num_requests_running{engine=0}"] == 0 and before["furiosa_llm:generation_tokens_total"] == 0
     response = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 5, "ignore_eos": True})
     assert response.json()["usage"]["completion_tokens"] == 5
     engine.script = text_script(tokenizer, "Hello world!")
@@ -39,9 +39,9 @@ def test_metrics_count_requests_tokens_and_latencies(client, engine, tokenizer):
     engine.latest_stats = SchedulerStats(num_running=2, num_waiting=3, kv_cache_usage=0.5, num_preemptions=4,
                                          num_prompt_tokens_computed=42, num_prompt_tokens=58)
     after = scrape(client)
-    assert after["furiosa_llm:num_requests_running"] == 2
-    assert after["furiosa_llm:num_requests_waiting"] == 3
-    assert after["furiosa_llm:kv_cache_usage_perc"] == 0.5
+    assert after["furiosa_llm:num_requests_running{engine=0}"] == 2
+    assert after["furiosa_llm:num_requests_waiting{engine=0}"] == 3
+    assert after["furiosa_llm:kv_cache_usage_perc{engine=0}"] == 0.5
     assert after["furiosa_llm:num_preemptions_total"] == 4
     # vLLM's prompt_tokens_total counts whole prompts, cached tokens too; the computed ones apart
     assert after["furiosa_llm:prompt_tokens_total"] == 58
