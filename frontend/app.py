@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import importlib.metadata
 import logging
@@ -49,7 +50,9 @@ from frontend.protocol import (
     ignored_fields,
 )
 from frontend.serving_chat import OpenAIServingChat
+from frontend.protocol_responses import ResponsesRequest, ignored_response_fields
 from frontend.serving_completions import OpenAIServingCompletion
+from frontend.serving_responses import OpenAIServingResponses
 from frontend.sse import SSE_HEADERS
 from frontend.stats_logger import StatsLogger
 from frontend.tokenizer import eos_token_ids, load_tokenizer
@@ -83,6 +86,10 @@ class Services:
     def tokenizer(self):
         return self.completions.tokenizer
 
+    @functools.cached_property
+    def responses(self) -> OpenAIServingResponses:
+        return OpenAIServingResponses(self.chat)
+
 
 def _services(state: State) -> Services:
     return state.services
@@ -92,10 +99,10 @@ def _services(state: State) -> Services:
 # Routes
 
 
-def _decode_generation_body(raw: bytes, cls: type, request: Request):
+def _decode_generation_body(raw: bytes, cls: type, request: Request, find_ignored=ignored_fields):
     """The request body; one warning names the fields it ignores, so none is ignored silently."""
     body = decode_body(raw, cls)
-    ignored = ignored_fields(raw, body)
+    ignored = find_ignored(raw, body)
     if ignored:
         logger.warning("%s %s: ignoring the fields %s: this server does not use them", request.method,
                        request.url.path, ", ".join(map(repr, ignored)))
@@ -120,6 +127,16 @@ async def create_chat_completion(request: Request, state: State) -> Response:
         chunks = await services.chat.create_chat_completion(body)
         return Stream(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
     return Response(await _unless_disconnected(services.chat.create_chat_completion(body), request))
+
+
+@post("/v1/responses", status_code=200)
+async def create_response(request: Request, state: State) -> Response:
+    services = _services(state)
+    body = _decode_generation_body(await request.body(), ResponsesRequest, request, ignored_response_fields)
+    if body.stream:
+        events = await services.responses.create_response(body)
+        return Stream(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    return Response(await _unless_disconnected(services.responses.create_response(body), request))
 
 
 @get("/v1/models")
@@ -276,7 +293,7 @@ def create_app(config: FrontendConfig, engine_client=None, tokenizer=None) -> Li
             client = EngineClient(config)
             await client.start()
         serving_args = (config, client, tok, eos_ids)
-        metrics = FrontendMetrics(config.served_model_name, client)
+        metrics = FrontendMetrics(config.served_model_name, client, config.engine)
         executor = ThreadPoolExecutor(MAX_PREPARE_THREADS, thread_name_prefix="prepare")
         load = RequestLoad.for_limits(max_num_seqs=config.engine.max_num_seqs, max_waiting_requests=config.max_waiting_requests)
         shared = dict(load=load,
@@ -305,6 +322,7 @@ def create_app(config: FrontendConfig, engine_client=None, tokenizer=None) -> Li
         route_handlers=[
             create_completion,
             create_chat_completion,
+            create_response,
             list_models,
             retrieve_model,
             health,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 
@@ -29,20 +29,23 @@ def sse_event(payload: msgspec.Struct) -> bytes:
     return b"data: " + msgspec.json.encode(payload) + b"\n\n"
 
 
-async def sse_stream(chunks: AsyncIterator[msgspec.Struct]) -> AsyncIterator[bytes]:
-    """Frames chunks as SSE and always ends with `[DONE]`; a failure after the 200 status was
+async def sse_stream(chunks: AsyncIterator[msgspec.Struct], *, frame: Callable[[msgspec.Struct], bytes] = sse_event,
+                     done: bytes | None = SSE_DONE) -> AsyncIterator[bytes]:
+    """Frames chunks as SSE (`frame`) and always ends with `done` (`[DONE]`; None for the
+    Responses API, whose stream ends with its own event); a failure after the 200 status was
     sent becomes an `{"error": ...}` event."""
     try:
         # closed in this order: the keep-alive wrapper ends its pending read before `chunks` closes
         async with contextlib.aclosing(chunks), contextlib.aclosing(_with_keepalives(chunks)) as waiting:
             async for chunk in waiting:
-                yield SSE_KEEPALIVE if chunk is None else sse_event(chunk)
+                yield SSE_KEEPALIVE if chunk is None else frame(chunk)
     except OpenAIError as exc:
         yield error_event(exc)
     except Exception:
         logger.exception("a streamed request failed")
         yield error_event(internal_error())
-    yield SSE_DONE
+    if done is not None:
+        yield done
 
 
 async def _with_keepalives(chunks: AsyncIterator[msgspec.Struct]) -> AsyncIterator[msgspec.Struct | None]:

@@ -31,6 +31,10 @@ def check_response(response) -> None:
         error = json.loads(response.text)["error"]
         assert set(error) == ERROR_FIELDS and isinstance(error["message"], str) and error["message"], where
     elif response.headers.get("content-type", [""])[0].startswith("text/event-stream"):
+        if str(response.request.url).endswith("/v1/responses"):
+            check_responses_stream(response.text, where)
+            assert not getattr(response, STREAM_CUT_SHORT_ATTRIBUTE, False), where
+            return
         # (a ": keep-alive" comment, sent while a stream waits, is no event)
         events = [line[len("data: "):] for line in response.text.split("\n\n") if line and not line.startswith(":")]
         assert events[-1] == "[DONE]" and not getattr(response, STREAM_CUT_SHORT_ATTRIBUTE, False), where
@@ -38,3 +42,21 @@ def check_response(response) -> None:
             payload = json.loads(event)
             if "error" in payload:
                 assert set(payload["error"]) == ERROR_FIELDS, where
+
+
+RESPONSES_TERMINAL_EVENTS = {"response.completed", "response.incomplete", "response.failed"}
+
+
+def check_responses_stream(text: str, where: str) -> None:
+    """A Responses stream: `event:`/`data:` pairs of the same type, sequence numbers 0, 1, ...,
+    and exactly one terminal event, the last."""
+    blocks = [block for block in text.split("\n\n") if block and not block.startswith(":")]
+    events = []
+    for block in blocks:
+        event_line, data_line = block.split("\n")
+        payload = json.loads(data_line[len("data: "):])
+        assert event_line == f"event: {payload['type']}", where
+        events.append(payload)
+    assert [e["sequence_number"] for e in events] == list(range(len(events))), where
+    terminal = [e for e in events if e["type"] in RESPONSES_TERMINAL_EVENTS]
+    assert len(terminal) == 1 and events[-1] is terminal[0], where
