@@ -25,6 +25,7 @@ from engine_core.kv_cache_manager import KVCacheManager
 from engine_core.loader import ModelConfig, load_artifact
 from engine_core.model import KVCache, resolve_kv_cache_dtype
 from engine_core.model_runner import ModelRunner, RunnerOutput
+from engine_core.pooler import POOLER_TYPES, Pooler
 from engine_core.request import Request, Sequence
 from engine_core.sampler import SampledToken, Sampler, log_softmax, token_logprobs
 from engine_core.structured_output import StructuredOutputManager
@@ -43,11 +44,19 @@ from ipc.shared.vocabulary import read_vocabulary
 
 logger = logging.getLogger("furiosa_llm.engine")
 
+RUNNERS = ("generate", "pooling")  # --runner: vLLM's names
+
 
 class EngineCore:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, weights: dict[str, np.ndarray]):
+        if config.runner not in RUNNERS:
+            raise ValueError(f"runner {config.runner!r} is not one of {', '.join(RUNNERS)}")
+        if config.pooler_type not in POOLER_TYPES:
+            raise ValueError(f"pooler type {config.pooler_type!r} is not one of {', '.join(POOLER_TYPES)}")
         self.config = config
         self.model_config = model_config
+        self.is_pooling_runner = config.runner == "pooling"
+        self.pooler = Pooler(config.pooler_type)
         self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype)
         block_bytes = KVCache.bytes_per_block(model_config, config.block_size, self.kv_cache_dtype)
         self.num_blocks = max(1, int(config.kv_cache_gib * 2**30) // block_bytes)
@@ -97,6 +106,7 @@ class EngineCore:
             vocab_size=self.model_config.vocab_size,
             num_kv_blocks=self.num_blocks,
             block_size=self.config.block_size,
+            hidden_size=self.model_config.hidden_size,
         )
 
     def stats(self) -> SchedulerStats:
@@ -115,6 +125,7 @@ class EngineCore:
 
     def add_request(self, message: EngineCoreRequest) -> None:
         request = Request(message, self.model_config.vocab_size)
+        request.pools_every_position = request.is_pooling and self.pooler.needs_every_position
         error = self._check_request(request) or self._attach_grammar(request)
         if error is not None:
             output = EngineCoreOutput(request.request_id, 0, [])
@@ -133,7 +144,11 @@ class EngineCore:
             return f"request id {request.request_id!r} is already in use"
         if num_prompt == 0:
             return "the prompt is empty"
-        if num_prompt >= self.max_model_len:
+        if request.is_pooling != self.is_pooling_runner:
+            return ("this model runs as a pooling runner: it serves embeddings, not generation" if self.is_pooling_runner
+                    else "this model runs as a generate runner: start it with --runner pooling for embeddings")
+        # a pooled prompt may fill the context; a generated one needs room for a token
+        if num_prompt > self.max_model_len or (num_prompt == self.max_model_len and not request.is_pooling):
             return f"the prompt has {num_prompt} tokens; this model's context is {self.max_model_len}"
         if max(request.prompt_token_ids) >= self.model_config.vocab_size or min(request.prompt_token_ids) < 0:
             return f"prompt token ids must be in [0, {self.model_config.vocab_size})"
@@ -180,7 +195,7 @@ class EngineCore:
             plan.entries = [e for e in plan.entries if not e.seq.is_finished]
         if plan.entries:
             prompt_rows = self._prompt_logit_rows(plan)
-            result = self.runner.execute(plan, prompt_rows)
+            result = self.runner.execute(plan, prompt_rows, self._pooled_rows(plan))
             self._postprocess(plan, result)
         outputs, self.pending_outputs = self.pending_outputs, []
         return outputs
@@ -196,8 +211,22 @@ class EngineCore:
                     rows[index] = count
         return rows
 
+    def _pooled_rows(self, plan: SchedulerOutput) -> dict[int, tuple[int, int]]:
+        """Each pooling entry's rows whose hidden states the pooler needs: (first, count)."""
+        rows = {}
+        for index, entry in enumerate(plan.entries):
+            request = entry.seq.request
+            if request.is_pooling:
+                rows[index] = self.pooler.rows_of(entry.seq.num_computed_tokens, entry.num_tokens,
+                                                  request.num_prompt_tokens)
+        return rows
+
     def _postprocess(self, plan: SchedulerOutput, result: RunnerOutput) -> None:
+        for index, hidden in result.pooled_hidden.items():  # before the chunk counts as computed
+            seq = plan.entries[index].seq
+            self.pooler.accumulate(seq.request, seq.num_computed_tokens, hidden)
         self._record_computed(plan, result)
+        self._finish_pooled(plan)
         seqs, rows, beam_requests = self._route_logit_rows(result)
         self._step_ready_beam_searches(beam_requests)
         if seqs:
@@ -220,6 +249,13 @@ class EngineCore:
                 request.is_prompt_counted = True  # once, however often a preempted prompt is recomputed
                 self.num_prompt_tokens += request.num_prompt_tokens
             self.kv.cache_full_blocks(entry.seq)
+
+    def _finish_pooled(self, plan: SchedulerOutput) -> None:
+        """A pooling request whose prompt is computed is done: no token is sampled."""
+        for entry in plan.entries:
+            seq = entry.seq
+            if seq.request.is_pooling and not seq.is_finished and seq.num_uncomputed_tokens == 0:
+                self._finish(seq, FinishCause.POOLED)
 
     def _route_logit_rows(self, result: RunnerOutput) -> tuple[list[Sequence], list[int], list[Request]]:
         """Where each sampled position's logits go: the sequences to sample and their rows (a
@@ -430,6 +466,8 @@ class EngineCore:
             _set_finish(output, seq.finish_cause, stop_reason=seq.stop_reason, error=error)
             output.cumulative_logprob = seq.cumulative_logprob
             output.num_generated_tokens = request.num_generated_tokens
+        if seq.finish_cause is FinishCause.POOLED:
+            output.pooled = self.pooler.result(request).astype("<f4").tobytes()
         if seq.finish_cause is not None or seq.num_sent_tokens == 0:
             # known once the request has started: the frontend need not wait for the end (a
             # choice it stops on a stop string never sees its final output)

@@ -235,9 +235,9 @@ class KVCacheManager:
 
     def _may_use_cache(self, seq: Sequence) -> bool:
         """Only a sequence starting from nothing, and not one that wants every prompt
-        position's logits (prompt logprobs)."""
+        position's logits (prompt logprobs) or hidden state (mean pooling)."""
         return (self.enable_prefix_caching and not seq.num_computed_tokens and not seq.block_ids
-                and seq.request.params.prompt_logprobs is None)
+                and seq.request.params.prompt_logprobs is None and not seq.request.pools_every_position)
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """For a sequence about to start: the cached blocks of its longest cached prefix. The

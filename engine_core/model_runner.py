@@ -6,7 +6,7 @@ same `SchedulerOutput` and returns the same `RunnerOutput`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +22,8 @@ class RunnerOutput:
     sample_logits: np.ndarray  # [len(sample_entries), vocab]: one row per completing sequence
     sample_entries: list[ScheduledSequence]
     prompt_logits: dict[int, np.ndarray]  # scheduled index -> [rows, vocab] for prompt logprobs
+    # scheduled index -> [rows, hidden]: final-normed hidden states of a pooling request's chunk
+    pooled_hidden: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -38,17 +40,26 @@ class ModelRunner:
         self.cache = KVCache(config, num_blocks, block_size, kv_cache_dtype)
         self.attention_warm_up_s = attention.warm_up(self.cache.keys.dtype)
 
-    def execute(self, plan: SchedulerOutput, prompt_logit_rows: dict[int, int]) -> RunnerOutput:
-        """prompt_logit_rows: scheduled index -> how many leading rows of its chunk need logits."""
+    def execute(self, plan: SchedulerOutput, prompt_logit_rows: dict[int, int],
+                pooled_rows: dict[int, tuple[int, int]] | None = None) -> RunnerOutput:
+        """prompt_logit_rows: scheduled index -> how many leading rows of its chunk need logits.
+        pooled_rows: scheduled index of each pooling entry -> (first row in its chunk, count)
+        whose hidden states it needs; those entries get no logits and are never sampled."""
+        pooled_rows = pooled_rows or {}
         self.cache.copy_blocks(plan.block_copies)
-        batch, sample_entries, prompt_slices = self.prepare(plan, prompt_logit_rows)
+        batch, sample_entries, prompt_slices, pooled_slices = self.prepare(plan, prompt_logit_rows, pooled_rows)
         hidden = self.model.forward(batch, self.cache)
-        logits = self.model.logits(hidden) if len(hidden) else np.zeros((0, self.config.vocab_size), np.float32)
+        num_logit_rows = len(hidden) - sum(count for _, count in pooled_rows.values())
+        logits = (self.model.logits(hidden[:num_logit_rows]) if num_logit_rows
+                  else np.zeros((0, self.config.vocab_size), np.float32))
         num_samples = len(sample_entries)
         prompt_logits = {i: logits[a:b] for i, (a, b) in prompt_slices.items()}
-        return RunnerOutput(logits[:num_samples], sample_entries, prompt_logits)
+        pooled_hidden = {i: hidden[a:b] for i, (a, b) in pooled_slices.items()}
+        return RunnerOutput(logits[:num_samples], sample_entries, prompt_logits, pooled_hidden)
 
-    def prepare(self, plan: SchedulerOutput, prompt_logit_rows: dict[int, int]):
+    def prepare(self, plan: SchedulerOutput, prompt_logit_rows: dict[int, int],
+                pooled_rows: dict[int, tuple[int, int]] | None = None):
+        pooled_rows = pooled_rows or {}
         bs = self.block_size
         token_ids, positions, slots, starts = [], [], [], []
         spans, decode_rows, decode_blocks, decode_lens = [], [], [], []
@@ -67,12 +78,18 @@ class ModelRunner:
             token_ids.extend(seq.token_ids[start:context_len])
             positions.append(pos)
             slots.append(blocks[pos // bs] * bs + pos % bs)
-        sample_entries = [e for e in plan.entries if e.completes]
-        output_rows = [start + e.num_tokens - 1 for start, e in zip(starts, plan.entries) if e.completes]
+        is_sampled = [e.completes and i not in pooled_rows for i, e in enumerate(plan.entries)]
+        sample_entries = [e for e, sampled in zip(plan.entries, is_sampled) if sampled]
+        output_rows = [start + e.num_tokens - 1 for start, e, sampled in zip(starts, plan.entries, is_sampled) if sampled]
         prompt_slices = {}
         for index, count in prompt_logit_rows.items():
             prompt_slices[index] = (len(output_rows), len(output_rows) + count)
             output_rows.extend(range(starts[index], starts[index] + count))
+        pooled_slices = {}  # after every row that needs logits
+        for index, (first, count) in pooled_rows.items():
+            if count:
+                pooled_slices[index] = (len(output_rows), len(output_rows) + count)
+                output_rows.extend(range(starts[index] + first, starts[index] + first + count))
         batch = ForwardBatch(
             token_ids=np.asarray(token_ids, dtype=np.int64),
             positions=np.concatenate(positions),
@@ -81,7 +98,7 @@ class ModelRunner:
             decodes=batch_decodes(decode_rows, decode_blocks, decode_lens),
             output_rows=np.asarray(output_rows, dtype=np.int64),
         )
-        return batch, sample_entries, prompt_slices
+        return batch, sample_entries, prompt_slices, pooled_slices
 
 
 def _blas_threads() -> int:

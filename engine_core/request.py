@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine_core.structured_output import GrammarMatcher
-from ipc.messages import EngineCoreRequest, FinishCause, SamplingParams, TokenLogprobs
+from ipc.messages import EngineCoreRequest, FinishCause, PoolingParams, SamplingParams, TokenLogprobs
 
 if TYPE_CHECKING:
     from engine_core.beam_search import BeamState
@@ -48,10 +48,19 @@ class Request:
         self.queue_time_s: float | None = None
         self.num_cached_tokens = 0
         self.is_prompt_counted = False  # in the engine's num_prompt_tokens (its prefill finished once)
+        # a pooling request (`--runner pooling`): prefill only; its pooled hidden states so far
+        self.pooling: PoolingParams | None = message.pooling
+        self.pooled_sum: np.ndarray | None = None
+        self.num_pooled_rows = 0
+        self.pools_every_position = False  # set by the engine for mean pooling: no cached prefix then
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.pooling is not None
 
     @property
     def needs_prompt_logprobs(self) -> bool:

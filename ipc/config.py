@@ -26,6 +26,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # BLAS threads in the engine; None: its DEFAULT_NUM_THREADS (1)
     log_level: str = "info"
+    runner: str = "generate"  # generate | pooling (vLLM's --runner): pooling serves embeddings only
+    pooler_type: str = "last"  # last | mean: how a pooling request's hidden states become one vector
     # Set by the launcher: the two ZeroMQ endpoints (ipc:// paths in a private temp dir).
     input_address: str = ""  # frontend -> engine
     output_address: str = ""  # engine -> frontend

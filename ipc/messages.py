@@ -32,6 +32,7 @@ class FinishCause(enum.IntEnum):
     LENGTH = 3  # max_tokens or max_model_len reached
     ABORT = 4  # aborted by the frontend
     ERROR = 5  # the request can never be served; error says why
+    POOLED = 6  # a pooling request's prompt is computed; its vector is the output's `pooled`
 
     @property
     def finish_reason(self) -> FinishReason:
@@ -45,6 +46,7 @@ _FINISH_REASONS = {
     FinishCause.LENGTH: FinishReason.LENGTH,
     FinishCause.ABORT: FinishReason.ABORT,
     FinishCause.ERROR: FinishReason.ERROR,
+    FinishCause.POOLED: FinishReason.STOP,
 }
 
 
@@ -98,6 +100,14 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, frozen
         return max(self.n, self.best_of or 0)
 
 
+class PoolingParams(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True):
+    """Marks a pooling request (`--runner pooling`): its prompt is computed (prefill only, no
+    token is sampled) and its final-normed hidden states are pooled the way the engine's
+    `pooler_type` says, into one vector."""
+
+    normalize: bool = True  # L2-normalize the pooled vector
+
+
 class EngineCoreRequest(msgspec.Struct, tag="request", array_like=True):
     """One prompt of an API request, validated by the frontend, which answers a bad field with a
     400 naming it. The engine checks again, on purpose, what would corrupt its state: a request
@@ -111,6 +121,7 @@ class EngineCoreRequest(msgspec.Struct, tag="request", array_like=True):
     sampling_params: SamplingParams
     eos_token_ids: list[int]
     arrival_time: float
+    pooling: PoolingParams | None = None  # set: a pooling request (sampling_params unused but max_tokens 0)
 
 
 class EngineCoreAbort(msgspec.Struct, tag="abort", array_like=True):
@@ -154,6 +165,8 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     # found in the cache
     num_cached_tokens: int | None = None
     finish_cause: FinishCause | None = None  # with finish_reason, from the engine: which condition
+    # a pooling request's vector (FinishCause.POOLED): float32 little-endian, hidden_size of them
+    pooled: bytes | None = None
 
 
 class SchedulerStats(msgspec.Struct, array_like=True):
@@ -173,6 +186,7 @@ class EngineReady(msgspec.Struct, tag="ready", array_like=True):
     vocab_size: int
     num_kv_blocks: int
     block_size: int
+    hidden_size: int = 0  # the length of a pooled vector
 
 
 class EngineCoreOutputs(msgspec.Struct, tag="outputs", array_like=True):

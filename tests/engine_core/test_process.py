@@ -117,7 +117,7 @@ def test_ready_first_then_requests_stream_and_finish(config, frontend, model_dir
     engine = EngineThread(config, EngineCore.from_config(config))
     try:
         ready = frontend.receive()
-        assert ready == EngineReady("tiny", max_model_len=256, vocab_size=300, num_kv_blocks=64, block_size=16)
+        assert ready == EngineReady("tiny", max_model_len=256, vocab_size=300, num_kv_blocks=64, block_size=16, hidden_size=64)
         frontend.send(tiny_request("a", PROMPT, temperature=0.0, max_tokens=6, eos_token_ids=[]))
         frontend.send(tiny_request("b", PROMPT[:4], temperature=0.0, max_tokens=3, eos_token_ids=[], logprobs=2))
         outputs_a = frontend.outputs_until_finished("a")

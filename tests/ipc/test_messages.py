@@ -3,6 +3,8 @@ and the engine's EngineConfig survives its JSON trip to the engine process."""
 
 from __future__ import annotations
 
+import struct
+
 import msgspec
 import pytest
 
@@ -16,6 +18,7 @@ from ipc.messages import (
     EngineReady,
     FinishCause,
     FinishReason,
+    PoolingParams,
     SamplingParams,
     SchedulerStats,
     TokenLogprobs,
@@ -163,7 +166,9 @@ def test_finish_cause_round_trips_as_the_last_field():
     decoded = decode_to_frontend(encode(EngineCoreOutputs(outputs, STATS, 0.0))).outputs
     assert decoded == outputs and all(type(o.finish_cause) is FinishCause for o in decoded)
     raw = msgspec.msgpack.decode(encode(outputs[FinishCause.GRAMMAR_END]))
-    assert len(raw) == len(EngineCoreOutput.__struct_fields__) and raw[-1] == 2 and raw[4] == FinishReason.STOP
+    # appended after the fields that came before it (only `pooled` came later)
+    assert EngineCoreOutput.__struct_fields__[-2:] == ("finish_cause", "pooled")
+    assert len(raw) == len(EngineCoreOutput.__struct_fields__) and raw[-2] == 2 and raw[4] == FinishReason.STOP
     # an output without one (not final, or from an engine that predates the field) decodes to None
     (old,) = decode_to_frontend(msgspec.msgpack.encode(["outputs", [["r", 0, [1], None, 1]],
                                                           [0, 0, 0.0, 0, 0], 0.0])).outputs
@@ -173,9 +178,9 @@ def test_finish_cause_round_trips_as_the_last_field():
 def test_each_finish_cause_has_its_openai_finish_reason():
     assert [c.finish_reason for c in FinishCause] == [
         FinishReason.STOP, FinishReason.STOP, FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT,
-        FinishReason.ERROR,
+        FinishReason.ERROR, FinishReason.STOP,
     ]
-    assert [c.name for c in FinishCause] == ["EOS", "STOP_TOKEN", "GRAMMAR_END", "LENGTH", "ABORT", "ERROR"]
+    assert [c.name for c in FinishCause] == ["EOS", "STOP_TOKEN", "GRAMMAR_END", "LENGTH", "ABORT", "ERROR", "POOLED"]
 
 
 def test_engine_config_json_round_trip():
@@ -183,6 +188,7 @@ def test_engine_config_json_round_trip():
         model="/models/llama", served_model_name="llama", max_model_len=4096,
         max_num_seqs=8, max_num_batched_tokens=512, block_size=32, kv_cache_gib=0.5, num_threads=2,
         log_level="debug", input_address="ipc:///tmp/x/in.sock", output_address="ipc:///tmp/x/out.sock",
+        runner="pooling", pooler_type="mean",
     )
     assert EngineConfig.from_json(config.to_json()) == config
     defaults = EngineConfig(model="m.gguf", served_model_name="m")
@@ -195,3 +201,16 @@ def test_engine_config_json_rejects_wrong_types():
         EngineConfig.from_json('{"model": "m.gguf", "served_model_name": "m", "block_size": "eight"}')
     with pytest.raises(msgspec.ValidationError):
         EngineConfig.from_json('{"served_model_name": "m"}')
+
+
+def test_pooling_request_and_pooled_vector_round_trip():
+    request = EngineCoreRequest("e", [1, 2], SamplingParams(max_tokens=0), [], 1.0, pooling=PoolingParams())
+    assert decode_to_engine(encode(request)) == request
+    plain = EngineCoreRequest("g", [1, 2], SamplingParams(max_tokens=4), [2], 1.0)
+    assert msgspec.msgpack.decode(encode(plain))[-1] is None  # the appended field, unset
+    assert decode_to_engine(encode(plain)).pooling is None
+    vector = struct.pack("<3f", 0.5, -0.25, 1.0)
+    output = EngineCoreOutput("e", 0, [], finish_reason=FinishReason.STOP, finish_cause=FinishCause.POOLED,
+                              pooled=vector)
+    (decoded,) = decode_to_frontend(encode(EngineCoreOutputs([output], STATS, 0.0))).outputs
+    assert decoded.pooled == vector and FinishCause.POOLED.finish_reason == FinishReason.STOP
