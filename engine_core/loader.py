@@ -35,12 +35,46 @@ class ModelConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v projection biases
     rope_scaling: dict | None = field(default=None, hash=False, compare=False)
     name: str = "model"
+    # Switches for the families other than Llama (see FAMILIES). The defaults are Llama's, and
+    # a switch that is off costs the forward pass nothing.
+    family: str = "llama"
+    o_proj_bias: bool = False  # Llama's attention_bias covers o_proj too; Qwen2's does not
+    fused_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj stored fused
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each query/key head before RoPE
+    sandwich_norms: bool = False  # Gemma 3: norms after attention and around the MLP too
+    norm_adds_one: bool = False  # Gemma (HF weights): RMSNorm multiplies by (1 + weight)
+    hidden_act: str = "silu"  # "silu" or "gelu_tanh" (the gated MLP's activation)
+    embedding_multiplier: float | None = None  # Gemma: sqrt(hidden_size)
+    query_scale: float | None = None  # attention's score scale; None is head_dim ** -0.5
+    sliding_window: int | None = None  # local layers see the last this many tokens
+    sliding_layers: tuple[bool, ...] | None = None  # which layers are local; None: all (if a window)
+    local_rope_theta: float | None = None  # Gemma 3: local layers' RoPE base (no scaling)
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
+    attn_logit_softcapping: float | None = None
+
+    def is_sliding(self, layer: int) -> bool:
+        if not self.sliding_window:
+            return False
+        return True if self.sliding_layers is None else self.sliding_layers[layer]
 
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
+# Hugging Face architecture -> family. Each family's switches are set in _config_from_hf.
+FAMILIES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
+    "Gemma3ForCausalLM": "gemma3",
+}
+SUPPORTED_ARCHITECTURES = set(FAMILIES)
+_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+                "gemma3_text": "gemma3"}
+# GGUF general.architecture values (Mistral's GGUFs are "llama")
+SUPPORTED_GGUF_ARCHITECTURES = ("gemma3", "llama", "phi3", "qwen2", "qwen3")
 
 
 def load_artifact(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
@@ -77,57 +111,148 @@ def load_hf_directory(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
 
 
 def _config_from_hf(raw: dict, where: str, name: str) -> ModelConfig:
-    _refuse_unsupported_hf(raw, where)
+    family = _refuse_unsupported_hf(raw, where)
     try:
         hidden = int(raw["hidden_size"])
         num_heads = int(raw["num_attention_heads"])
+        num_layers = int(raw["num_hidden_layers"])
+        head_dim = int(raw.get("head_dim") or hidden // num_heads)
         rope_scaling = raw.get("rope_scaling")
         rope_theta = raw.get("rope_theta")
-        if rope_theta is None and isinstance(raw.get("rope_parameters"), dict):
-            rope_theta = raw["rope_parameters"].get("rope_theta")
-            if raw["rope_parameters"].get("rope_type", "default") != "default":
-                rope_scaling = raw["rope_parameters"]
+        rope_parameters = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else None
+        local_theta = None
+        if family == "gemma3":
+            # either the old keys (rope_theta, rope_local_base_freq, rope_scaling) or
+            # rope_parameters keyed by layer type
+            per_type = rope_parameters if rope_parameters and "full_attention" in rope_parameters else None
+            if per_type:
+                full = per_type.get("full_attention") or {}
+                rope_theta = full.get("rope_theta", rope_theta)
+                rope_scaling = full if full.get("rope_type", "default") != "default" else None
+                local_theta = (per_type.get("sliding_attention") or {}).get("rope_theta")
+            rope_theta = rope_theta or 1_000_000.0
+            local_theta = float(local_theta or raw.get("rope_local_base_freq") or 10_000.0)
+        elif rope_theta is None and rope_parameters:
+            rope_theta = rope_parameters.get("rope_theta")
+            if rope_parameters.get("rope_type", "default") != "default":
+                rope_scaling = rope_parameters
         max_positions = int(raw.get("max_position_embeddings", 2048))
-        # Mistral's sliding window: within it, attention over the full context is the same
-        # math, so the context is capped at the window (as vLLM's --disable-sliding-window does).
-        if raw.get("sliding_window") is not None:
-            max_positions = min(max_positions, int(raw["sliding_window"]))
+        if family == "phi3" and rope_scaling:
+            rope_scaling = _phi3_rope(rope_scaling, raw, head_dim, where)
+        sliding_window, sliding_layers = _sliding_window(raw, family, num_layers)
+        gemma = family == "gemma3"
+        bias = bool(raw.get("attention_bias", False)) or family == "qwen2"
+        act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh" if gemma else "silu"
         config = ModelConfig(
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
-            head_dim=int(raw.get("head_dim") or hidden // num_heads),
+            head_dim=head_dim,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope_theta or 10000.0),
             max_position_embeddings=max_positions,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", False)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", gemma)),
+            attention_bias=bias,
             rope_scaling=rope_scaling,
             name=name,
+            family=family,
+            o_proj_bias=bias and family in ("llama", "mistral"),
+            fused_projections=family == "phi3",
+            qk_norm=family in ("qwen3", "gemma3"),
+            sandwich_norms=gemma,
+            norm_adds_one=gemma,
+            hidden_act="gelu_tanh" if gemma and act in ("gelu_pytorch_tanh", "gelu_tanh") else "silu",
+            embedding_multiplier=math.sqrt(hidden) if gemma else None,
+            query_scale=float(raw.get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else None,
+            sliding_window=sliding_window,
+            sliding_layers=sliding_layers,
+            local_rope_theta=local_theta,
+            final_logit_softcapping=_positive(raw.get("final_logit_softcapping")) if gemma else None,
+            attn_logit_softcapping=_positive(raw.get("attn_logit_softcapping")) if gemma else None,
         )
+        if gemma and act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ArtifactError(f"{where}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh only)")
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{where}: missing or invalid field {e}") from e
     _refuse_unsupported_rope(config.rope_scaling, where)
     return config
 
 
+def _positive(value) -> float | None:
+    return float(value) if value else None
+
+
+def _sliding_window(raw: dict, family: str, num_layers: int) -> tuple[int | None, tuple[bool, ...] | None]:
+    """The window and which layers use it. Mistral and Phi-3 slide on every layer when the
+    config sets a window; Qwen2/3 only with use_sliding_window (their configs carry a window
+    they do not use); Gemma 3 on the layers its layer_types (or its pattern) makes local."""
+    window = raw.get("sliding_window")
+    if not window or family == "llama":
+        return None, None
+    if family in ("qwen2", "qwen3"):
+        if not raw.get("use_sliding_window"):
+            return None, None
+        types = raw.get("layer_types")
+        if not types:
+            first = int(raw.get("max_window_layers", num_layers))
+            return int(window), tuple(i >= first for i in range(num_layers))
+        return int(window), tuple(t == "sliding_attention" for t in types)
+    if family == "gemma3":
+        types = raw.get("layer_types")
+        if not types:
+            pattern = int(raw.get("sliding_window_pattern", 6))
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+        if len(types) != num_layers:
+            raise ValueError(f"layer_types has {len(types)} entries for {num_layers} layers")
+        return int(window), tuple(t == "sliding_attention" for t in types)
+    return int(window), None
+
+
+def _phi3_rope(scaling: dict, raw: dict, head_dim: int, where: str) -> dict:
+    """Phi-3's LongRoPE ("su", "longrope"): per-frequency short and long factors, and the
+    attention factor cos/sin are multiplied by (from the context extension when not given)."""
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return None
+    if kind not in ("su", "longrope"):
+        raise ArtifactError(f"{where}: rope_scaling type {kind!r} is not supported for Phi-3 (longrope, su)")
+    original = scaling.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
+    short, long = scaling.get("short_factor"), scaling.get("long_factor")
+    if not original or not isinstance(short, list) or not isinstance(long, list) or \
+            len(short) != head_dim // 2 or len(long) != head_dim // 2:
+        raise ArtifactError(f"{where}: rope_scaling longrope needs original_max_position_embeddings and "
+                            f"short_factor/long_factor lists of {head_dim // 2} numbers")
+    factor = scaling.get("factor") or int(raw.get("max_position_embeddings", original)) / int(original)
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(int(original)))
+    return {"rope_type": "longrope", "short_factor": [float(x) for x in short],
+            "long_factor": [float(x) for x in long], "original_max_position_embeddings": int(original),
+            "attention_factor": float(attention_factor)}
+
+
 SUPPORTED_HIDDEN_ACTS = {"silu", "swish"}  # the same function; the MLP computes SiLU
-SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3"}  # what model.rope_inv_freq computes
+SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "longrope"}  # what model.rope_inv_freq computes
 
 
-def _refuse_unsupported_hf(raw: dict, where: str) -> None:
-    """Settings that change the model's math and that the Llama forward does not compute are
-    refused by name: running without them would give a different model's output, silently."""
+def _refuse_unsupported_hf(raw: dict, where: str) -> str:
+    """The family; settings that change the model's math and that the forward does not compute
+    are refused by name: running without them would give a different model's output, silently."""
     archs = raw.get("architectures") or []
-    if archs and not set(archs) & SUPPORTED_ARCHITECTURES:
-        raise ArtifactError(f"{where}: architecture {archs} is not supported (Llama family only)")
+    known = [FAMILIES[a] for a in archs if a in FAMILIES]
+    if archs and not known:
+        raise ArtifactError(f"{where}: architecture {', '.join(map(str, archs))} is not supported "
+                            f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+    family = known[0] if known else _MODEL_TYPES.get(raw.get("model_type"), "llama")
     if raw.get("mlp_bias"):
         raise ArtifactError(f"{where}: mlp_bias is not supported")
+    if family == "gemma3" and raw.get("use_bidirectional_attention"):
+        raise ArtifactError(f"{where}: use_bidirectional_attention is not supported")
     hidden_act = raw.get("hidden_act", "silu")
-    if hidden_act not in SUPPORTED_HIDDEN_ACTS:
+    if family != "gemma3" and hidden_act not in SUPPORTED_HIDDEN_ACTS:
         raise ArtifactError(f"{where}: hidden_act {hidden_act!r} is not supported (silu only)")
     rope_parameters = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
     for source in (raw, rope_parameters):
@@ -139,6 +264,7 @@ def _refuse_unsupported_hf(raw: dict, where: str) -> None:
         method = raw["quantization_config"].get("quant_method", "?") if isinstance(raw["quantization_config"], dict) else "?"
         raise ArtifactError(f"{where}: quantization_config ({method}) is not supported "
                             "(float checkpoints or GGUF only)")
+    return family
 
 
 def _refuse_unsupported_rope(rope_scaling: dict | None, where: str) -> None:
@@ -150,6 +276,8 @@ def _refuse_unsupported_rope(rope_scaling: dict | None, where: str) -> None:
     if kind not in SUPPORTED_ROPE_TYPES:
         raise ArtifactError(f"{where}: rope_scaling type {kind!r} is not supported "
                             f"(supported: {', '.join(sorted(SUPPORTED_ROPE_TYPES))})")
+    if kind == "longrope" and "short_factor" not in rope_scaling:
+        raise ArtifactError(f"{where}: rope_scaling type 'longrope' is supported for Phi-3 only")
     if kind in ("linear", "llama3") and not isinstance(rope_scaling.get("factor"), (int, float)):
         raise ArtifactError(f"{where}: rope_scaling type {kind!r} needs a numeric factor")
 
@@ -239,21 +367,36 @@ def _check_weights(weights: dict[str, np.ndarray], config: ModelConfig, where: s
         expected.update({
             p + "input_layernorm.weight": (config.hidden_size,),
             p + "post_attention_layernorm.weight": (config.hidden_size,),
-            p + "self_attn.q_proj.weight": (q_out, config.hidden_size),
-            p + "self_attn.k_proj.weight": (kv_out, config.hidden_size),
-            p + "self_attn.v_proj.weight": (kv_out, config.hidden_size),
             p + "self_attn.o_proj.weight": (config.hidden_size, q_out),
-            p + "mlp.gate_proj.weight": (config.intermediate_size, config.hidden_size),
-            p + "mlp.up_proj.weight": (config.intermediate_size, config.hidden_size),
             p + "mlp.down_proj.weight": (config.hidden_size, config.intermediate_size),
         })
+        if config.fused_projections:
+            expected.update({
+                p + "self_attn.qkv_proj.weight": (q_out + 2 * kv_out, config.hidden_size),
+                p + "mlp.gate_up_proj.weight": (2 * config.intermediate_size, config.hidden_size),
+            })
+        else:
+            expected.update({
+                p + "self_attn.q_proj.weight": (q_out, config.hidden_size),
+                p + "self_attn.k_proj.weight": (kv_out, config.hidden_size),
+                p + "self_attn.v_proj.weight": (kv_out, config.hidden_size),
+                p + "mlp.gate_proj.weight": (config.intermediate_size, config.hidden_size),
+                p + "mlp.up_proj.weight": (config.intermediate_size, config.hidden_size),
+            })
         if config.attention_bias:
             expected.update({
                 p + "self_attn.q_proj.bias": (q_out,),
                 p + "self_attn.k_proj.bias": (kv_out,),
                 p + "self_attn.v_proj.bias": (kv_out,),
-                p + "self_attn.o_proj.bias": (config.hidden_size,),
             })
+        if config.o_proj_bias:
+            expected[p + "self_attn.o_proj.bias"] = (config.hidden_size,)
+        if config.qk_norm:
+            expected[p + "self_attn.q_norm.weight"] = (config.head_dim,)
+            expected[p + "self_attn.k_norm.weight"] = (config.head_dim,)
+        if config.sandwich_norms:
+            expected[p + "pre_feedforward_layernorm.weight"] = (config.hidden_size,)
+            expected[p + "post_feedforward_layernorm.weight"] = (config.hidden_size,)
     if not config.tie_word_embeddings and "lm_head.weight" in weights:
         expected["lm_head.weight"] = (config.vocab_size, config.hidden_size)
     for name, shape in expected.items():
@@ -273,10 +416,19 @@ _GGUF_LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
+    "attn_qkv": "self_attn.qkv_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# where an architecture's GGUF names mean another Hugging Face tensor than Llama's
+_GGUF_ARCH_LAYER_NAMES = {
+    "gemma3": {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+    "phi3": {"ffn_up": "mlp.gate_up_proj"},  # gate and up rows in one tensor, as in HF
 }
 
 
@@ -292,11 +444,11 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray | QuantizedW
     config = _config_from_gguf(reader, path)
     weights: dict[str, np.ndarray | QuantizedWeight] = {}
     for tensor in reader.tensors:
-        name = _hf_name(tensor.name)
+        name = _hf_name(tensor.name, config.family)
         if name is None:
             continue
         try:
-            weights[name] = _gguf_tensor(tensor, name, config)
+            weights[name] = _gguf_tensor(tensor, name, config, permute_qk=config.family == "llama")
         except ArtifactError as e:
             raise ArtifactError(f"{path}: {e}") from e
         except Exception as e:
@@ -308,14 +460,17 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, np.ndarray | QuantizedW
     return config, weights
 
 
-def _gguf_tensor(tensor, name: str, config: ModelConfig) -> np.ndarray | QuantizedWeight:
+def _gguf_tensor(tensor, name: str, config: ModelConfig, permute_qk: bool = True) -> np.ndarray | QuantizedWeight:
     from engine_core import kernels
 
     kind = int(tensor.tensor_type)
-    # llama.cpp's converter permutes Q/K rows for its interleaved RoPE; undo it so the model can
-    # use Hugging Face's rotate-half RoPE. Rows are independent in every format: whole rows move.
-    heads = (config.num_heads if name.endswith("q_proj.weight")
-             else config.num_kv_heads if name.endswith("k_proj.weight") else 0)
+    # llama.cpp's converter permutes Q/K rows for its interleaved RoPE (for the llama
+    # architecture only); undo it so the model can use Hugging Face's rotate-half RoPE. Rows are
+    # independent in every format: whole rows move.
+    heads = 0
+    if permute_qk:
+        heads = (config.num_heads if name.endswith("q_proj.weight")
+                 else config.num_kv_heads if name.endswith("k_proj.weight") else 0)
     if kind in kernels.BLOCK_FORMATS and tensor.data.ndim == 2:
         qtype = kernels.BLOCK_FORMATS[kind][0]
         rows, cols = (int(n) for n in tensor.shape[::-1])
@@ -355,60 +510,100 @@ def _gguf_value(reader, key: str, default=None):
 
 def _config_from_gguf(reader, path: str) -> ModelConfig:
     arch = _gguf_value(reader, "general.architecture")
-    if arch != "llama":
-        raise ArtifactError(f"{path}: GGUF architecture {arch!r} is not supported (llama only)")
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise ArtifactError(f"{path}: GGUF architecture {arch!r} is not supported "
+                            f"(supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)})")
+
+    def value(key: str, default=None):
+        return _gguf_value(reader, f"{arch}.{key}", default)
 
     def need(key: str):
-        value = _gguf_value(reader, f"llama.{key}")
-        if value is None:
-            raise ArtifactError(f"{path}: GGUF metadata llama.{key} is missing")
-        return value
+        found = value(key)
+        if found is None:
+            raise ArtifactError(f"{path}: GGUF metadata {arch}.{key} is missing")
+        return found
 
     hidden = int(need("embedding_length"))
     num_heads = int(need("attention.head_count"))
-    vocab = _gguf_value(reader, "llama.vocab_size")
+    num_layers = int(need("block_count"))
+    vocab = value("vocab_size")
     if vocab is None:
         tokens = reader.fields.get("tokenizer.ggml.tokens")
         vocab = len(tokens.data) if tokens is not None else None
     if vocab is None:
         raise ArtifactError(f"{path}: cannot tell the vocabulary size")
+    tensor_names = {t.name for t in reader.tensors}
     rope_scaling = None
-    scaling_type = _gguf_value(reader, "llama.rope.scaling.type")
+    scaling_type = value("rope.scaling.type")
     if scaling_type == "linear":
         rope_scaling = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
-    elif scaling_type not in (None, "none"):
-        raise ArtifactError(f"{path}: GGUF llama.rope.scaling.type {scaling_type!r} is not supported (linear only)")
-    num_experts = int(_gguf_value(reader, "llama.expert_count", 0) or 0)
+    elif scaling_type not in (None, "none") and not (arch == "phi3" and scaling_type in ("su", "longrope", "yarn")):
+        raise ArtifactError(f"{path}: GGUF {arch}.rope.scaling.type {scaling_type!r} is not supported (linear only)")
+    num_experts = int(value("expert_count", 0) or 0)
     if num_experts > 0:
-        raise ArtifactError(f"{path}: GGUF llama.expert_count {num_experts}: mixture of experts is not supported")
-    head_dim = int(_gguf_value(reader, "llama.attention.key_length", hidden // num_heads))
-    value_dim = int(_gguf_value(reader, "llama.attention.value_length", head_dim))
-    rope_dim = int(_gguf_value(reader, "llama.rope.dimension_count", head_dim))
+        raise ArtifactError(f"{path}: GGUF {arch}.expert_count {num_experts}: mixture of experts is not supported")
+    head_dim = int(value("attention.key_length", hidden // num_heads))
+    value_dim = int(value("attention.value_length", head_dim))
+    rope_dim = int(value("rope.dimension_count", head_dim))
     if value_dim != head_dim:
-        raise ArtifactError(f"{path}: GGUF llama.attention.value_length {value_dim} differs from "
+        raise ArtifactError(f"{path}: GGUF {arch}.attention.value_length {value_dim} differs from "
                             f"key_length {head_dim}; not supported")
     if rope_dim != head_dim:
-        raise ArtifactError(f"{path}: GGUF llama.rope.dimension_count {rope_dim} is not the head "
+        raise ArtifactError(f"{path}: GGUF {arch}.rope.dimension_count {rope_dim} is not the head "
                             f"dimension {head_dim}: partial rotary embedding is not supported")
+    context = int(need("context_length"))
+    gemma = arch == "gemma3"
+    switches: dict = {}
+    if arch == "phi3" and "rope_factors_short.weight" in tensor_names:
+        original = int(value("rope.scaling.original_context_length", context))
+        factors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1).tolist() for t in reader.tensors
+                   if t.name in ("rope_factors_short.weight", "rope_factors_long.weight")}
+        factor = context / original
+        attention_factor = value("rope.scaling.attn_factor")
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        rope_scaling = {"rope_type": "longrope", "short_factor": factors["rope_factors_short.weight"],
+                        "long_factor": factors.get("rope_factors_long.weight", factors["rope_factors_short.weight"]),
+                        "original_max_position_embeddings": original, "attention_factor": float(attention_factor)}
+    window = value("attention.sliding_window")
+    if gemma:
+        # llama.cpp's gemma3: every sixth layer global, local layers' RoPE base 10000, the
+        # attention scale 1/sqrt(key_length); its converter stored the norms as (1 + weight)
+        pattern = int(value("attention.sliding_window_pattern", 6) or 6)
+        switches = dict(qk_norm=True, sandwich_norms=True, hidden_act="gelu_tanh",
+                        embedding_multiplier=math.sqrt(hidden), local_rope_theta=10_000.0,
+                        sliding_layers=tuple(bool((i + 1) % pattern) for i in range(num_layers)),
+                        final_logit_softcapping=_positive(value("final_logit_softcapping")),
+                        attn_logit_softcapping=_positive(value("attn_logit_softcapping")))
+    if arch == "qwen3":
+        switches["qk_norm"] = True
+    if arch in ("gemma3", "phi3") and window:
+        switches["sliding_window"] = int(window)
+    has_bias = "blk.0.attn_q.bias" in tensor_names
     name = os.path.basename(path)
     return ModelConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(need("feed_forward_length")),
-        num_layers=int(need("block_count")),
+        num_layers=num_layers,
         num_heads=num_heads,
-        num_kv_heads=int(_gguf_value(reader, "llama.attention.head_count_kv", num_heads)),
+        num_kv_heads=int(value("attention.head_count_kv", num_heads)),
         head_dim=head_dim,
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(_gguf_value(reader, "llama.rope.freq_base", 10000.0)),
-        max_position_embeddings=int(need("context_length")),
+        rope_theta=float(value("rope.freq_base", 1_000_000.0 if gemma else 10000.0)),
+        max_position_embeddings=context,
         tie_word_embeddings=False,
+        attention_bias=has_bias,
+        o_proj_bias="blk.0.attn_output.bias" in tensor_names,
         rope_scaling=rope_scaling,
         name=name,
+        family=arch,
+        fused_projections=arch == "phi3",
+        **switches,
     )
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     if gguf_name == "token_embd.weight":
         return "model.embed_tokens.weight"
     if gguf_name == "output_norm.weight":
@@ -416,8 +611,10 @@ def _hf_name(gguf_name: str) -> str | None:
     if gguf_name == "output.weight":
         return "lm_head.weight"
     parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 4 and parts[0] == "blk":
+        hf = _GGUF_ARCH_LAYER_NAMES.get(arch, {}).get(parts[2]) or _GGUF_LAYER_NAMES.get(parts[2])
+        if hf is not None:
+            return f"model.layers.{parts[1]}.{hf}.{parts[3]}"
     return None  # e.g. rope_freqs: recomputed from the config
 
 

@@ -1,4 +1,9 @@
-"""The Llama family forward pass in numpy float32, over a flattened batch and a paged KV cache.
+"""The decoder forward pass in numpy float32, over a flattened batch and a paged KV cache.
+
+One forward pass for every family (Llama, Mistral, Qwen2/2.5/3, Phi-3, Gemma 3): what differs
+between them is data, the switches of ModelConfig (loader.py): biases, q/k norms, Gemma's norms
+around attention and MLP, the MLP's activation, embedding and score scales, local (sliding
+window) layers and their RoPE base, logit soft-capping. A switch that is off adds no work.
 
 Every weight matmul is one 2-D `[tokens, hidden] @ W` over all tokens of the step (decodes
 and prefill chunks together), or one GEMV per token when the step has only a few (see
@@ -138,9 +143,36 @@ def _resident_zeros(shape: tuple[int, ...], dtype: np.dtype = np.dtype(np.float3
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+def rope_tables(config: ModelConfig, max_len: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int]]:
+    """cos and sin [max_len, head_dim / 2] for each distinct RoPE of the model, and each layer's
+    index into them (Gemma 3's local layers have their own base and no scaling)."""
+    positions = np.arange(max_len, dtype=np.float64)
+    scaling = config.rope_scaling or {}
+    if (scaling.get("rope_type") or scaling.get("type")) == "longrope":
+        # Phi-3: positions past the original context use the long factors (per position, as
+        # vLLM does; transformers switches every position once the sequence is longer)
+        original = int(scaling["original_max_position_embeddings"])
+        short = np.outer(positions, rope_inv_freq(config, scaling["short_factor"]))
+        long = np.outer(positions, rope_inv_freq(config, scaling["long_factor"]))
+        freqs = np.where((positions < original)[:, None], short, long)
+        factor = float(scaling["attention_factor"])
+        tables = [((np.cos(freqs) * factor).astype(np.float32), (np.sin(freqs) * factor).astype(np.float32))]
+        return tables, [0] * config.num_layers
+    freqs = np.outer(positions, rope_inv_freq(config))
+    tables = [(np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32))]
+    if config.local_rope_theta is None:
+        return tables, [0] * config.num_layers
+    dim = config.head_dim
+    local = np.outer(positions, 1.0 / (config.local_rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)))
+    tables.append((np.cos(local).astype(np.float32), np.sin(local).astype(np.float32)))
+    return tables, [1 if config.is_sliding(i) else 0 for i in range(config.num_layers)]
+
+
+def rope_inv_freq(config: ModelConfig, ext_factors: list[float] | None = None) -> np.ndarray:
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if ext_factors is not None:  # LongRoPE
+        return inv_freq / np.asarray(ext_factors, dtype=np.float64)
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     if kind == "llama3":
@@ -161,10 +193,12 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return inv_freq
 
 
-class LlamaModel:
+class DecoderModel:
     def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], max_len: int):
         self.config = config
         c = config
+        if c.norm_adds_one:  # Gemma's (1 + weight), added once here: its norms are then plain
+            weights = {n: (w + np.float32(1.0) if _is_norm(n) else w) for n, w in weights.items()}
         self.embed = weights["model.embed_tokens.weight"]
         lm_head = weights.get("lm_head.weight", self.embed)
         if c.tie_word_embeddings:
@@ -178,10 +212,15 @@ class LlamaModel:
             self.lm_head_t = np.ascontiguousarray(lm_head.T)  # [hidden, vocab]
         self.final_norm = weights["model.norm.weight"]
         self.layers = [self._fuse_layer(weights, i) for i in range(c.num_layers)]
-        freqs = np.outer(np.arange(max_len, dtype=np.float64), rope_inv_freq(c))
-        self.cos = np.cos(freqs).astype(np.float32)  # [max_len, head_dim / 2]
-        self.sin = np.sin(freqs).astype(np.float32)
-        self.scale = np.float32(1.0 / math.sqrt(c.head_dim))
+        self.rope, self.layer_rope = rope_tables(c, max_len)
+        self.cos, self.sin = self.rope[0]  # [max_len, head_dim / 2]
+        self.scale = np.float32(c.query_scale if c.query_scale is not None else 1.0 / math.sqrt(c.head_dim))
+        # per layer: _attention's window (the positions its queries see; 0: all) and soft cap,
+        # as extra arguments only where they are set
+        softcap = float(c.attn_logit_softcapping or 0.0)
+        self.attention_args = [
+            (c.sliding_window if c.is_sliding(i) else 0, softcap) if c.is_sliding(i) or softcap else ()
+            for i in range(c.num_layers)]
         self._buffers: dict[str, np.ndarray] = {}
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -196,14 +235,25 @@ class LlamaModel:
     def _fuse_layer(self, w: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
         p = f"model.layers.{i}."
         a = p + "self_attn."
+        if self.config.fused_projections:  # Phi-3: q/k/v and gate/up rows already in one tensor each
+            qkv, gate_up = [w[a + "qkv_proj.weight"]], [w[p + "mlp.gate_up_proj.weight"]]
+        else:
+            qkv = [w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]]
+            gate_up = [w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]
         layer = {
             "attn_norm": w[p + "input_layernorm.weight"],
             "mlp_norm": w[p + "post_attention_layernorm.weight"],
-            "qkv": _fuse([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]]),
+            "qkv": _fuse(qkv),
             "o": _fuse([w[a + "o_proj.weight"]]),
-            "gate_up": _fuse([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]),
+            "gate_up": _fuse(gate_up),
             "down": _fuse([w[p + "mlp.down_proj.weight"]]),
         }
+        if self.config.qk_norm:
+            layer["q_norm"], layer["k_norm"] = w[a + "q_norm.weight"], w[a + "k_norm.weight"]
+        if self.config.sandwich_norms:  # Gemma: post_attention_layernorm normalizes attention's output
+            layer["post_attn_norm"] = layer["mlp_norm"]
+            layer["mlp_norm"] = w[p + "pre_feedforward_layernorm.weight"]
+            layer["post_mlp_norm"] = w[p + "post_feedforward_layernorm.weight"]
         if a + "q_proj.bias" in w:
             layer["qkv_bias"] = np.concatenate(
                 [w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]]
@@ -229,41 +279,66 @@ class LlamaModel:
         num_q = c.num_heads * c.head_dim
         num_kv = c.num_kv_heads * c.head_dim
         half = c.head_dim // 2
-        cos = self.cos[batch.positions][:, None, :]
-        sin = self.sin[batch.positions][:, None, :]
+        ropes = [(cos[batch.positions][:, None, :], sin[batch.positions][:, None, :]) for cos, sin in self.rope]
         x = kernels.embedding(self.embed, batch.token_ids)
+        if c.embedding_multiplier is not None:  # Gemma: scaled in the embedding's dtype (float32)
+            x = x * np.float32(c.embedding_multiplier)
         num_tokens = x.shape[0]
+        qk_norm, sandwich, gelu = c.qk_norm, c.sandwich_norms, c.hidden_act == "gelu_tanh"
         for index, layer in enumerate(self.layers):
             h = self.rms_norm(x, layer["attn_norm"])
             qkv = _project(h, layer["qkv"])
             if "qkv_bias" in layer:
                 qkv += layer["qkv_bias"]
-            # rotate-half RoPE on queries and keys together
             qk = qkv[:, : num_q + num_kv].reshape(num_tokens, c.num_heads + c.num_kv_heads, c.head_dim)
+            if qk_norm:  # RMSNorm over each head's vector, queries and keys with their own weights
+                qk = np.concatenate([
+                    self.rms_norm(qk[:, : c.num_heads].reshape(-1, c.head_dim), layer["q_norm"]).reshape(num_tokens, c.num_heads, c.head_dim),
+                    self.rms_norm(qk[:, c.num_heads :].reshape(-1, c.head_dim), layer["k_norm"]).reshape(num_tokens, c.num_kv_heads, c.head_dim),
+                ], axis=1)
+            # rotate-half RoPE on queries and keys together
+            cos, sin = ropes[self.layer_rope[index]]
             first, second = qk[..., :half], qk[..., half:]
             rotated = np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
             q = rotated[:, : c.num_heads]
             k = rotated[:, c.num_heads :]
             v = qkv[:, num_q + num_kv :].reshape(num_tokens, c.num_kv_heads, c.head_dim)
             self._write_cache(cache, index, batch.slot_mapping, k, v)
-            attn = self._attention(batch, cache, index, q)
+            attn = self._attention(batch, cache, index, q, *self.attention_args[index])
             attn_out = _project(attn, layer["o"])
             if "o_bias" in layer:
                 attn_out += layer["o_bias"]
+            if sandwich:
+                attn_out = self.rms_norm(attn_out, layer["post_attn_norm"])
             x = x + attn_out
             h = self.rms_norm(x, layer["mlp_norm"])
             gate_up = _project(h, layer["gate_up"])
             gate = gate_up[:, : c.intermediate_size]
             up = gate_up[:, c.intermediate_size :]
-            act = np.negative(gate)  # SiLU(gate) * up, in place: gate / (1 + e^-gate) * up
-            np.exp(act, out=act)
-            act += 1.0
-            np.divide(gate, act, out=act)
+            if gelu:
+                act = _gelu_tanh(gate)
+            else:
+                act = np.negative(gate)  # SiLU(gate) * up, in place: gate / (1 + e^-gate) * up
+                np.exp(act, out=act)
+                act += 1.0
+                np.divide(gate, act, out=act)
             act *= up
-            x = x + _project(act, layer["down"])
+            mlp_out = _project(act, layer["down"])
+            if sandwich:
+                mlp_out = self.rms_norm(mlp_out, layer["post_mlp_norm"])
+            x = x + mlp_out
         return self.rms_norm(x[batch.output_rows], self.final_norm)
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
+        logits = self._logits(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits /= np.float32(cap)
+            np.tanh(logits, out=logits)
+            logits *= np.float32(cap)
+        return logits
+
+    def _logits(self, hidden: np.ndarray) -> np.ndarray:
         if isinstance(self.lm_head, QuantizedWeight):
             return kernels.matmul(hidden, self.lm_head)
         if hidden.shape[0] == 1:
@@ -296,7 +371,10 @@ class LlamaModel:
         cache.keys[layer].reshape(flat)[slots] = to_cache(k, cache.keys.dtype)
         cache.values[layer].reshape(flat)[slots] = to_cache(v, cache.values.dtype)
 
-    def _attention(self, batch: ForwardBatch, cache: KVCache, layer: int, q: np.ndarray) -> np.ndarray:
+    def _attention(self, batch: ForwardBatch, cache: KVCache, layer: int, q: np.ndarray, window: int = 0,
+                   softcap: float = 0.0) -> np.ndarray:
+        """window > 0: each query sees only the last `window` positions (itself included);
+        softcap > 0: scores become softcap * tanh(scores / softcap) before the mask."""
         c = self.config
         kv_heads, group, head_dim = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
         q = q * self.scale  # [T, heads, head_dim]; scaling q, not the scores, is one op per layer
@@ -304,7 +382,7 @@ class LlamaModel:
         keys, values = cache.keys[layer], cache.values[layer]
         d = batch.decodes
         if d is not None:
-            paged_decode_attention(q, d.rows, keys, values, d.block_table, d.context_lens, out)
+            paged_decode_attention(q, d.rows, keys, values, d.block_table, d.context_lens, out, window, softcap)
         for span in batch.spans:
             n, length = span.num_tokens, span.context_len
             k = to_float32(keys[span.block_ids]).reshape(-1, kv_heads, head_dim)[:length].transpose(1, 2, 0)
@@ -318,12 +396,50 @@ class LlamaModel:
                 start = span.start + first
                 qs = q[start : start + rows].reshape(rows, kv_heads, group, head_dim)
                 qs = qs.transpose(1, 2, 0, 3).reshape(kv_heads, group * rows, head_dim)
-                scores = qs @ k[:, :, :visible]  # [kv_heads, group * rows, visible]
-                if rows > 1:
+                # a window: keys before the tile's first query's window are never computed
+                low = max(0, visible - rows - window + 1) if window else 0
+                scores = qs @ k[:, :, low:visible]  # [kv_heads, group * rows, visible - low]
+                if softcap:
+                    scores /= np.float32(softcap)
+                    np.tanh(scores, out=scores)
+                    scores *= np.float32(softcap)
+                if window:
+                    scores.reshape(kv_heads, group, rows, visible - low)[...] += _window_mask(
+                        visible - rows, rows, low, visible, window)
+                elif rows > 1:
                     scores.reshape(kv_heads, group, rows, visible)[..., visible - rows :] += _causal_mask(rows)
-                o = (_softmax(scores) @ v[:, :visible]).reshape(kv_heads, group, rows, head_dim)
+                o = (_softmax(scores) @ v[:, low:visible]).reshape(kv_heads, group, rows, head_dim)
                 out[start : start + rows] = o.transpose(2, 0, 1, 3).reshape(rows, -1)
         return out
+
+
+LlamaModel = DecoderModel  # the name it had when Llama was the only family
+
+
+def _is_norm(name: str) -> bool:
+    return name.endswith("norm.weight")
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU with the tanh approximation (PyTorch's approximate="tanh"), float32."""
+    inner = x * x
+    inner *= np.float32(0.044715)
+    inner += np.float32(1.0)
+    inner *= x
+    inner *= np.float32(math.sqrt(2.0 / math.pi))
+    np.tanh(inner, out=inner)
+    inner += np.float32(1.0)
+    inner *= x
+    inner *= np.float32(0.5)
+    return inner
+
+
+def _window_mask(first_pos: int, rows: int, low: int, visible: int, window: int) -> np.ndarray:
+    """[rows, visible - low]: 0 where key j (absolute low + column) is within query i's window
+    (first_pos + i - window < j <= first_pos + i), -inf elsewhere."""
+    queries = np.arange(first_pos, first_pos + rows)[:, None]
+    keys = np.arange(low, visible)[None, :]
+    return np.where((keys <= queries) & (keys > queries - window), np.float32(0.0), np.float32(-np.inf))
 
 
 def _fuse(weights: list) -> np.ndarray | list[QuantizedWeight]:

@@ -1,14 +1,16 @@
 """Paged attention for decodes, compiled with numba: each sequence's keys and values are read in
 place through its block table (no gather copy), with an online softmax.
 
-    paged_decode_attention(q, rows, keys, values, block_table, context_lens, out)
+    paged_decode_attention(q, rows, keys, values, block_table, context_lens, out, window=0, softcap=0.0)
 
 One task per (sequence, KV head), run in parallel (prange): the task walks the sequence's blocks
 once, and the `group` query heads that share the KV head (GQA) all use that one read of each
 block. Per block: the scores of its tokens, the block's maximum, one rescale of the running sums,
 then the weighted values. Nothing a task computes depends on where its blocks lie or on what else
 is in the batch, and it never reads a slot past its context's end, so stale cache contents
-(NaN included) cannot leak in.
+(NaN included) cannot leak in. With a window (sliding-window layers), a task starts at the
+block holding the first of the last `window` positions and skips the tokens before it; a soft
+cap (Gemma 2 style) bends each score to cap * tanh(score / cap).
 
 The cache may hold float32, or 16-bit values stored as uint16 (float16 and bfloat16; numba has no
 float16 type). A 16-bit block is widened into a small float32 scratch first: bfloat16 by a shift,
@@ -83,43 +85,48 @@ def _widen(src, blk, n, h, kind, ubuf, fbuf):
 
 
 @njit(inline="always", **_OPTS)
-def _attend_block(q, row, qh0, G, K, V, kb, kh, n, s, p, ibuf, fbuf, m, l, acc, a0):
-    """Fold tokens [0, n) of K[kb, :, kh] / V[kb, :, kh] into the running maxima m, sums l and
+def _attend_block(q, row, qh0, G, K, V, kb, kh, t0, n, softcap, s, p, ibuf, fbuf, m, l, acc, a0):
+    """Fold tokens [t0, n) of K[kb, :, kh] / V[kb, :, kh] into the running maxima m, sums l and
     weighted values acc (entries a0 .. a0+G-1) of query heads qh0 .. qh0+G-1 of q[row]."""
     D = acc.shape[1]
     for g in range(G):
         qh = qh0 + g
         a = a0 + g
-        for t in range(n):
+        for t in range(t0, n):
             dot = np.float32(0.0)
             for d in range(D):
                 dot += q[row, qh, d] * K[kb, t, kh, d]
-            s[t] = dot
+            s[t - t0] = dot
+        c = n - t0  # the scores are s[0, c): token t0 + t is score t
+        if softcap > np.float32(0.0):
+            for t in range(c):
+                s[t] = softcap * np.tanh(s[t] / softcap)
         top = s[0]
-        for t in range(1, n):
+        for t in range(1, c):
             top = max(top, s[t])
         new_m = max(m[a], top)
-        for t in range(n):
+        for t in range(c):
             s[t] -= new_m
-        _exp_into(s, n, ibuf, fbuf, p)
+        _exp_into(s, c, ibuf, fbuf, p)
         if new_m > m[a]:
             corr = np.float32(np.exp(m[a] - new_m))
             l[a] *= corr
             for d in range(D):
                 acc[a, d] *= corr
             m[a] = new_m
-        for t in range(n):
+        for t in range(c):
             pt = p[t]
             l[a] += pt
             for d in range(D):
-                acc[a, d] += pt * V[kb, t, kh, d]
+                acc[a, d] += pt * V[kb, t0 + t, kh, d]
 
 
 @njit(parallel=True, **_OPTS)
-def _decode(q, rows, keys, values, table, lens, kind, heads_per_task, out):
+def _decode(q, rows, keys, values, table, lens, kind, heads_per_task, window, softcap, out):
     """q [T, heads, D] scaled queries; rows [B] the batch rows of the decodes; keys/values
     [blocks, bs, kv_heads, D]; table [B, W] block ids; lens [B] context lengths; out [T, heads * D].
-    A task is one sequence and heads_per_task of its KV heads (a divisor of kv_heads)."""
+    A task is one sequence and heads_per_task of its KV heads (a divisor of kv_heads).
+    window > 0: only the last `window` tokens of each context; softcap > 0: capped scores."""
     B = rows.shape[0]
     H = q.shape[1]
     D = q.shape[2]
@@ -143,17 +150,20 @@ def _decode(q, rows, keys, values, table, lens, kind, heads_per_task, out):
         vwide = np.empty((1, bs, 1, D), np.uint32)
         kf = kwide.view(np.float32)
         vf = vwide.view(np.float32)
-        for j in range((length + bs - 1) // bs):
+        begin = max(0, length - window) if window > 0 else 0  # the first token attended
+        for j in range(begin // bs, (length + bs - 1) // bs):
             blk = table[b, j]
             n = min(bs, length - j * bs)
+            t0 = max(0, begin - j * bs)
             for i in range(heads_per_task):
                 h = h0 + i
                 if kind == FLOAT32:
-                    _attend_block(q, row, h * G, G, keys, values, blk, h, n, s, p, ibuf, fbuf, m, l, acc, i * G)
+                    _attend_block(q, row, h * G, G, keys, values, blk, h, t0, n, softcap, s, p, ibuf, fbuf, m, l,
+                                  acc, i * G)
                 else:
                     _widen(keys, blk, n, h, kind, kwide, kf)
                     _widen(values, blk, n, h, kind, vwide, vf)
-                    _attend_block(q, row, h * G, G, kf, vf, 0, 0, n, s, p, ibuf, fbuf, m, l, acc, i * G)
+                    _attend_block(q, row, h * G, G, kf, vf, 0, 0, t0, n, softcap, s, p, ibuf, fbuf, m, l, acc, i * G)
         for a in range(heads_per_task * G):
             inv = np.float32(1.0) / l[a]
             base = (h0 * G + a) * D
@@ -173,9 +183,11 @@ def kind_of(cache: np.ndarray) -> int:
 
 
 def paged_decode_attention(q: np.ndarray, rows: np.ndarray, keys: np.ndarray, values: np.ndarray,
-                           block_table: np.ndarray, context_lens: np.ndarray, out: np.ndarray) -> None:
+                           block_table: np.ndarray, context_lens: np.ndarray, out: np.ndarray,
+                           window: int = 0, softcap: float = 0.0) -> None:
     """out[rows[b]] = attention of query q[rows[b]] (already scaled) over the first
-    context_lens[b] tokens of the blocks block_table[b], for every decode b.
+    context_lens[b] tokens of the blocks block_table[b], for every decode b; with window > 0
+    over the last `window` of them only; softcap > 0 caps the scores at +-softcap (tanh).
 
     q [T, heads, head_dim] float32; keys, values one layer's [blocks, block_size, kv_heads,
     head_dim] (float32, float16, or bfloat16 bits as uint16); out [T, heads * head_dim]."""
@@ -186,7 +198,8 @@ def paged_decode_attention(q: np.ndarray, rows: np.ndarray, keys: np.ndarray, va
     # one task per sequence reads its blocks whole (13% faster out of cache than per head);
     # with fewer sequences than threads, a task per KV head keeps the threads busy
     heads_per_task = kv_heads if len(rows) >= 4 * numba.get_num_threads() else 1
-    _decode(np.ascontiguousarray(q), rows, keys, values, block_table, context_lens, kind, heads_per_task, out)
+    _decode(np.ascontiguousarray(q), rows, keys, values, block_table, context_lens, kind, heads_per_task,
+            int(window or 0), np.float32(softcap or 0.0), out)
 
 
 def warm_up(cache_dtype: np.dtype) -> float:

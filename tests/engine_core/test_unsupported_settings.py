@@ -62,12 +62,16 @@ def test_settings_it_computes_are_accepted(tiny_dir, tmp_path, changes):
     load_artifact(str(with_config(tiny_dir, tmp_path, **changes)))
 
 
-def test_a_sliding_window_caps_the_context_at_the_window(tiny_dir, tmp_path):
-    """Within the window, full attention is the same math; past it, it is not."""
-    config, _ = load_artifact(str(with_config(tiny_dir, tmp_path, sliding_window=64)))
-    assert config.max_position_embeddings == 64
+def test_a_mistral_sliding_window_is_computed_not_a_context_cap(tiny_dir, tmp_path):
+    """Mistral's window makes every layer local (the forward attends to the last 64 positions);
+    the context stays the model's. Llama's config has no window, so one there changes nothing."""
+    config, _ = load_artifact(str(with_config(tiny_dir, tmp_path, sliding_window=64, architectures=["MistralForCausalLM"])))
+    assert config.family == "mistral" and config.sliding_window == 64 and config.max_position_embeddings == 128
+    assert config.is_sliding(0) and config.is_sliding(1)
     config, _ = load_artifact(str(with_config(tiny_dir, tmp_path / "none", sliding_window=None)))
-    assert config.max_position_embeddings == 128
+    assert config.sliding_window is None and config.max_position_embeddings == 128
+    config, _ = load_artifact(str(with_config(tiny_dir, tmp_path / "llama", sliding_window=64)))
+    assert config.sliding_window is None and not config.is_sliding(0)
 
 
 def test_a_max_model_len_past_the_models_positions_needs_the_override(tiny_dir):
