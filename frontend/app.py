@@ -293,7 +293,7 @@ def create_app(config: FrontendConfig, engine_client=None, tokenizer=None) -> Li
             client = EngineClient(config)
             await client.start()
         serving_args = (config, client, tok, eos_ids)
-        metrics = FrontendMetrics(config.served_model_name, client)
+        metrics = FrontendMetrics(config.served_model_name, client, config.engine)
         executor = ThreadPoolExecutor(MAX_PREPARE_THREADS, thread_name_prefix="prepare")
         load = RequestLoad.for_limits(max_num_seqs=config.engine.max_num_seqs, max_waiting_requests=config.max_waiting_requests)
         shared = dict(load=load,

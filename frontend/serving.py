@@ -133,6 +133,8 @@ class GenerationJob:
         self.settings = text_settings(request)
         self.created = int(arrival_time)
         self.timing = RequestTiming(arrival_time)
+        self.timing.params_n = [p.request.sampling_params.n for p in prompts]
+        self.timing.params_max_tokens = [p.request.sampling_params.max_tokens for p in prompts]
         self.usage = UsageCounter(prompts)
         options = request.stream_options
         self.include_usage = options is not None and options.include_usage  # read by streams only

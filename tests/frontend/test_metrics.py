@@ -93,3 +93,55 @@ def test_stats_line_reports_throughput_while_busy_and_nothing_while_idle():
     engine.latest_stats = SchedulerStats(1, 0, 0.25, 0, 300, prefix_cache_queried_tokens=400,
                                          prefix_cache_hit_tokens=100)
     assert stats_logger.line(now=130.0).endswith("KV cache usage: 25.0%, Prefix cache hit rate: 25.0%")
+
+
+def test_furiosa_names_repeat_the_same_values_with_a_leader_device(client, engine):
+    """FuriosaAI's documented names (furiosa_llm_*, labelled leader_device) read the same
+    bookkeeping as the vLLM-style ones: equal values, for gauges, counters and histograms."""
+    body = {"prompt": "x", "max_tokens": 3, "ignore_eos": True, "n": 2}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    engine.latest_stats = SchedulerStats(num_running=1, num_waiting=2, kv_cache_usage=0.25, num_preemptions=0, num_prompt_tokens_computed=4,
+                                         prefix_cache_queried_tokens=7, prefix_cache_hit_tokens=5, num_prompt_tokens=9)
+    samples = scrape(client)
+    theirs = {k: v for k, v in samples.items() if k.startswith("furiosa_llm_")}
+    as_ours = {}
+    for key, value in theirs.items():
+        assert "leader_device=cpu" in key, key
+        key = key.replace(",leader_device=cpu", "").replace("{leader_device=cpu,", "{").replace("{leader_device=cpu}", "")
+        key = key.replace("kv_cache_usage_percent", "kv_cache_usage_perc")
+        as_ours["furiosa_llm:" + key.removeprefix("furiosa_llm_")] = value
+    assert as_ours == {k: v for k, v in samples.items() if k in as_ours}
+    documented = ["num_requests_running", "num_requests_waiting", "kv_cache_usage_percent", "prefix_cache_hits_total",
+                  "prefix_cache_queries_total", "prompt_tokens_total", "generation_tokens_total",
+                  "request_success_total", "request_prompt_tokens_count", "request_generation_tokens_count",
+                  "request_params_n_count", "request_params_max_tokens_count", "time_to_first_token_seconds_count",
+                  "inter_token_latency_seconds_count", "e2e_request_latency_seconds_count", "cache_config_info"]
+    for name in documented:
+        assert any(k.startswith(f"furiosa_llm_{name}{{") for k in theirs), name
+    assert theirs["furiosa_llm_request_params_n_sum{leader_device=cpu}"] == 2
+    assert theirs["furiosa_llm_request_generation_tokens_sum{leader_device=cpu}"] == 6
+    assert theirs["furiosa_llm_request_params_max_tokens_bucket{le=5.0,leader_device=cpu}"] == 1
+    assert theirs["furiosa_llm_prefix_cache_hits_total{leader_device=cpu}"] == 5
+    assert 0.25 in [v for k, v in theirs.items() if k.startswith("furiosa_llm_kv_cache_usage_percent{")]
+
+
+def test_cache_config_info_names_the_kv_cache_settings(client):
+    samples = scrape(client)
+    labels = "block_size=16,cache_dtype=auto,enable_prefix_caching=True,num_blocks=64,num_gpu_blocks=64"
+    assert samples[f"furiosa_llm:cache_config_info{{{labels}}}"] == 1
+    with_device = labels.replace(",num_blocks", ",leader_device=cpu,num_blocks")
+    assert samples[f"furiosa_llm_cache_config_info{{{with_device}}}"] == 1
+
+
+def test_cache_config_info_waits_for_the_engine(config, tokenizer):
+    from fake_engine import FakeEngineClient
+    from fake_model import MAX_MODEL_LEN, MODEL_NAME, rotating_script
+
+    from ipc.messages import EngineReady
+
+    info = EngineReady(MODEL_NAME, MAX_MODEL_LEN, len(tokenizer), num_kv_blocks=64, block_size=16)
+    engine = FakeEngineClient(info, script=rotating_script(tokenizer), ready=False)
+    with TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer)) as not_ready:
+        text = not_ready.get("/metrics").text
+    assert "cache_config_info" not in text
+    assert "furiosa_llm_num_requests_running" in text
