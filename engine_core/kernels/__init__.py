@@ -9,7 +9,7 @@ the codes directly, several rows sharing one read of the weights. More rows dequ
 of tiles into a reused float32 buffer and multiply it with BLAS. Compiled kernels are cached in
 NUMBA_CACHE_DIR, by default $XDG_CACHE_HOME/furiosa-llm/numba (~/.cache/...), which a non-root
 user can write; it must be set before numba is imported, which this module does (and picks
-numba's workqueue threading layer; see below).
+OpenMP threads where the system has them; see below).
 """
 
 from __future__ import annotations
@@ -24,11 +24,15 @@ def _default_cache_dir() -> str:
 
 
 os.environ.setdefault("NUMBA_CACHE_DIR", _default_cache_dir())
-# numba's own thread pool, not OpenMP: with OpenMP, single-stream decode ran 11 tok/s instead of
-# 44 on this 2-core machine while other processes kept it busy (its idle threads spin and its
-# barriers wait on descheduled threads). The pool serves one calling thread at a time, which is
-# how the engine calls the model.
-os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+# The threads of a parallel kernel: OpenMP (GNU libgomp, where the system has it) with idle
+# threads that sleep at once instead of spinning, else numba's own workqueue pool. A parallel
+# region cost 10-11 us with two threads on this 2-core machine, idle or with a busy-looping
+# process beside it, against 55-160 us with the workqueue pool (which at 7 regions a layer made
+# a second thread slower than one). OpenMP's default policy spins: 46-51 us a region here, and
+# single-stream decode fell from 44 to 11 tok/s while other processes kept the cores busy.
+# With one kernel thread no parallel region runs at all (the serial kernels are called).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp workqueue tbb")
 
 import numpy as np  # noqa: E402
 
