@@ -43,6 +43,7 @@ from ipc.messages import (
     EngineCoreRequest,
     EngineDead,
     EngineReady,
+    FinishReason,
     FrontendToEngine,
     SchedulerStats,
     decode_to_frontend,
@@ -158,13 +159,15 @@ class _Engine:
         self.output: zmq.asyncio.Socket | None = None
         self.model_info: EngineReady | None = None
         self.stats: SchedulerStats | None = None
-        self.num_live: dict[str, int] = {}  # request id -> its sequences not yet final here
+        # request id -> [final outputs still to come (one per returned choice), sequences it
+        # runs (best_of / beam candidates: more than it returns)]
+        self.in_flight: dict[str, list[int]] = {}
 
     @property
     def load(self) -> int:
         """Sequences in flight: the frontend's own count, or the engine's running + waiting if
         that is more (aborted sequences the engine has not reached yet)."""
-        in_flight = sum(self.num_live.values())
+        in_flight = sum(num_sequences for _, num_sequences in self.in_flight.values())
         reported = 0 if self.stats is None else self.stats.num_running + self.stats.num_waiting
         return max(in_flight, reported)
 
@@ -340,7 +343,7 @@ class EngineClient:
                                   [engine.load for engine in self.engines])
         engine = self.engines[rank]
         self._engine_of[request.request_id] = engine
-        engine.num_live[request.request_id] = params.num_candidates
+        engine.in_flight[request.request_id] = [params.n, params.num_candidates]
         self._send(engine, request)
 
     def _send_abort(self, request_ids: list[str], indices: list[int] | None) -> None:
@@ -390,7 +393,7 @@ class EngineClient:
         engine.stats = message.stats
         for output in message.outputs:
             if output.finish_reason is not None:
-                self._count_final(engine, output.request_id)
+                self._count_final(engine, output.request_id, is_error=output.finish_reason == FinishReason.ERROR)
             self.num_generation_tokens += len(output.new_token_ids)
             stream = self._streams.get(output.request_id)
             if stream is not None:
@@ -399,13 +402,14 @@ class EngineClient:
                 self._count_after_disconnect(output)
             # else: a late output of a request we stopped ourselves (a stop string); dropped
 
-    def _count_final(self, engine: _Engine, request_id: str) -> None:
-        """One of the request's sequences is final in its engine (finished, aborted or refused)."""
-        left = engine.num_live.get(request_id, 0) - 1
-        if left > 0:
-            engine.num_live[request_id] = left
+    def _count_final(self, engine: _Engine, request_id: str, *, is_error: bool) -> None:
+        """One of the request's sequences is final in its engine (finished or aborted); an error
+        may be the one output of a refused request, so it ends the whole request's count."""
+        counts = engine.in_flight.get(request_id)
+        if counts is not None and counts[0] > 1 and not is_error:
+            counts[0] -= 1
         else:
-            engine.num_live.pop(request_id, None)
+            engine.in_flight.pop(request_id, None)
             self._engine_of.pop(request_id, None)
 
     def _count_after_disconnect(self, output: EngineCoreOutput) -> None:
