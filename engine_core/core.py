@@ -25,12 +25,12 @@ from engine_core.kv_cache_manager import KVCacheManager
 from engine_core.loader import ModelConfig, load_artifact
 from engine_core.model import KVCache, resolve_kv_cache_dtype
 from engine_core.model_runner import ModelRunner, RunnerOutput
-from engine_core.pooler import POOLER_TYPES, Pooler
+from engine_core.pooler import Pooler
 from engine_core.request import Request, Sequence
 from engine_core.sampler import SampledToken, Sampler, log_softmax, token_logprobs
 from engine_core.structured_output import StructuredOutputManager
 from engine_core.scheduler import Scheduler, SchedulerOutput
-from ipc.config import EngineConfig
+from ipc.config import POOLER_TYPES, RUNNERS, EngineConfig
 from ipc.messages import (
     EngineCoreOutput,
     EngineCoreRequest,
@@ -43,8 +43,6 @@ from ipc.shared.vocabulary import read_vocabulary
 
 
 logger = logging.getLogger("furiosa_llm.engine")
-
-RUNNERS = ("generate", "pooling")  # --runner: vLLM's names
 
 
 class EngineCore:

@@ -24,9 +24,6 @@ class PoolingType(enum.Enum):
     MEAN = "mean"
 
 
-POOLER_TYPES = tuple(t.value for t in PoolingType)
-
-
 class Pooler:
     def __init__(self, pooling_type: str) -> None:
         self.type = PoolingType(pooling_type)

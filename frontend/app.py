@@ -52,6 +52,8 @@ from frontend.protocol import (
 from frontend.serving_chat import OpenAIServingChat
 from frontend.protocol_responses import ResponsesRequest, ignored_response_fields
 from frontend.serving_completions import OpenAIServingCompletion
+from frontend.protocol_embeddings import EmbeddingRequest, ignored_embedding_fields
+from frontend.serving_embeddings import OpenAIServingEmbedding
 from frontend.serving_responses import OpenAIServingResponses
 from frontend.sse import SSE_HEADERS
 from frontend.stats_logger import StatsLogger
@@ -89,6 +91,14 @@ class Services:
     @functools.cached_property
     def responses(self) -> OpenAIServingResponses:
         return OpenAIServingResponses(self.chat)
+
+    @functools.cached_property
+    def embeddings(self) -> OpenAIServingEmbedding:
+        """The /v1/embeddings endpoint (--runner pooling), sharing the chat endpoint's load and hooks."""
+        chat = self.chat
+        return OpenAIServingEmbedding(self.config, self.engine_client, chat.tokenizer, chat.eos_token_ids,
+                                      load=chat.load, on_request_finished=chat.on_request_finished,
+                                      executor=chat.executor)
 
 
 def _services(state: State) -> Services:
@@ -137,6 +147,13 @@ async def create_response(request: Request, state: State) -> Response:
         events = await services.responses.create_response(body)
         return Stream(events, media_type="text/event-stream", headers=SSE_HEADERS)
     return Response(await _unless_disconnected(services.responses.create_response(body), request))
+
+
+@post("/v1/embeddings", status_code=200)
+async def create_embedding(request: Request, state: State) -> Response:
+    services = _services(state)
+    body = _decode_generation_body(await request.body(), EmbeddingRequest, request, ignored_embedding_fields)
+    return Response(await _unless_disconnected(services.embeddings.create_embedding(body), request))
 
 
 @get("/v1/models")
@@ -323,6 +340,7 @@ def create_app(config: FrontendConfig, engine_client=None, tokenizer=None) -> Li
             create_completion,
             create_chat_completion,
             create_response,
+            create_embedding,
             list_models,
             retrieve_model,
             health,

@@ -37,7 +37,7 @@ from frontend.data_parallel import DataParallelPlan, parse_size
 from frontend.data_parallel import plan as plan_data_parallel
 from frontend.default_model import ArtifactNotFoundError, default_model_path
 from frontend.reasoning_parsers.registry import ReasoningParserRegistry
-from ipc.config import EngineConfig
+from ipc.config import POOLER_TYPES, RUNNERS, EngineConfig
 from ipc.notify import STARTUP_ERROR_KEY, parse_state, sd_notify
 from ipc.sockets import ipc_addresses, make_ipc_dir
 
@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=d["enable_prefix_caching"],
                        help="reuse the KV blocks of prompt prefixes seen before")
+    serve.add_argument("--runner", default=d["runner"], choices=RUNNERS,
+                       help="generate: completions, chat and responses; pooling: /v1/embeddings only (vLLM's flag)")
+    serve.add_argument("--pooler-type", default=d["pooler_type"], choices=POOLER_TYPES,
+                       help="with --runner pooling, an input's vector: the last token's final hidden state (as "
+                            "decoder embedding models such as Qwen3-Embedding use) or the mean over its tokens; "
+                            "L2-normalized")
     serve.add_argument("--num-threads", type=int, default=None,
                        help="BLAS threads in the engine core (default: 1, which stays fast while the frontend is busy)")
     serve.add_argument("--data-parallel-size", type=_data_parallel_size, default=d["data_parallel_size"],
@@ -181,6 +187,8 @@ def config_from_args(args: argparse.Namespace) -> FrontendConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         num_threads=args.num_threads,
         log_level=args.log_level,
+        runner=args.runner,
+        pooler_type=args.pooler_type,
         data_parallel_size=data_parallel_plan(args, model).size,
     )
     return FrontendConfig(

@@ -16,12 +16,14 @@ from litestar import Request
 from litestar.openapi.plugins import JsonRenderPlugin
 
 from frontend.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from frontend.protocol_embeddings import EmbeddingRequest
 from frontend.protocol_responses import ResponsesRequest
 
 REQUEST_BODIES: dict[str, type[msgspec.Struct]] = {
     "/v1/completions": CompletionRequest,
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/responses": ResponsesRequest,
+    "/v1/embeddings": EmbeddingRequest,
     "/tokenize": TokenizeRequest,
     "/detokenize": DetokenizeRequest,
 }

@@ -37,6 +37,8 @@ NOT_READY_RETRY_AFTER_S = 5
 class OpenAIServing:
     """State and steps shared by the completions and chat endpoints."""
 
+    RUNNER = "generate"  # the --runner an endpoint needs (embeddings: pooling)
+
     def __init__(
         self,
         config: FrontendConfig,
@@ -69,7 +71,16 @@ class OpenAIServing:
             raise model_not_found(model)
 
     def engine_info(self) -> EngineReady:
-        """The engine's model facts; a 503 while it is loading or after it died."""
+        """The engine's model facts; a 503 while it is loading or after it died. A 400 when the
+        server runs the other runner (generation routes under --runner pooling, and back)."""
+        runner = self.config.engine.runner
+        if runner != self.RUNNER:
+            raise bad_request(
+                "This model runs as a pooling runner (--runner pooling): it serves /v1/embeddings, not generation."
+                if runner == "pooling" else
+                "This model runs as a generate runner: start the server with --runner pooling to serve /v1/embeddings.",
+                param="model",
+            )
         client = self.engine_client
         if client.is_dead:
             raise engine_unavailable(f"The engine is not running: {client.dead_reason}", code="engine_dead")

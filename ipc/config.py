@@ -12,6 +12,10 @@ from __future__ import annotations
 import msgspec
 
 
+RUNNERS = ("generate", "pooling")  # --runner (vLLM's names): generation, or embeddings only
+POOLER_TYPES = ("last", "mean")  # --pooler-type: how a pooling request's hidden states become one vector
+
+
 class EngineConfig(msgspec.Struct, kw_only=True):
     model: str  # artifact path: a GGUF file or a Hugging Face directory
     served_model_name: str
