@@ -407,3 +407,23 @@ def test_responses_are_counted_in_the_metrics(make_client):
     metrics = client.get("/metrics").text
     assert any(line.startswith("furiosa_llm:request_success_total{") and 'finished_reason="stop"' in line
                and line.endswith(" 1.0") for line in metrics.splitlines()), metrics
+
+
+# ---- a client that goes away
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_client_gone_aborts_the_request(config, engine, tokenizer, stream):
+    from test_streaming import post_then_disconnect, running  # the ASGI drivers of the chat tests
+
+    engine.hang_after_steps = 2
+    app = create_app(config, engine_client=engine, tokenizer=tokenizer)
+    async with running(app):
+        sent = await post_then_disconnect(app, "/v1/responses", {"input": "x", "stream": stream},
+                                          lambda: engine.wait_for("hanging"))
+    if stream:
+        assert sent[0]["status"] == 200
+        assert b"".join(m.get("body", b"") for m in sent[1:]).startswith(b"event: response.created\n")
+    assert engine.closed_unfinished == [engine.requests[0].request_id]
+    assert engine.client_gone_ids == [engine.requests[0].request_id]
