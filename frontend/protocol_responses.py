@@ -137,7 +137,20 @@ class ResponseFunctionCall(msgspec.Struct, tag_field="type", tag="function_call"
     status: Literal["in_progress", "completed", "incomplete"]
 
 
-ResponseOutputItem = ResponseOutputMessage | ResponseFunctionCall
+class ResponseReasoningText(msgspec.Struct, tag_field="type", tag="reasoning_text"):
+    text: str
+
+
+class ResponseReasoningItem(msgspec.Struct, tag_field="type", tag="reasoning", kw_only=True):
+    """The think block, with --reasoning-parser."""
+
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    summary: list[Any] = []
+    content: list[ResponseReasoningText] = []
+
+
+ResponseOutputItem = ResponseOutputMessage | ResponseFunctionCall | ResponseReasoningItem
 
 
 class ResponseFunctionTool(msgspec.Struct, tag_field="type", tag="function", kw_only=True):
@@ -168,7 +181,7 @@ class InputTokensDetails(msgspec.Struct):
 
 
 class OutputTokensDetails(msgspec.Struct):
-    reasoning_tokens: int = 0
+    reasoning_tokens: int = 0  # with --reasoning-parser
 
 
 class ResponseUsage(msgspec.Struct):
@@ -295,9 +308,23 @@ class FunctionCallArgumentsDoneEvent(_Event, tag="response.function_call_argumen
     arguments: str
 
 
+class ReasoningTextDeltaEvent(_Event, tag="response.reasoning_text.delta"):
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+
+
+class ReasoningTextDoneEvent(_Event, tag="response.reasoning_text.done"):
+    item_id: str
+    output_index: int
+    content_index: int
+    text: str
+
+
 ResponseStreamEvent = (
     ResponseCreatedEvent | ResponseInProgressEvent | ResponseCompletedEvent | ResponseIncompleteEvent
     | ResponseFailedEvent | OutputItemAddedEvent | OutputItemDoneEvent | ContentPartAddedEvent
     | ContentPartDoneEvent | OutputTextDeltaEvent | OutputTextDoneEvent | FunctionCallArgumentsDeltaEvent
-    | FunctionCallArgumentsDoneEvent
+    | FunctionCallArgumentsDoneEvent | ReasoningTextDeltaEvent | ReasoningTextDoneEvent
 )

@@ -5,7 +5,8 @@ the conversation, `function_call` / `function_call_output` items an assistant's 
 the tool messages, flat function tools the chat `tools`, `text.format` the `response_format`),
 so the chat endpoint's preparation applies as it is: the chat template, sampling defaults and
 validation, `serving_tools`' plan for tool_choice and `serving_structured_outputs`. The chat
-job's deltas, read through its tool-call parser, become output items (`ResponseOutputBuilder`).
+job's deltas, read through its reasoning parser (a `reasoning` item, with --reasoning-parser) and
+its tool-call parser, become output items (`ResponseOutputBuilder`).
 
 A response and a stream are built by the same loop (`ResponseRun.events`): a non-streamed
 request runs it and keeps the final response, so the two never disagree. The server is
@@ -61,6 +62,10 @@ from frontend.protocol_responses import (
     ResponseOutputItem,
     ResponseOutputMessage,
     ResponseOutputText,
+    ReasoningTextDeltaEvent,
+    ReasoningTextDoneEvent,
+    ResponseReasoningItem,
+    ResponseReasoningText,
     ResponsesContentPart,
     ResponsesInputItem,
     ResponsesRequest,
@@ -277,13 +282,27 @@ def _new_id(prefix: str) -> str:
 
 
 class ResponseOutputBuilder:
-    """Parsed deltas (content and tool-call fragments) -> output items, and the stream events
-    that open, fill and close them. At most one item is open; a call closes the message before
-    it, and text after a call opens a new message."""
+    """Parsed deltas (reasoning, content and tool-call fragments) -> output items, and the stream
+    events that open, fill and close them. At most one item is open; a new kind of output closes
+    the item before it (a call closes the message before it, text after a call opens a new
+    message)."""
 
     def __init__(self) -> None:
         self.items: list[ResponseOutputItem] = []
-        self._text: list[str] = []  # the open message's text
+        self._text: list[str] = []  # the open message's or reasoning item's text
+
+    def feed_reasoning(self, text: str) -> list[msgspec.Struct]:
+        events: list[msgspec.Struct] = []
+        if not isinstance(self._open, ResponseReasoningItem):
+            events += self._close("completed")
+            item = ResponseReasoningItem(id=_new_id("rs"), status="in_progress")
+            self.items.append(item)
+            self._text = []
+            events.append(OutputItemAddedEvent(output_index=len(self.items) - 1, item=_copy(item)))
+        self._text.append(text)
+        events.append(ReasoningTextDeltaEvent(item_id=self._open.id, output_index=len(self.items) - 1,
+                                              content_index=0, delta=text))
+        return events
 
     @property
     def _open(self) -> ResponseOutputItem | None:
@@ -345,6 +364,10 @@ class ResponseOutputBuilder:
             item.content = [part]
             events += [OutputTextDoneEvent(item_id=item.id, output_index=index, content_index=0, text=text),
                        ContentPartDoneEvent(item_id=item.id, output_index=index, content_index=0, part=part)]
+        elif isinstance(item, ResponseReasoningItem):
+            text = "".join(self._text)
+            item.content = [ResponseReasoningText(text)]
+            events.append(ReasoningTextDoneEvent(item_id=item.id, output_index=index, content_index=0, text=text))
         else:
             events.append(FunctionCallArgumentsDoneEvent(item_id=item.id, output_index=index, name=item.name,
                                                          arguments=item.arguments))
@@ -355,8 +378,9 @@ class ResponseOutputBuilder:
 
 def _copy(item: ResponseOutputItem) -> ResponseOutputItem:
     """A snapshot for an event: the builder keeps changing its items."""
-    return msgspec.structs.replace(item, content=list(item.content)) if isinstance(item, ResponseOutputMessage) \
-        else msgspec.structs.replace(item)
+    if isinstance(item, ResponseFunctionCall):
+        return msgspec.structs.replace(item)
+    return msgspec.structs.replace(item, content=list(item.content))
 
 
 class ResponseRun:
@@ -390,11 +414,17 @@ class ResponseRun:
         yield numbered(ResponseCreatedEvent(response=self.response("in_progress", [])))
         yield numbered(ResponseInProgressEvent(response=self.response("in_progress", [])))
         parser = self.job.tool_parser.stream() if self.job.tool_parser is not None else None
+        reasoner = self.job._reasoning_parser()  # None without --reasoning-parser
         finish_reason = None
         try:
             async with contextlib.aclosing(self.job.deltas()) as deltas:
                 async for delta in deltas:
-                    parsed = ParsedDelta(delta.text) if parser is None else parser.feed(delta.text)
+                    # as on chat: the think block first, then tool calls are read from the content
+                    reasoning, content = self.job._split_reasoning(delta, reasoner)
+                    if reasoning:
+                        for event in builder.feed_reasoning(reasoning):
+                            yield numbered(event)
+                    parsed = ParsedDelta(content) if parser is None else parser.feed(content)
                     if delta.finish_reason is not None:
                         finish_reason = delta.finish_reason
                         if parser is not None:
@@ -447,13 +477,14 @@ class ResponseRun:
         )
 
     def _usage(self) -> ResponseUsage:
-        usage = self.job.usage.usage()
+        usage = self.job._usage()  # with reasoning tokens, under --reasoning-parser
         details = usage.prompt_tokens_details
+        reasoning = usage.completion_tokens_details
         return ResponseUsage(
             input_tokens=usage.prompt_tokens,
             input_tokens_details=InputTokensDetails(details.cached_tokens if details is not None else 0),
             output_tokens=usage.completion_tokens,
-            output_tokens_details=OutputTokensDetails(0),
+            output_tokens_details=OutputTokensDetails(reasoning.reasoning_tokens if reasoning is not None else 0),
             total_tokens=usage.total_tokens,
         )
 

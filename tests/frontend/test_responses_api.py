@@ -427,3 +427,34 @@ async def test_a_client_gone_aborts_the_request(config, engine, tokenizer, strea
         assert b"".join(m.get("body", b"") for m in sent[1:]).startswith(b"event: response.created\n")
     assert engine.closed_unfinished == [engine.requests[0].request_id]
     assert engine.client_gone_ids == [engine.requests[0].request_id]
+
+
+# ---- --reasoning-parser
+
+
+def test_the_think_block_is_a_reasoning_item_streamed_and_not(make_client):
+    client, _ = make_client("<think>Paris, probably.</think>Hello world!", reasoning_parser="deepseek_r1")
+    body = {"input": "Say hi.", "temperature": 0}
+    plain = client.post("/v1/responses", json=body).json()
+    assert [item["type"] for item in plain["output"]] == ["reasoning", "message"]
+    assert plain["output"][0]["content"] == [{"type": "reasoning_text", "text": "Paris, probably."}]
+    assert plain["output"][0]["id"].startswith("rs_") and plain["output"][0]["summary"] == []
+    assert plain["output"][1]["content"][0]["text"] == "Hello world!"
+    assert 0 < plain["usage"]["output_tokens_details"]["reasoning_tokens"] < plain["usage"]["output_tokens"]
+    events = sse_events(client.post("/v1/responses", json={**body, "stream": True}).text)
+    reasoning = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
+    [done] = [e for e in events if e["type"] == "response.reasoning_text.done"]
+    assert reasoning == done["text"] == "Paris, probably."
+    assert without_ids(events[-1]["response"]) == without_ids(plain)
+    with api_for(client).responses.stream(model=MODEL_NAME, input="Say hi.") as stream:
+        final = stream.get_final_response()
+    assert final.output[0].type == "reasoning" and final.output[0].content[0].text == "Paris, probably."
+    assert final.output_text == "Hello world!"
+
+
+def test_reasoning_then_a_tool_call(make_client):
+    client, _ = make_client("<think>Need the weather.</think>" + HERMES_OUTPUT.split("\n", 1)[1],
+                            reasoning_parser="deepseek_r1", enable_auto_tool_choice=True, tool_call_parser="hermes")
+    response = api_for(client).responses.create(model=MODEL_NAME, input="Weather?", tools=[WEATHER_TOOL, TIME_TOOL])
+    assert [item.type for item in response.output] == ["reasoning", "function_call", "function_call"]
+    assert response.output[0].content[0].text == "Need the weather."
