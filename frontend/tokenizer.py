@@ -11,6 +11,10 @@ GPT-2, SmolLM, Llama 3, ...) we rebuild the `tokenizers.Tokenizer` here:
 - added tokens: control tokens (type 3) are special, user-defined ones (type 4) are plain
   added tokens; both are matched whole in the text, never cut by BPE;
 - BOS/EOS/UNK/PAD from their ids, `add_bos_token`, and the chat template.
+
+SentencePiece vocabularies (`tokenizer.ggml.model == "llama"`: Llama 2, Mistral 7B v0.1,
+TinyLlama, Gemma, Phi-3) are rebuilt as `build_sentencepiece_tokenizer` describes: BPE whose
+merges are recovered from the tokens' ranks, "▁" for a space, `<0xNN>` byte fallback.
 """
 
 from __future__ import annotations
@@ -23,7 +27,13 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from ipc.shared.vocabulary import TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL, TOKEN_TYPE_USER_DEFINED, read_gguf_metadata
+from ipc.shared.vocabulary import (
+    SENTENCEPIECE_SPACE,
+    TOKEN_TYPE_CONTROL,
+    TOKEN_TYPE_NORMAL,
+    TOKEN_TYPE_USER_DEFINED,
+    read_gguf_metadata,
+)
 
 # Llama 3 (tiktoken's cl100k shape): case-insensitive contractions, a letter run may take one
 # leading non-letter, non-digit (not a newline), numbers in groups of up to 3 digits, newlines
@@ -153,12 +163,14 @@ def _load_hf_tokenizer(model_dir: str) -> PreTrainedTokenizerFast:
 def _load_gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
     metadata = read_gguf_tokenizer_metadata(path)
     model = metadata.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise TokenizerLoadError(
-            f"{path}: tokenizer model {model!r} is not supported from a GGUF file "
-            "(only byte-level BPE, 'gpt2'); serve the model's Hugging Face directory instead"
-        )
-    return build_byte_level_tokenizer(metadata, source=path)
+    if model == "gpt2":
+        return build_byte_level_tokenizer(metadata, source=path)
+    if model == "llama":
+        return build_sentencepiece_tokenizer(metadata, source=path)
+    raise TokenizerLoadError(
+        f"{path}: tokenizer model {model!r} is not supported from a GGUF file "
+        "(only byte-level BPE, 'gpt2', and SentencePiece, 'llama'); serve the model's Hugging Face directory instead"
+    )
 
 
 def read_gguf_tokenizer_metadata(path: str) -> dict[str, Any]:
@@ -180,9 +192,7 @@ def build_byte_level_tokenizer(metadata: dict[str, Any], *, source: str) -> PreT
     """A fast tokenizer from a byte-level BPE vocabulary's GGUF metadata (`source` names the file
     in errors)."""
     tokens: list[str] = metadata["tokenizer.ggml.tokens"]
-    token_types: list[int] = metadata.get("tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * len(tokens)
-    if len(token_types) != len(tokens):
-        raise TokenizerLoadError(f"{source}: {len(tokens)} tokens but {len(token_types)} token types")
+    token_types = _token_types(metadata, tokens, source)
     spec = _pre_tokenizer_spec(metadata, source)
 
     vocab: dict[str, int] = {}
@@ -198,16 +208,15 @@ def build_byte_level_tokenizer(metadata: dict[str, Any], *, source: str) -> PreT
         backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = spec.build()
     backend.decoder = decoders.ByteLevel()
-    # Matched whole before BPE. A token whose spelling repeats an earlier one cannot be added
-    # under its own id (the vocabulary maps a spelling to one id), so it is left out.
-    for token_type, add in ((TOKEN_TYPE_USER_DEFINED, backend.add_tokens), (TOKEN_TYPE_CONTROL, backend.add_special_tokens)):
-        add(
-            [
-                AddedToken(token, special=token_type == TOKEN_TYPE_CONTROL, normalized=False)
-                for token_id, (token, t) in enumerate(zip(tokens, token_types))
-                if t == token_type and vocab[token] == token_id
-            ]
-        )
+    _add_whole_tokens(backend, tokens, token_types, vocab)
+
+    return _fast_tokenizer(backend, metadata, tokens, source=source, add_bos_by_default=False)
+
+
+def _fast_tokenizer(
+    backend: Tokenizer, metadata: dict[str, Any], tokens: list[str], *, source: str, add_bos_by_default: bool
+) -> PreTrainedTokenizerFast:
+    """`backend` wrapped with the file's special tokens, BOS/EOS flags and chat template."""
 
     def token_for(key: str) -> str | None:
         token_id = metadata.get(f"tokenizer.ggml.{key}")
@@ -218,24 +227,199 @@ def build_byte_level_tokenizer(metadata: dict[str, Any], *, source: str) -> PreT
         return tokens[token_id]
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+        tokenizer_object=_HandedOver(backend),
         bos_token=token_for("bos_token_id"),
         eos_token=token_for("eos_token_id"),
         unk_token=token_for("unknown_token_id"),
         pad_token=token_for("padding_token_id"),
-        add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+        add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_by_default)),
         add_eos_token=bool(metadata.get("tokenizer.ggml.add_eos_token", False)),
         clean_up_tokenization_spaces=False,
         model_max_length=_context_length(metadata),
     )
     tokenizer.chat_template = metadata.get("tokenizer.chat_template")
     # Read by eos_token_ids(): a GGUF names these apart from EOS, and they end a turn too.
-    tokenizer.end_of_turn_token_ids = [
-        token_id
-        for token_id in (metadata.get("tokenizer.ggml.eot_token_id"), metadata.get("tokenizer.ggml.eom_token_id"))
-        if token_id is not None and 0 <= token_id < len(tokens)
-    ]
+    tokenizer.end_of_turn_token_ids = _end_of_turn_token_ids(metadata, tokens)
     return tokenizer
+
+
+class _HandedOver:
+    """Gives `PreTrainedTokenizerFast` the backend just built, without the deep copy it makes of
+    its `tokenizer_object` (a JSON round trip of the whole vocabulary: 4-6 s for Gemma's 262k
+    tokens and 515k merges on a busy 2-core machine)."""
+
+    def __init__(self, backend: Tokenizer) -> None:
+        self.backend = backend
+
+    def __deepcopy__(self, memo: dict) -> Tokenizer:
+        return self.backend
+
+
+# The control tokens that end a chat turn, by spelling, for files that name no end-of-turn
+# token (`tokenizer.ggml.eot_token_id`): Gemma's GGUF files do not, and without it a chat reply
+# would run on past `<end_of_turn>` (llama.cpp recognizes these spellings the same way).
+END_OF_TURN_SPELLINGS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
+
+
+def _end_of_turn_token_ids(metadata: dict[str, Any], tokens: list[str]) -> list[int]:
+    named = [metadata.get("tokenizer.ggml.eot_token_id"), metadata.get("tokenizer.ggml.eom_token_id")]
+    token_ids = [token_id for token_id in named if token_id is not None and 0 <= token_id < len(tokens)]
+    if metadata.get("tokenizer.ggml.eot_token_id") is None:
+        token_types = metadata.get("tokenizer.ggml.token_type") or []
+        spelled = {token: token_id for token_id, token in enumerate(tokens) if token in END_OF_TURN_SPELLINGS}
+        token_ids += [
+            token_id
+            for token_id in spelled.values()
+            if token_id < len(token_types) and token_types[token_id] == TOKEN_TYPE_CONTROL
+        ]
+    return token_ids
+
+
+# ---- SentencePiece -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SentencePieceFlavor:
+    """What a family's SentencePiece tokenizer does that its GGUF metadata does not say."""
+
+    # BPE merges are ranked by the score of the token they make (llama.cpp's rule), or by its
+    # position in the file. Gemma needs positions: its user-defined whitespace pieces ("▁▁",
+    # "▁▁▁", ...) score -1000 in the file, below thousands of ordinary tokens, yet SentencePiece
+    # takes them whole before anything else; their early positions say so.
+    rank_by_position: bool = False
+    # Pieces of spaces only are stored with real spaces ("  ", "   ", ...; llama.cpp's converter
+    # writes Gemma's user-defined "▁▁" pieces so) and become "▁" runs again, the spelling the
+    # text has when it reaches BPE. Elsewhere such a token is a user-defined token matched whole.
+    spaces_stored_as_spaces: bool = False
+    # Where the prefix space (`tokenizer.ggml.add_space_prefix`) goes: before the text's start
+    # only, or before every stretch of text between special tokens, as Phi-3's tokenizer.json
+    # does (a `Prepend("▁")` normalizer; "<|user|>hi" becomes "<|user|>", "▁hi").
+    prefix_every_segment: bool = False
+
+
+SENTENCEPIECE_FLAVORS: dict[str, SentencePieceFlavor] = {
+    "gemma": SentencePieceFlavor(rank_by_position=True, spaces_stored_as_spaces=True),
+    "gemma2": SentencePieceFlavor(rank_by_position=True, spaces_stored_as_spaces=True),
+    "gemma3": SentencePieceFlavor(rank_by_position=True, spaces_stored_as_spaces=True),
+    "phi3": SentencePieceFlavor(prefix_every_segment=True),
+}
+
+
+def build_sentencepiece_tokenizer(metadata: dict[str, Any], *, source: str) -> PreTrainedTokenizerFast:
+    """A fast tokenizer from a SentencePiece vocabulary's GGUF metadata (`tokenizer.ggml.model`
+    "llama"; `source` names the file in errors).
+
+    - model: BPE over the file's tokens, with the merges the tokens' ranks imply (the file has
+      none; see `sentencepiece_merges`), byte fallback to the `<0xNN>` tokens for a character
+      that has no token;
+    - a space is "▁"; with `tokenizer.ggml.add_space_prefix` (default true; Gemma's files say
+      false) a "▁" goes before the text, and decoding drops the first space again;
+    - what the file does not say comes from the architecture's `SentencePieceFlavor`;
+    - control tokens are special, user-defined ones (Gemma's "\n", "\t\t", `<start_of_image>`)
+      plain added tokens, both matched whole; BOS is added unless the file says
+      `add_bos_token = false`.
+    """
+    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+    token_types = _token_types(metadata, tokens, source)
+    scores: list[float] | None = metadata.get("tokenizer.ggml.scores")
+    if scores is not None and len(scores) != len(tokens):
+        raise TokenizerLoadError(f"{source}: {len(tokens)} tokens but {len(scores)} scores")
+    flavor = SENTENCEPIECE_FLAVORS.get(metadata.get("general.architecture") or "", SentencePieceFlavor())
+    if flavor.rank_by_position or scores is None:
+        ranks = [-float(token_id) for token_id in range(len(tokens))]
+    else:
+        ranks = [float(score) for score in scores]
+
+    pieces = [_spaces_respelled(token) for token in tokens] if flavor.spaces_stored_as_spaces else tokens
+    vocab: dict[str, int] = {}
+    for token_id, piece in enumerate(pieces):
+        vocab.setdefault(piece, token_id)  # a repeated spelling keeps its first id
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    unk_token = pieces[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(pieces) else None
+    try:
+        bpe = models.BPE(
+            vocab=vocab,
+            merges=sentencepiece_merges(pieces, ranks, vocab),
+            unk_token=unk_token,
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    except Exception as exc:
+        raise TokenizerLoadError(f"{source}: invalid SentencePiece vocabulary: {exc}") from exc
+    backend = Tokenizer(bpe)
+    add_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
+    if add_prefix and flavor.prefix_every_segment:
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.Prepend(SENTENCEPIECE_SPACE), normalizers.Replace(" ", SENTENCEPIECE_SPACE)]
+        )
+    else:
+        # One word per stretch of text: SentencePiece does not split before merging.
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement=SENTENCEPIECE_SPACE, prepend_scheme="first" if add_prefix else "never", split=False
+        )
+    steps = [decoders.Replace(SENTENCEPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    backend.decoder = decoders.Sequence(steps)
+    _add_whole_tokens(backend, tokens, token_types, vocab)
+    return _fast_tokenizer(backend, metadata, tokens, source=source, add_bos_by_default=True)
+
+
+def _spaces_respelled(token: str) -> str:
+    if token and token.strip(" ") == "":
+        return SENTENCEPIECE_SPACE * len(token)
+    return token
+
+
+def sentencepiece_merges(pieces: list[str], ranks: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """The BPE merges that a SentencePiece vocabulary implies, best first.
+
+    SentencePiece's BPE joins, at each step, the adjacent pair whose joined piece ranks best.
+    As BPE merges: every cut of a piece into two pieces of the vocabulary is a merge, ranked by
+    the joined piece's rank; merges of equally ranked pieces go longer left part first, then
+    longer right part, then in vocabulary order (transformers orders them so, and identical
+    token ids need the same order).
+    """
+    # 1.8M candidate cuts for Gemma's vocabulary, so the loop is kept lean. Cuts are made in
+    # the order they sort in (a vocabulary ranked by position needs no reordering at all).
+    known = vocab.__contains__
+    keyed: list[tuple[float, int, int, int, str, str]] = []
+    add = keyed.append
+    for order, piece in enumerate(pieces):
+        length = len(piece)
+        if length < 2 or vocab[piece] != order:
+            continue
+        rank = -ranks[order]
+        for cut in range(length - 1, 0, -1):
+            left = piece[:cut]
+            if known(left):
+                right = piece[cut:]
+                if known(right):
+                    add((rank, -cut, cut - length, order, left, right))
+    keyed.sort()
+    return [(left, right) for *_, left, right in keyed]
+
+
+def _add_whole_tokens(backend: Tokenizer, tokens: list[str], token_types: list[int], vocab: dict[str, int]) -> None:
+    """Control tokens as special added tokens, user-defined ones as plain added tokens: both are
+    matched whole in the raw text before the model sees it. A token whose spelling repeats an
+    earlier one, or that the vocabulary spells differently, cannot be added under its own id (the
+    vocabulary maps a spelling to one id), so it is left out."""
+    for token_type, add in ((TOKEN_TYPE_USER_DEFINED, backend.add_tokens), (TOKEN_TYPE_CONTROL, backend.add_special_tokens)):
+        add(
+            [
+                AddedToken(token, special=token_type == TOKEN_TYPE_CONTROL, normalized=False)
+                for token_id, (token, t) in enumerate(zip(tokens, token_types))
+                if t == token_type and vocab.get(token) == token_id
+            ]
+        )
+
+
+def _token_types(metadata: dict[str, Any], tokens: list[str], source: str) -> list[int]:
+    token_types: list[int] = metadata.get("tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * len(tokens)
+    if len(token_types) != len(tokens):
+        raise TokenizerLoadError(f"{source}: {len(tokens)} tokens but {len(token_types)} token types")
+    return token_types
 
 
 def _pre_tokenizer_spec(metadata: dict[str, Any], source: str) -> PreTokenizerSpec:
