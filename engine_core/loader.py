@@ -171,7 +171,9 @@ def _config_from_hf(raw: dict, where: str, name: str) -> ModelConfig:
             sliding_layers=sliding_layers,
             local_rope_theta=local_theta,
             final_logit_softcapping=_positive(raw.get("final_logit_softcapping")) if gemma else None,
-            attn_logit_softcapping=_positive(raw.get("attn_logit_softcapping")) if gemma else None,
+            # Gemma 3's config carries attn_logit_softcapping (from Gemma 2), but transformers'
+            # Gemma 3 attention does not apply it (nor does llama.cpp's): neither do we
+            attn_logit_softcapping=None,
         )
         if gemma and act not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise ArtifactError(f"{where}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh only)")
@@ -573,8 +575,7 @@ def _config_from_gguf(reader, path: str) -> ModelConfig:
         switches = dict(qk_norm=True, sandwich_norms=True, hidden_act="gelu_tanh",
                         embedding_multiplier=math.sqrt(hidden), local_rope_theta=10_000.0,
                         sliding_layers=tuple(bool((i + 1) % pattern) for i in range(num_layers)),
-                        final_logit_softcapping=_positive(value("final_logit_softcapping")),
-                        attn_logit_softcapping=_positive(value("attn_logit_softcapping")))
+                        final_logit_softcapping=_positive(value("final_logit_softcapping")))
     if arch == "qwen3":
         switches["qk_norm"] = True
     if arch in ("gemma3", "phi3") and window:
