@@ -13,6 +13,8 @@ hang after k steps (until cancelled or released), die after k steps, finish with
 from __future__ import annotations
 
 import asyncio
+import math
+import struct
 from collections.abc import AsyncIterator, Callable
 
 from frontend.engine_client import EngineDeadError
@@ -168,6 +170,9 @@ class FakeEngineClient:
             return finished(EngineCoreOutput(request_id, index, [], error=self.error_message), FinishCause.ERROR)
         if self.unrequested_abort and step > 0:
             return finished(EngineCoreOutput(request_id, index, []), FinishCause.ABORT)
+        if request.pooling is not None:  # pooled at once, as the engine does at the prompt's end
+            vector = fake_vector(request.prompt_token_ids, self._model_info.hidden_size)
+            return finished(EngineCoreOutput(request_id, index, [], pooled=vector), FinishCause.POOLED)
         token_id = script[step % len(script)]
         output = EngineCoreOutput(request_id, index, [token_id])
         # as the engine: an EOS id (unless ignore_eos) before a stop token id, neither below min_tokens
@@ -192,6 +197,14 @@ class FakeEngineClient:
 def finished(output: EngineCoreOutput, cause: FinishCause, *, stop_reason: int | None = None) -> EngineCoreOutput:
     output.finish_cause, output.finish_reason, output.stop_reason = cause, cause.finish_reason, stop_reason
     return output
+
+
+def fake_vector(prompt_token_ids: list[int], hidden_size: int) -> bytes:
+    """A deterministic unit vector of the prompt (float32 little-endian), as a pooled output."""
+    seed = sum((k + 1) * t for k, t in enumerate(prompt_token_ids))
+    values = [math.sin(seed + 1.7 * k) for k in range(hidden_size)]
+    norm = math.sqrt(sum(v * v for v in values))
+    return struct.pack(f"<{hidden_size}f", *(v / norm for v in values))
 
 
 def fake_logprobs(token_id: int, position: int, num_top: int) -> TokenLogprobs:

@@ -91,3 +91,17 @@ def test_generation_config_defaults_to_auto_and_reaches_the_frontend_config(defa
     assert config_of(default_model).generation_config == "auto"
     assert config_of(default_model, "--generation-config", "vllm").generation_config == "vllm"
     assert config_of(default_model, "--generation-config", str(tmp_path)).generation_config == str(tmp_path)
+
+
+def test_runner_and_pooler_type_reach_the_engine_config(default_model):
+    engine = config_of().engine
+    assert (engine.runner, engine.pooler_type) == ("generate", "last")
+    engine = config_of("--runner", "pooling", "--pooler-type", "mean").engine
+    assert (engine.runner, engine.pooler_type) == ("pooling", "mean")
+
+
+@pytest.mark.parametrize("flags", [["--runner", "embed"], ["--pooler-type", "cls"]])
+def test_an_unknown_runner_or_pooler_type_is_refused(flags, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", *flags])
+    assert f"argument {flags[0]}: invalid choice" in capsys.readouterr().err
