@@ -121,54 +121,70 @@ def _attend_block(q, row, qh0, G, K, V, kb, kh, t0, n, softcap, s, p, ibuf, fbuf
                 acc[a, d] += pt * V[kb, t0 + t, kh, d]
 
 
-@njit(parallel=True, **_OPTS)
-def _decode(q, rows, keys, values, table, lens, kind, heads_per_task, window, softcap, out):
-    """q [T, heads, D] scaled queries; rows [B] the batch rows of the decodes; keys/values
-    [blocks, bs, kv_heads, D]; table [B, W] block ids; lens [B] context lengths; out [T, heads * D].
-    A task is one sequence and heads_per_task of its KV heads (a divisor of kv_heads).
-    window > 0: only the last `window` tokens of each context; softcap > 0: capped scores."""
-    B = rows.shape[0]
+@njit(**_OPTS)
+def _decode_task(q, rows, keys, values, table, lens, kind, heads_per_task, window, softcap, out, task):
+    """One task of _decode: sequence task // per_seq, heads_per_task of its KV heads."""
     H = q.shape[1]
     D = q.shape[2]
     bs = keys.shape[1]
     KVH = keys.shape[2]
     G = H // KVH
     per_seq = KVH // heads_per_task
-    for task in prange(B * per_seq):
-        b = task // per_seq
-        h0 = (task % per_seq) * heads_per_task
-        row = rows[b]
-        length = lens[b]
-        s = np.empty(bs, np.float32)
-        p = np.empty(bs, np.float32)
-        ibuf = np.empty(bs, np.uint32)
-        fbuf = ibuf.view(np.float32)
-        m = np.full(heads_per_task * G, _LOWEST, np.float32)
-        l = np.zeros(heads_per_task * G, np.float32)
-        acc = np.zeros((heads_per_task * G, D), np.float32)
-        kwide = np.empty((1, bs, 1, D), np.uint32)
-        vwide = np.empty((1, bs, 1, D), np.uint32)
-        kf = kwide.view(np.float32)
-        vf = vwide.view(np.float32)
-        begin = max(0, length - window) if window > 0 else 0  # the first token attended
-        for j in range(begin // bs, (length + bs - 1) // bs):
-            blk = table[b, j]
-            n = min(bs, length - j * bs)
-            t0 = max(0, begin - j * bs)
-            for i in range(heads_per_task):
-                h = h0 + i
-                if kind == FLOAT32:
-                    _attend_block(q, row, h * G, G, keys, values, blk, h, t0, n, softcap, s, p, ibuf, fbuf, m, l,
-                                  acc, i * G)
-                else:
-                    _widen(keys, blk, n, h, kind, kwide, kf)
-                    _widen(values, blk, n, h, kind, vwide, vf)
-                    _attend_block(q, row, h * G, G, kf, vf, 0, 0, t0, n, softcap, s, p, ibuf, fbuf, m, l, acc, i * G)
-        for a in range(heads_per_task * G):
-            inv = np.float32(1.0) / l[a]
-            base = (h0 * G + a) * D
-            for d in range(D):
-                out[row, base + d] = acc[a, d] * inv
+    b = task // per_seq
+    h0 = (task % per_seq) * heads_per_task
+    row = rows[b]
+    length = lens[b]
+    s = np.empty(bs, np.float32)
+    p = np.empty(bs, np.float32)
+    ibuf = np.empty(bs, np.uint32)
+    fbuf = ibuf.view(np.float32)
+    m = np.full(heads_per_task * G, _LOWEST, np.float32)
+    l = np.zeros(heads_per_task * G, np.float32)
+    acc = np.zeros((heads_per_task * G, D), np.float32)
+    kwide = np.empty((1, bs, 1, D), np.uint32)
+    vwide = np.empty((1, bs, 1, D), np.uint32)
+    kf = kwide.view(np.float32)
+    vf = vwide.view(np.float32)
+    begin = max(0, length - window) if window > 0 else 0  # the first token attended
+    for j in range(begin // bs, (length + bs - 1) // bs):
+        blk = table[b, j]
+        n = min(bs, length - j * bs)
+        t0 = max(0, begin - j * bs)
+        for i in range(heads_per_task):
+            h = h0 + i
+            if kind == FLOAT32:
+                _attend_block(q, row, h * G, G, keys, values, blk, h, t0, n, softcap, s, p, ibuf, fbuf, m, l,
+                              acc, i * G)
+            else:
+                _widen(keys, blk, n, h, kind, kwide, kf)
+                _widen(values, blk, n, h, kind, vwide, vf)
+                _attend_block(q, row, h * G, G, kf, vf, 0, 0, t0, n, softcap, s, p, ibuf, fbuf, m, l, acc, i * G)
+    for a in range(heads_per_task * G):
+        inv = np.float32(1.0) / l[a]
+        base = (h0 * G + a) * D
+        for d in range(D):
+            out[row, base + d] = acc[a, d] * inv
+
+
+@njit(parallel=True, **_OPTS)
+def _decode(q, rows, keys, values, table, lens, kind, heads_per_task, window, softcap, out):
+    """q [T, heads, D] scaled queries; rows [B] the batch rows of the decodes; keys/values
+    [blocks, bs, kv_heads, D]; table [B, W] block ids; lens [B] context lengths; out [T, heads * D].
+    A task is one sequence and heads_per_task of its KV heads (a divisor of kv_heads).
+    window > 0: only the last `window` tokens of each context; softcap > 0: capped scores."""
+    tasks = rows.shape[0] * (keys.shape[2] // heads_per_task)
+    for task in prange(tasks):
+        _decode_task(q, rows, keys, values, table, lens, kind, heads_per_task, window, softcap, out, task)
+
+
+@njit(**_OPTS)
+def _decode_serial(q, rows, keys, values, table, lens, kind, heads_per_task, window, softcap, out):
+    """_decode on the calling thread alone: with one kernel thread a parallel region still costs
+    a round trip through numba's thread pool (55 us with its workqueue layer, ten times the
+    attention of a 16-token context)."""
+    tasks = rows.shape[0] * (keys.shape[2] // heads_per_task)
+    for task in range(tasks):
+        _decode_task(q, rows, keys, values, table, lens, kind, heads_per_task, window, softcap, out, task)
 
 
 def kind_of(cache: np.ndarray) -> int:
@@ -197,9 +213,11 @@ def paged_decode_attention(q: np.ndarray, rows: np.ndarray, keys: np.ndarray, va
     kv_heads = keys.shape[2]
     # one task per sequence reads its blocks whole (13% faster out of cache than per head);
     # with fewer sequences than threads, a task per KV head keeps the threads busy
-    heads_per_task = kv_heads if len(rows) >= 4 * numba.get_num_threads() else 1
-    _decode(np.ascontiguousarray(q), rows, keys, values, block_table, context_lens, kind, heads_per_task,
-            int(window or 0), np.float32(softcap or 0.0), out)
+    threads = numba.get_num_threads()
+    heads_per_task = kv_heads if threads == 1 or len(rows) >= 4 * threads else 1
+    kernel = _decode if threads > 1 else _decode_serial
+    kernel(np.ascontiguousarray(q), rows, keys, values, block_table, context_lens, kind, heads_per_task,
+           int(window or 0), np.float32(softcap or 0.0), out)
 
 
 def warm_up(cache_dtype: np.dtype) -> float:
