@@ -63,13 +63,19 @@ class LLM:
     `engine_args`: `EngineConfig`'s fields, as `furiosa-llm serve`'s flags (max_model_len,
     kv_cache_gib, max_num_seqs, max_num_batched_tokens, num_threads, block_size, ...).
     `chat_template`: a template file, as `--chat-template`.
+    `generation_config`: as `--generation-config`: "auto" (the model's generation_config.json or
+    GGUF general.sampling.*), "vllm" (neutral) or a directory; as vLLM's `LLM`, those defaults
+    make the `SamplingParams` used when a call passes none (`get_default_sampling_params`).
     """
 
     def __init__(self, model: str | None = None, *, chat_template: str | None = None,
-                 served_model_name: str | None = None, log_level: str = "warning", **engine_args: Any) -> None:
+                 served_model_name: str | None = None, log_level: str = "warning",
+                 generation_config: str = "auto", **engine_args: Any) -> None:
         path = default_model_path() if model is None else os.path.abspath(model)
         if not os.path.exists(path):
             raise FileNotFoundError(f"model artifact {model!r} does not exist")
+        if generation_config not in ("auto", "vllm") and not os.path.isdir(generation_config):
+            raise ValueError(f"generation_config {generation_config!r}: not 'auto', 'vllm' or a directory")
         name = served_model_name or os.path.basename(os.path.normpath(path)).removesuffix(".gguf")
         try:
             engine_config = EngineConfig(model=path, served_model_name=name, log_level=log_level, **engine_args)
@@ -77,7 +83,7 @@ class LLM:
             raise TypeError(f"LLM: {exc} (the engine's settings are {', '.join(EngineConfig.__struct_fields__)})") from None
         self._engine = EngineProcess(engine_config)
         self._loop = LoopThread(f"furiosa-llm-{next(_llm_ids)}")
-        config = FrontendConfig(engine=engine_config, engine_pid=self._engine.pid,
+        config = FrontendConfig(engine=engine_config, engine_pid=self._engine.pid, generation_config=generation_config,
                                 max_waiting_requests=_MAX_WAITING_SEQS, disable_log_stats=True)
         self._client = EngineClient(config)
         self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._client, self._engine)
@@ -99,6 +105,8 @@ class LLM:
         args = (config, self._client, self.tokenizer, eos_token_ids(self.tokenizer, path))
         load = RequestLoad.for_limits(max_num_seqs=config.engine.max_num_seqs, max_waiting_requests=_MAX_WAITING_SEQS)
         self._completions = OpenAIServingCompletion(*args, load=load)
+        # the model's sampling defaults, as the server reads them, over vLLM's SamplingParams()
+        self._default_sampling_params = SamplingParams(**self._completions.generation_defaults)
         self._chat = OpenAIServingChat(*args, load=load, chat_template=load_chat_template(chat_template, self.tokenizer))
 
     # -- lifetime
@@ -120,6 +128,14 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The parameters a call without `sampling_params` uses: the model's sampling defaults
+        (per `generation_config`) over vLLM's `SamplingParams()`."""
+        return dataclasses.replace(self._default_sampling_params)
+
+    def _params_or_default(self, params):
+        return self.get_default_sampling_params() if params is None else params
+
     # -- generation
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
@@ -127,7 +143,7 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """One `RequestOutput` per prompt, in input order; all prompts run in one batch."""
         prompt_list = _prompt_list(prompts)
-        params_list = _params_list(sampling_params, len(prompt_list))
+        params_list = _params_list(self._params_or_default(sampling_params), len(prompt_list))
         return self._run_all([self._complete(p, sp) for p, sp in zip(prompt_list, params_list)], use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],
@@ -137,7 +153,7 @@ class LLM:
              chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """One `RequestOutput` per conversation; `chat_template` is a template's text."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        params_list = _params_list(sampling_params, len(conversations))
+        params_list = _params_list(self._params_or_default(sampling_params), len(conversations))
         serving = self._chat
         if chat_template is not None:
             template = ChatTemplate(chat_template, bos_token=getattr(self.tokenizer, "bos_token", None),
@@ -259,7 +275,8 @@ class AsyncLLM:
         def put(item: RequestOutput | None) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        future = self.llm._loop.submit(self.llm._complete(prompt, sampling_params or SamplingParams(), put))
+        params = self.llm._params_or_default(sampling_params)
+        future = self.llm._loop.submit(self.llm._complete(prompt, params, put))
         future.add_done_callback(lambda _: put(None))
         try:
             while (item := await queue.get()) is not None:

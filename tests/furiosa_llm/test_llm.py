@@ -229,3 +229,26 @@ def test_async_llm_streams_partial_outputs_that_end_in_the_full_one(llm):
     assert all(full.outputs[0].text.startswith(p.outputs[0].text) for p in partial)
     with pytest.raises(ValueError, match="maximum context length"):
         asyncio.run(collect(SamplingParams(max_tokens=10**6)))
+
+
+def test_calls_without_sampling_params_use_the_generation_config(tmp_path):
+    """As vLLM's LLM.get_default_sampling_params: the model's sampling defaults over SamplingParams()."""
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.0, "top_k": 20, "max_length": 99}')
+    with LLM(kv_cache_gib=0.25, generation_config=str(tmp_path)) as greedy_llm:
+        assert greedy_llm.get_default_sampling_params() == SamplingParams(temperature=0.0, top_k=20)
+        prompt = "The capital of France is"
+        reference = greedy_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
+        outputs = [greedy_llm.generate(prompt, use_tqdm=False)[0] for _ in range(2)]
+        chat = greedy_llm.chat([{"role": "user", "content": "Say hi."}], use_tqdm=False)[0]
+        chat_reference = greedy_llm.chat([{"role": "user", "content": "Say hi."}],
+                                         SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
+    texts = [o.outputs[0].text for o in outputs]
+    assert texts == [reference[0].outputs[0].text] * 2
+    assert chat.outputs[0].text == chat_reference.outputs[0].text
+    with pytest.raises(ValueError, match="generation_config 'greedy': not 'auto', 'vllm' or a directory"):
+        LLM(generation_config="greedy")
+
+
+def test_without_a_generation_config_the_defaults_are_vllms(llm):
+    # the default model's GGUF carries no general.sampling.* keys
+    assert llm.get_default_sampling_params() == SamplingParams()
