@@ -21,15 +21,14 @@ def model_name(server) -> str:
     return httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
 
 
-POOLING_API_KEY = "embedding-test-key"
-POOLING_MAX_MODEL_LEN = 128  # the golden inputs fit; a longer input is the over-long case
-
 
 @pytest.fixture(scope="session")
 def pooling_server():
     """The default model as an embedding model (`--runner pooling`, last-token pooling), behind
-    an API key, with a short context so that an over-long input is cheap to send."""
-    srv = Server("--runner", "pooling", "--max-model-len", str(POOLING_MAX_MODEL_LEN),
-                 "--api-key", POOLING_API_KEY).wait_ready()
+    an API key (`.api_key`), with a short context (`.max_model_len`) so that an over-long input
+    is cheap to send."""
+    srv = Server("--runner", "pooling", "--max-model-len", "128", "--api-key", "embedding-test-key")
+    srv.api_key, srv.max_model_len = "embedding-test-key", 128
+    srv.wait_ready()
     yield srv
     srv.stop()

@@ -14,22 +14,23 @@ import httpx
 import openai
 import pytest
 
-from conftest import POOLING_API_KEY, POOLING_MAX_MODEL_LEN
-
 GOLDEN = json.loads((pathlib.Path(__file__).parents[1] / "golden" / "smollm2_embeddings.json").read_text())
 CASES = GOLDEN["cases"]
 HIDDEN_SIZE = GOLDEN["hidden_size"]
+POOLING_MAX_MODEL_LEN = 128  # the pooling_server's --max-model-len (tests/e2e/conftest.py)
 
 
 @pytest.fixture(scope="module")
 def client(pooling_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=pooling_server.url + "/v1", api_key=POOLING_API_KEY, max_retries=0, timeout=120)
+    assert pooling_server.max_model_len == POOLING_MAX_MODEL_LEN
+    return openai.OpenAI(base_url=pooling_server.url + "/v1", api_key=pooling_server.api_key, max_retries=0,
+                         timeout=120)
 
 
 @pytest.fixture(scope="module")
 def http(pooling_server):
     with httpx.Client(base_url=pooling_server.url, timeout=120,
-                      headers={"Authorization": f"Bearer {POOLING_API_KEY}"}) as http:
+                      headers={"Authorization": f"Bearer {pooling_server.api_key}"}) as http:
         yield http
 
 
