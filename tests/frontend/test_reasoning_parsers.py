@@ -130,3 +130,33 @@ def test_streaming_holds_only_a_possible_tag():
     assert parser.feed(" <th") == ("", "")
     assert parser.feed("e") == ("", " <the")
     assert parser.feed("<think>") == ("", "<think>")  # content already began: tags are text
+
+
+def test_think_tags_added_as_plain_tokens_survive_detokenizing_special_ones_need_the_flag():
+    """Qwen3 and DeepSeek-R1 add <think> and </think> as tokens that are not special: the text
+    the parser reads keeps them with the default skip_special_tokens. Tags made special reach the
+    text only with skip_special_tokens false."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from frontend.detokenizer import IncrementalDetokenizer
+
+    vocab = {chr(c): i for i, c in enumerate(range(ord("a"), ord("z") + 1))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer.decoder = decoders.Fuse()
+
+    def text(backend: Tokenizer, ids: list[int], *, skip: bool) -> str:
+        detokenizer = IncrementalDetokenizer(backend, skip_special_tokens=skip)
+        return "".join(detokenizer.push([i]) for i in ids) + detokenizer.flush()
+
+    plain = Tokenizer.from_str(tokenizer.to_str())
+    plain.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
+    ids = plain.encode("<think>hm</think>ok").ids
+    assert text(plain, ids, skip=True) == "<think>hm</think>ok"
+    assert r1().extract(text(plain, ids, skip=True)) == ("hm", "ok")
+
+    special = Tokenizer.from_str(tokenizer.to_str())
+    special.add_special_tokens([AddedToken("<think>", special=True), AddedToken("</think>", special=True)])
+    ids = special.encode("<think>hm</think>ok").ids
+    assert text(special, ids, skip=True) == "hmok"
+    assert text(special, ids, skip=False) == "<think>hm</think>ok"
