@@ -22,6 +22,17 @@ def test_registry_names_and_lookup():
         ReasoningParserRegistry.get("granite")
 
 
+def test_launcher_takes_a_known_parser_and_refuses_others(capsys):
+    from frontend.cli import build_parser, config_from_args
+
+    assert config_from_args(build_parser().parse_args(["serve", "--reasoning-parser", "qwen3"])).reasoning_parser \
+        == "qwen3"
+    assert config_from_args(build_parser().parse_args(["serve"])).reasoning_parser is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--reasoning-parser", "granite"])
+    assert "invalid choice: 'granite' (choose from 'deepseek_r1', 'qwen3')" in capsys.readouterr().err
+
+
 def r1(**kwargs):
     return DeepSeekR1ReasoningParser.for_request(prompt_text="<|Assistant|><think>\n", chat_template_kwargs=None,
                                                  is_constrained=False, **kwargs)
