@@ -16,8 +16,9 @@ The states:
     content    everything passes through
 
 Where the output starts (`is_open`): inside the think block when the chat template already
-opened it in the prompt, or, for DeepSeek-R1, always (its template opens it, and R1 starts
-writing its thinking without the tag).
+opened it in the prompt, or, for DeepSeek-R1, also when the prompt does not show it (its
+template opens it, and R1 starts writing its thinking without the tag), unless a grammar
+constrains the output: then it is what the grammar makes it from its first token.
 
 The tags are read from text. If a tokenizer makes them special tokens, they appear in the
 text only with `skip_special_tokens: false`; Qwen3 and DeepSeek-R1 add them as tokens that are
@@ -54,7 +55,8 @@ class ReasoningParser:
     def for_request(cls, *, prompt_text: str, chat_template_kwargs: dict[str, Any] | None,
                     is_constrained: bool) -> "ReasoningParser":
         """The parser for one chat output. `is_constrained`: a grammar decides the output from its
-        first token, so it starts inside no think block (it may still write one)."""
+        first token, so it starts inside a think block only if the prompt left one open (it may
+        still write one)."""
         raise NotImplementedError
 
     @property

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from frontend.reasoning_parsers.base import ReasoningParser
+from frontend.reasoning_parsers.base import ReasoningParser, prompt_opens_think_block
 
 
 class DeepSeekR1ReasoningParser(ReasoningParser):
@@ -16,4 +16,6 @@ class DeepSeekR1ReasoningParser(ReasoningParser):
     @classmethod
     def for_request(cls, *, prompt_text: str, chat_template_kwargs: dict[str, Any] | None,
                     is_constrained: bool) -> ReasoningParser:
-        return cls(is_open=not is_constrained)
+        # a grammar writes the output from its first token, so the block is open only if the
+        # prompt really left it open
+        return cls(is_open=not is_constrained or prompt_opens_think_block(prompt_text))

@@ -22,4 +22,4 @@ class Qwen3ReasoningParser(ReasoningParser):
                     is_constrained: bool) -> ReasoningParser:
         if (chat_template_kwargs or {}).get("enable_thinking") is False:
             return cls(is_enabled=False)
-        return cls(is_open=not is_constrained and prompt_opens_think_block(prompt_text))
+        return cls(is_open=prompt_opens_think_block(prompt_text))

@@ -91,12 +91,16 @@ def test_qwen3_with_thinking_disabled_extracts_nothing():
     assert qwen(prompt, {"enable_thinking": True}).extract(text) == ("x", "y")
 
 
-def test_a_constrained_output_starts_outside_the_block():
-    """Under a grammar the output is what the grammar says from its first token: JSON is content."""
-    parser = DeepSeekR1ReasoningParser.for_request(prompt_text="<think>\n", chat_template_kwargs=None,
-                                                   is_constrained=True)
-    assert parser.extract('{"a": 1}') == (None, '{"a": 1}')
-    assert parser.extract("<think>r</think>c") == ("r", "c")
+def test_a_constrained_output_starts_outside_the_block_unless_the_prompt_opened_it():
+    """Under a grammar the output is what the grammar says from its first token: JSON is content,
+    unless the prompt itself ends inside a think block."""
+    for parser_class in (DeepSeekR1ReasoningParser, Qwen3ReasoningParser):
+        parser = parser_class.for_request(prompt_text="<|Assistant|>", chat_template_kwargs=None, is_constrained=True)
+        assert parser.extract('{"a": 1}') == (None, '{"a": 1}')
+        assert parser.extract("<think>r</think>c") == ("r", "c")
+        parser = parser_class.for_request(prompt_text="<|Assistant|><think>\n", chat_template_kwargs=None,
+                                          is_constrained=True)
+        assert parser.extract("r</think>c") == ("r", "c")
 
 
 TEXTS = [
