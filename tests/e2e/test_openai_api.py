@@ -251,3 +251,29 @@ def _metric(server, name: str) -> float:
         if line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} is not in /metrics")
+
+
+def test_metrics_carry_furiosas_names_and_the_cache_config(server, client, model_name):
+    """FuriosaAI's metric names beside ours, with equal values, and cache_config_info naming the KV
+    cache the engine really made (1 GiB here, so the block count depends on the model)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.completions.create(model=model_name, prompt="Hello", max_tokens=2)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
+               for s in family.samples}
+
+    def value(name: str, **labels) -> float:
+        [found] = [v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items()]
+        return found
+
+    for ours, theirs in [("furiosa_llm:generation_tokens_total", "furiosa_llm_generation_tokens_total"),
+                         ("furiosa_llm:e2e_request_latency_seconds_count", "furiosa_llm_e2e_request_latency_seconds_count"),
+                         ("furiosa_llm:request_params_max_tokens_sum", "furiosa_llm_request_params_max_tokens_sum")]:
+        assert value(theirs, leader_device="cpu") == value(ours) > 0
+    [(_, info_labels)] = [key for key in samples if key[0] == "furiosa_llm_cache_config_info"]
+    info = dict(info_labels)
+    assert info["block_size"] == "16" and info["cache_dtype"] == "auto" and info["enable_prefix_caching"] == "True"
+    num_blocks = int(info["num_gpu_blocks"])
+    assert num_blocks == int(info["num_blocks"]) > 0
+    assert value("furiosa_llm:cache_config_info", num_gpu_blocks=str(num_blocks)) == 1
