@@ -17,6 +17,7 @@ import gguf_vocab_files
 import pytest
 
 from frontend.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from frontend.serving_logprobs import TokenStrings
 from frontend.tokenizer import eos_token_ids, load_tokenizer
 from ipc.shared.vocabulary import read_vocabulary
 
@@ -218,3 +219,15 @@ def test_vocabulary_bytes_spell_the_encoded_text(tokenizers, paths, name):
         else:  # the prefix space, before the text or (phi3) after each special token
             assert spelled.replace(b" ", b"") == text.encode().replace(b" ", b""), text
             assert spelled.endswith(text.encode().rsplit(b">", 1)[-1].lstrip(b" ")), text
+
+
+def test_logprob_token_strings_spell_gemmas_tokens(tokenizers):
+    """Logprob entries spell each token as the bytes it stands for: "▁" as a space, `<0xNN>` as
+    its byte, Gemma's whitespace pieces as their spaces, added tokens as their text."""
+    tokenizer = tokenizers["gemma3_270m"]
+    strings = TokenStrings(tokenizer)
+    for text in gguf_vocab_files.texts_for("gemma3_270m"):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert b"".join(strings.bytes_of(token_id) for token_id in ids) == text.encode(), text
+    assert strings.text_of(139) == "   " and strings.text_of(105) == "<start_of_turn>"
+    assert strings.bytes_of(238 + 0xE6) == b"\xe6"  # <0xE6>
