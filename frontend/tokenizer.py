@@ -380,8 +380,9 @@ def sentencepiece_merges(pieces: list[str], ranks: list[float], vocab: dict[str,
     longer right part, then in vocabulary order (transformers orders them so, and identical
     token ids need the same order).
     """
-    # 1.2M candidate cuts for Gemma's vocabulary (about 2 s of CPU), so the loop is kept lean. Cuts are made in
-    # the order they sort in (a vocabulary ranked by position needs no reordering at all).
+    # 1.2M candidate cuts for Gemma's vocabulary (about 2 s of CPU), so the loop is kept lean.
+    # Cuts are made in the order they sort in (a vocabulary ranked by position needs no
+    # reordering at all).
     known = vocab.__contains__
     keyed: list[tuple[float, int, int, int, str, str]] = []
     add = keyed.append
