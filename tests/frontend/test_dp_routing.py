@@ -291,3 +291,16 @@ async def test_a_refused_request_leaves_no_load_behind(client, engines):
         [EngineCoreOutput("refused", 0, [], finish_reason=FinishReason.ERROR, error="too long")], STATS, 0.0))
     assert await asyncio.wait_for(task, TIMEOUT_S) == "too long"
     assert client.engines[rank].load == 0
+
+
+def test_the_flag_takes_n_or_auto_and_refuses_anything_else(capsys):
+    from frontend.cli import build_parser, config_from_args
+
+    parser = build_parser()
+    assert parser.parse_args(["serve"]).data_parallel_size == 1
+    assert config_from_args(parser.parse_args(["serve", "--data-parallel-size", "2"])).engine.data_parallel_size == 2
+    assert config_from_args(parser.parse_args(["serve", "--data-parallel-size", "auto"])).engine.data_parallel_size >= 1
+    for bad in ("0", "many"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", "--data-parallel-size", bad])
+        assert "--data-parallel-size: must be a positive integer or auto" in capsys.readouterr().err
