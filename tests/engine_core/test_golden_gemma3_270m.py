@@ -60,3 +60,17 @@ def test_greedy_tokens_match_transformers_for_every_prompt_batched(gemma3_270m):
     for i, case in enumerate(GOLDEN["cases"]):
         n = compared_length(case)
         assert tokens[str(i)][0][:n] == case["tokens"][:n], case["name"]
+
+
+def test_the_long_prompt_needs_the_window(gemma3_270m):
+    """The same model attending over the whole context on its local layers predicts another
+    first token for the 742-token prompt: the agreement above rests on the window."""
+    import dataclasses
+
+    path, (config, weights) = gemma3_270m
+    unwindowed = dataclasses.replace(config, sliding_window=None)
+    core = EngineCore(EngineConfig(model=path, served_model_name="gemma3", kv_cache_gib=0.1), unwindowed, weights)
+    case = next(c for c in GOLDEN["cases"] if len(c["prompt_token_ids"]) > 600)
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1)
+    core.add_request(EngineCoreRequest("long", case["prompt_token_ids"], params, [1], time.time()))
+    assert run_to_completion(core)["long"][0] != case["tokens"][:1]
