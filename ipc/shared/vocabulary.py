@@ -7,7 +7,8 @@ directory's tokenizer.json), and the frontend spells logprob tokens with the sam
 
 - byte-level BPE (GPT-2, SmolLM, Llama 3, Qwen): each character of a token's spelling stands
   for one byte (`BYTE_DECODER`);
-- SentencePiece-style (Llama 2, Mistral, TinyLlama): `▁` is a space and `<0xNN>` is byte NN;
+- SentencePiece-style (Llama 2, Mistral, TinyLlama, Gemma, Phi-3): `▁` is a space and `<0xNN>`
+  is byte NN (Gemma's whitespace pieces, stored as real spaces, are user-defined: their text);
 - added and control tokens are their text; control tokens are "special": a grammar's text
   never matches them.
 """
