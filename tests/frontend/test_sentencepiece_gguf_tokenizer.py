@@ -8,6 +8,7 @@ that ipc.shared.vocabulary reads from the same files."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import unicodedata
 from pathlib import Path
@@ -192,6 +193,24 @@ def test_streaming_one_token_at_a_time_gives_the_decoded_text(tokenizers, name, 
         deltas = [detokenizer.push([token_id]) for token_id in ids] + [detokenizer.flush()]
         assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=skip_special_tokens), text
         assert not any(REPLACEMENT_CHAR in delta for delta in deltas), text
+
+
+@pytest.mark.parametrize("name", ALL_FILES)
+def test_streaming_a_long_mixed_text_in_uneven_pushes_gives_the_decoded_text(tokenizers, name):
+    """Hundreds of tokens, so the detokenizer's window slides many times, across byte-fallback
+    runs, whitespace pieces and special tokens."""
+    tokenizer = tokenizers[name]
+    ids = tokenizer.encode("".join(gguf_vocab_files.texts_for(name)))
+    assert len(ids) > 300
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    deltas, start = [], 0
+    for step in itertools.cycle([1, 3, 2, 5]):
+        if start >= len(ids):
+            break
+        deltas.append(detokenizer.push(ids[start : start + step]))
+        start += step
+    deltas.append(detokenizer.flush())
+    assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_streaming_byte_fallback_holds_a_character_until_its_last_byte(tokenizers):
