@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 import unicodedata
 from collections import Counter
@@ -238,8 +239,26 @@ TEXTS = [
     " \t \n" * 12,
     "{control}user\nWrite a poem.{eos}\n{control}model\n",
 ]
+
+
+def _random_texts(count: int, seed: int = 14) -> list[str]:
+    """Short strings joined from fragments at random (seeded): words of several scripts, runs of
+    spaces, tabs and newlines, digits, punctuation, emoji, rare characters and special tokens."""
+    fragments = [
+        "the", " the", "The", "fox", " jumps", "tokens", "text", "piece", "日本", "語", "東京", "你好", "한국",
+        "مرحبا", "नमस्ते", "Привет", "Ωμέγα", "café", "naïve", "e\u0301", "😀", "👍🏽", "🇯🇵", "∑", "→", "\u200b",
+        "\U0001d518", "\u00a0", " ", "  ", "   ", "\t", "\t\t", "\n", "\n\n", " \n", "\r\n", "0", "42", "3.14",
+        "-", "_", ".", ",", "!?", "()", "{}", "[]", "<", ">", "</", "'s", "'ll", "#", "//", "==", "->",
+        "{bos}", "{eos}", "{control}", "{user}",
+    ]
+    rng = random.Random(seed)
+    return ["".join(rng.choice(fragments) for _ in range(rng.randint(1, 12))) for _ in range(count)]
+
+
+TEXTS += _random_texts(120)
 # The NFC forms of the texts that are not in NFC: Qwen 2 normalizes to NFC first.
 TEXTS += [unicodedata.normalize("NFC", text) for text in TEXTS if unicodedata.normalize("NFC", text) != text]
+TEXTS = list(dict.fromkeys(TEXTS))
 
 
 def special_tokens(name: str) -> dict[str, str]:
