@@ -254,6 +254,9 @@ class _HandedOver:
     def __deepcopy__(self, memo: dict) -> Tokenizer:
         return self.backend
 
+    def __getattr__(self, name: str) -> Any:  # any other use sees the backend itself
+        return getattr(self.backend, name)
+
 
 # The control tokens that end a chat turn, by spelling, for files that name no end-of-turn
 # token (`tokenizer.ggml.eot_token_id`): Gemma's GGUF files do not, and without it a chat reply
