@@ -13,6 +13,7 @@ import struct
 import httpx
 import openai
 import pytest
+from server import Server
 
 GOLDEN = json.loads((pathlib.Path(__file__).parents[1] / "golden" / "smollm2_embeddings.json").read_text())
 CASES = GOLDEN["cases"]
@@ -190,3 +191,16 @@ def test_a_generate_server_says_to_start_with_runner_pooling(server):
     response = httpx.post(server.url + "/v1/embeddings", json={"input": "hello"}, timeout=60)
     assert response.status_code == 400
     assert "--runner pooling" in response.json()["error"]["message"]
+
+
+def test_pooler_type_mean_reaches_the_engine():
+    srv = Server("--runner", "pooling", "--pooler-type", "mean", "--max-model-len", "128").wait_ready()
+    try:
+        with openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
+            model = client.models.list().data[0].id
+            vectors = embed(client, model, [case["token_ids"] for case in CASES])
+    finally:
+        srv.stop()
+    for case, vector in zip(CASES, vectors):
+        assert close(vector, case["mean"], atol=1e-4), case["text"]
+        assert not close(vector, case["last"], atol=1e-2) or len(case["token_ids"]) == 1
