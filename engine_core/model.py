@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine_core import kernels
-from engine_core.kernels import QuantizedWeight
+from engine_core.kernels import QuantizedWeight, elementwise
 from engine_core.kernels.attention import KV_CACHE_DTYPES, paged_decode_attention, to_cache, to_float32
 from engine_core.loader import ModelConfig
 
@@ -270,23 +270,27 @@ class DecoderModel:
         return sum({id(a): a.nbytes for a in arrays if a is not None}.values())
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        variance = np.einsum("ij,ij->i", x, x) / x.shape[1]
-        return x * (1.0 / np.sqrt(variance + self.config.rms_norm_eps))[:, None].astype(np.float32) * weight
+        return elementwise.rms_norm(x, weight, self.config.rms_norm_eps)
 
     def forward(self, batch: ForwardBatch, cache: KVCache) -> np.ndarray:
         """Final-normed hidden states at batch.output_rows: [len(output_rows), hidden]."""
         c = self.config
         num_q = c.num_heads * c.head_dim
         num_kv = c.num_kv_heads * c.head_dim
-        half = c.head_dim // 2
-        ropes = [(cos[batch.positions][:, None, :], sin[batch.positions][:, None, :]) for cos, sin in self.rope]
-        x = kernels.embedding(self.embed, batch.token_ids)
+        eps = c.rms_norm_eps
+        positions = np.asarray(batch.positions, dtype=np.int64)
+        x = kernels.embedding(self.embed, batch.token_ids)  # a new array: the residual stream
         if c.embedding_multiplier is not None:  # Gemma: scaled in the embedding's dtype (float32)
             x = x * np.float32(c.embedding_multiplier)
+        x = np.ascontiguousarray(x)
         num_tokens = x.shape[0]
         qk_norm, sandwich, gelu = c.qk_norm, c.sandwich_norms, c.hidden_act == "gelu_tanh"
+        pending = None  # the last layer's MLP output, added to x by the next layer's norm
         for index, layer in enumerate(self.layers):
-            h = self.rms_norm(x, layer["attn_norm"])
+            if pending is None:
+                h = self.rms_norm(x, layer["attn_norm"])
+            else:
+                h = elementwise.add_rms_norm(x, pending, layer["attn_norm"], eps)
             qkv = _project(h, layer["qkv"])
             if "qkv_bias" in layer:
                 qkv += layer["qkv_bias"]
@@ -296,12 +300,11 @@ class DecoderModel:
                     self.rms_norm(qk[:, : c.num_heads].reshape(-1, c.head_dim), layer["q_norm"]).reshape(num_tokens, c.num_heads, c.head_dim),
                     self.rms_norm(qk[:, c.num_heads :].reshape(-1, c.head_dim), layer["k_norm"]).reshape(num_tokens, c.num_kv_heads, c.head_dim),
                 ], axis=1)
-            # rotate-half RoPE on queries and keys together
-            cos, sin = ropes[self.layer_rope[index]]
-            first, second = qk[..., :half], qk[..., half:]
-            rotated = np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-            q = rotated[:, : c.num_heads]
-            k = rotated[:, c.num_heads :]
+            # rotate-half RoPE on queries and keys together, in place
+            cos, sin = self.rope[self.layer_rope[index]]
+            elementwise.rope_(qk, positions, cos, sin)
+            q = qk[:, : c.num_heads]
+            k = qk[:, c.num_heads :]
             v = qkv[:, num_q + num_kv :].reshape(num_tokens, c.num_kv_heads, c.head_dim)
             self._write_cache(cache, index, batch.slot_mapping, k, v)
             attn = self._attention(batch, cache, index, q, *self.attention_args[index])
@@ -310,24 +313,37 @@ class DecoderModel:
                 attn_out += layer["o_bias"]
             if sandwich:
                 attn_out = self.rms_norm(attn_out, layer["post_attn_norm"])
-            x = x + attn_out
-            h = self.rms_norm(x, layer["mlp_norm"])
+            h = elementwise.add_rms_norm(x, attn_out, layer["mlp_norm"], eps)
             gate_up = _project(h, layer["gate_up"])
             gate = gate_up[:, : c.intermediate_size]
             up = gate_up[:, c.intermediate_size :]
             if gelu:
                 act = _gelu_tanh(gate)
+                act *= up
             else:
-                act = np.negative(gate)  # SiLU(gate) * up, in place: gate / (1 + e^-gate) * up
-                np.exp(act, out=act)
-                act += 1.0
-                np.divide(gate, act, out=act)
-            act *= up
+                act = elementwise.silu_mul(gate_up, c.intermediate_size)
             mlp_out = _project(act, layer["down"])
             if sandwich:
                 mlp_out = self.rms_norm(mlp_out, layer["post_mlp_norm"])
-            x = x + mlp_out
+            pending = mlp_out
+        if pending is not None:
+            x += pending
         return self.rms_norm(x[batch.output_rows], self.final_norm)
+
+    def warm_up(self, cache: KVCache) -> float:
+        """Run tokens through every layer so that the row-wise kernels compile (or load from the
+        disk cache) for the model's own arrays, with more than one thread also in their parallel
+        form; returns the seconds taken. Writes K/V into the first slots of block 0, which no
+        sequence holds yet (a sequence writes every slot it reads)."""
+        start = time.perf_counter()
+        sizes = [1] + ([elementwise.PARALLEL_MIN_ROWS] if kernels.num_threads() > 1 else [])
+        for n in sizes:
+            n = min(n, cache.block_size)
+            ids = np.zeros(n, dtype=np.int64)
+            span = AttentionSpan(0, n, np.zeros(1, dtype=np.int64), n)
+            batch = ForwardBatch(ids, np.arange(n), np.arange(n), [span], None, np.arange(n))
+            self.logits(self.forward(batch, cache))
+        return time.perf_counter() - start
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         logits = self._logits(hidden)

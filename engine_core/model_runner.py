@@ -39,6 +39,7 @@ class ModelRunner:
         self.kernel_warm_up_s = kernels.warm_up(formats) if formats else 0.0
         self.cache = KVCache(config, num_blocks, block_size, kv_cache_dtype)
         self.attention_warm_up_s = attention.warm_up(self.cache.keys.dtype)
+        self.model_warm_up_s = self.model.warm_up(self.cache)
 
     def execute(self, plan: SchedulerOutput, prompt_logit_rows: dict[int, int],
                 pooled_rows: dict[int, tuple[int, int]] | None = None) -> RunnerOutput:

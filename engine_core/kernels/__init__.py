@@ -76,6 +76,10 @@ def set_num_threads(n: int) -> None:
     numba.set_num_threads(_threads)
 
 
+def num_threads() -> int:
+    return _threads
+
+
 def _gemv(w: QuantizedWeight, x: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
     parts = min(_threads, w.tiles)
     if w.nibbles:
