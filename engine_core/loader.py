@@ -1,4 +1,5 @@
-"""Read a model artifact (a GGUF file or a Hugging Face directory) into float32 numpy weights.
+"""Read a model artifact (a GGUF file or a Hugging Face directory) into numpy weights: float32
+arrays, and matrices at their stored precision (GGUF block formats, F16, BF16) as kernels.QuantizedWeight.
 
 Both paths produce the same thing: a `ModelConfig` and a dict of weights under canonical
 Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...) in HF's [out, in] layout.
@@ -318,8 +319,9 @@ def _safetensors_files(path: str) -> list[str]:
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Read F32/F16/BF16 tensors as float32 (numpy has no bfloat16, so BF16 is widened by hand)."""
+def read_safetensors(path: str) -> dict[str, np.ndarray | QuantizedWeight]:
+    """Read F32 tensors as float32 arrays, F16/BF16 matrices at their precision (kernels.pack_half)
+    and F16/BF16 vectors as float32 (numpy has no bfloat16, so BF16 is widened by hand)."""
     try:
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
@@ -349,7 +351,11 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         if not 0 <= start <= end or end - start != np.dtype(dtype).itemsize * math.prod(shape):
             raise ArtifactError(f"{path}: tensor {name} has data_offsets {[start, end]} that do not fit shape {shape}")
         raw = np.frombuffer(data[start:end], dtype=dtype).reshape(shape)
-        if info["dtype"] == "BF16":
+        if info["dtype"] in ("F16", "BF16") and raw.ndim == 2:
+            from engine_core import kernels
+
+            tensors[name] = kernels.pack_half(info["dtype"], raw.view(np.uint16))
+        elif info["dtype"] == "BF16":
             tensors[name] = (raw.astype(np.uint32) << 16).view(np.float32)
         else:
             tensors[name] = raw.astype(np.float32)
@@ -482,8 +488,15 @@ def _gguf_tensor(tensor, name: str, config: ModelConfig, permute_qk: bool = True
         if heads:
             parts = kernels.permute_rows(parts, _unpermute_order(rows, heads))
         return kernels.pack(qtype, parts, rows, cols)
+    if kernels.PLAIN_FORMATS.get(kind) in kernels.HALF_FORMATS and tensor.data.ndim == 2:
+        # F16/BF16 matrices stay 16-bit (the kernels widen them as they read)
+        rows, cols = (int(n) for n in tensor.shape[::-1])
+        bits = np.asarray(tensor.data).view(np.uint16).reshape(rows, cols)
+        if heads:
+            bits = bits[_unpermute_order(rows, heads)]
+        return kernels.pack_half(kernels.PLAIN_FORMATS[kind], bits)
     if kind in kernels.PLAIN_FORMATS:
-        # F16/BF16 are widened to float32 (twice their size); only norms are F32 in the usual files
+        # F32 tensors (norms, and any F32 matrix: BLAS reads it) and 16-bit vectors as float32
         import gguf
 
         # a copy: an F32 tensor comes back as a view of the file mapping, which would keep the

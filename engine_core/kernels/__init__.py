@@ -39,19 +39,21 @@ import numpy as np  # noqa: E402
 from engine_core.kernels import _numba as nk  # noqa: E402
 from engine_core.kernels.formats import (  # noqa: E402
     BLOCK_FORMATS,
+    HALF_FORMATS,
     PLAIN_FORMATS,
     TILE_ROWS,
     QuantizedWeight,
     concat_rows,
     fuse,
     pack,
+    pack_half,
     permute_rows,
     unpack,
 )
 
 __all__ = [
-    "BLOCK_FORMATS", "PLAIN_FORMATS", "TILE_ROWS", "QuantizedWeight", "concat_rows", "dequantize",
-    "embedding", "fuse", "matmul", "pack", "permute_rows", "set_num_threads", "unpack", "warm_up",
+    "BLOCK_FORMATS", "HALF_FORMATS", "PLAIN_FORMATS", "TILE_ROWS", "QuantizedWeight", "concat_rows", "dequantize",
+    "embedding", "fuse", "matmul", "num_threads", "pack", "pack_half", "permute_rows", "set_num_threads", "unpack", "warm_up",
 ]
 
 # Rows up to which the direct kernel beats dequantize + BLAS. Measured on one thread (3072x576
@@ -80,9 +82,14 @@ def num_threads() -> int:
     return _threads
 
 
-def _gemv(w: QuantizedWeight, x: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+def _gemv(w: QuantizedWeight, x: np.ndarray, xs: np.ndarray | None, out: np.ndarray) -> None:
     parts = min(_threads, w.tiles)
-    if w.nibbles:
+    if w.qtype in HALF_FORMATS:
+        if parts > 1:
+            nk.gemv_half_parallel(w.codes, w.qtype == "BF16", x, out, parts)
+        else:
+            nk.gemv_half(w.codes, w.qtype == "BF16", x, out, 0, w.tiles)
+    elif w.nibbles:
         args = (w.codes, w.d, w.sc, w.dmin, w.mn, w.groups_per_super, x, xs, out)
         if parts > 1:
             nk.gemv_nibbles_parallel(*args, parts)
@@ -98,6 +105,12 @@ def _gemv(w: QuantizedWeight, x: np.ndarray, xs: np.ndarray, out: np.ndarray) ->
 
 def _dequantize_tiles(w: QuantizedWeight, t0: int, t1: int, out: np.ndarray) -> None:
     parts = min(_threads, t1 - t0)
+    if w.qtype in HALF_FORMATS:
+        if parts > 1:
+            nk.dequantize_half_tiles_parallel(w.codes, w.qtype == "BF16", t0, t1, out, parts)
+        else:
+            nk.dequantize_half_tiles(w.codes, w.qtype == "BF16", t0, t1, t0, out)
+        return
     args = (w.codes, w.nibbles, w.d, w.sc, w.dmin, w.mn, w.group_size, w.groups_per_super, t0, t1)
     if parts > 1:
         nk.dequantize_tiles_parallel(*args, out, parts)
@@ -128,7 +141,7 @@ def matmul(x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
     padded = w.tiles * TILE_ROWS
     if M <= GEMV_MAX_ROWS:
         res = np.empty((M, padded), dtype=np.float32)
-        _gemv(w, x, _group_sums(x, w.group_size), res)
+        _gemv(w, x, None if w.qtype in HALF_FORMATS else _group_sums(x, w.group_size), res)
         return res[:, : w.rows] if padded != w.rows else res
     res = np.empty((M, padded), dtype=np.float32)
     per_chunk = max(1, DEQUANT_CHUNK_BYTES // (w.cols * TILE_ROWS * 4))
@@ -158,6 +171,9 @@ def embedding(w, ids: np.ndarray) -> np.ndarray:
     if isinstance(w, np.ndarray):
         return w[ids]
     out = np.empty((len(ids), w.cols), dtype=np.float32)
+    if w.qtype in HALF_FORMATS:
+        nk.dequantize_half_rows(w.codes, w.qtype == "BF16", np.asarray(ids, dtype=np.int64), out)
+        return out
     nk.dequantize_rows(w.codes, w.nibbles, w.d, w.sc, w.dmin, w.mn, w.group_size, w.groups_per_super,
                        np.asarray(ids, dtype=np.int64), out)
     return out
@@ -172,6 +188,8 @@ def dequantize(w: QuantizedWeight) -> np.ndarray:
 
 def _example(qtype: str, rows: int, cols: int) -> QuantizedWeight:
     """A small valid weight of a format, for compiling its kernels' signatures."""
+    if qtype in HALF_FORMATS:
+        return pack_half(qtype, np.zeros((rows, cols), dtype=np.uint16))
     _, block, size = next(v for v in BLOCK_FORMATS.values() if v[0] == qtype)
     raw = np.zeros((rows, cols // block * size), dtype=np.uint8)
     return pack(qtype, unpack(qtype, raw, cols), rows, cols)
@@ -181,7 +199,7 @@ def warm_up(qtypes: set[str] | None = None) -> float:
     """Compile (or load from the cache) each kernel for each format in `qtypes` (default: all),
     at one and several rows, so that no request pays for compilation. Returns the seconds taken."""
     start = time.perf_counter()
-    for name in sorted(qtypes or {v[0] for v in BLOCK_FORMATS.values()}):
+    for name in sorted(qtypes or {v[0] for v in BLOCK_FORMATS.values()} | set(HALF_FORMATS)):
         w = _example(name, 2 * TILE_ROWS, 256)
         for rows in (1, GEMV_MAX_ROWS + 1):
             matmul(np.zeros((rows, 256), dtype=np.float32), w)

@@ -40,6 +40,8 @@ BLOCK_FORMATS = {
     14: ("Q6_K", 256, 210),
 }
 PLAIN_FORMATS = {0: "F32", 1: "F16", 30: "BF16"}
+# 16-bit float weights kept as they are stored (pack_half); F32 ones stay numpy arrays for BLAS
+HALF_FORMATS = ("F16", "BF16")
 
 
 @dataclass
@@ -181,6 +183,19 @@ def pack(qtype: str, parts: dict, rows: int, cols: int) -> QuantizedWeight:
         qtype=qtype, rows=rows, cols=cols, nibbles=parts["nibbles"], group_size=parts["group_size"],
         groups_per_super=parts["groups_per_super"], codes=_tile(codes, padded),
         d=tiled("d"), sc=tiled("sc"), dmin=tiled("dmin"), mn=tiled("mn"),
+    )
+
+
+def pack_half(qtype: str, bits: np.ndarray) -> QuantizedWeight:
+    """A [rows, cols] F16 or BF16 weight given as its uint16 bits -> tiled, at 16 bits a weight
+    (codes [tiles, cols, TILE_ROWS] of the bits, no scales; the kernels widen them)."""
+    if qtype not in HALF_FORMATS:
+        raise ValueError(f"{qtype} is not a 16-bit float format")
+    rows, cols = bits.shape
+    padded = -(-rows // TILE_ROWS) * TILE_ROWS
+    return QuantizedWeight(
+        qtype=qtype, rows=rows, cols=cols, nibbles=False, group_size=cols, groups_per_super=1,
+        codes=_tile(np.ascontiguousarray(bits, dtype=np.uint16), padded), d=None, sc=None, dmin=None, mn=None,
     )
 
 

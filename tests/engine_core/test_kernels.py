@@ -116,3 +116,41 @@ def test_parallel_kernels_split_the_tiles_without_changing_the_result(qtype):
             close(kernels.matmul(x[:m], w), x[:m] @ ref.T)
     finally:
         kernels.set_num_threads(1)
+
+
+def half_weight(qtype: str, rows: int, cols: int, seed: int = 0):
+    """A 16-bit weight (its bits) and its exact float32 values; float16 with subnormals, zeros
+    and negative zero, bfloat16 from random float32 bit patterns truncated."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    if qtype == "F16":
+        w[0, :5] = [6e-8, -6e-8, 3e-5, 0.0, -0.0]  # subnormal float16 values and zeros
+        bits = w.astype(np.float16).view(np.uint16)
+        return kernels.pack_half(qtype, bits), bits.view(np.float16).astype(np.float32)
+    bits = (w.view(np.uint32) >> 16).astype(np.uint16)
+    return kernels.pack_half(qtype, bits), (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@pytest.mark.parametrize("qtype", kernels.HALF_FORMATS)
+@pytest.mark.parametrize("m", [1, 3, kernels.GEMV_MAX_ROWS + 1, 40])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_16_bit_float_weights_are_read_at_their_precision(qtype, m, threads):
+    w, ref = half_weight(qtype, 2 * TILE_ROWS + 7, 96)
+    assert w.nbytes == w.tiles * TILE_ROWS * 96 * 2  # two bytes a weight (rows padded to tiles)
+    np.testing.assert_array_equal(kernels.dequantize(w), ref)
+    ids = np.array([0, 5, 2 * TILE_ROWS + 6])
+    np.testing.assert_array_equal(kernels.embedding(w, ids), ref[ids])
+    x = np.random.default_rng(1).standard_normal((m, 96)).astype(np.float32)
+    kernels.set_num_threads(threads)
+    try:
+        close(kernels.matmul(x, w), x @ ref.T)
+    finally:
+        kernels.set_num_threads(1)
+
+
+def test_16_bit_weights_fuse_like_the_block_formats():
+    (q, q_ref), (k, k_ref) = half_weight("BF16", TILE_ROWS, 64, 1), half_weight("BF16", 9, 64, 2)
+    fused = kernels.fuse([q, k])
+    assert len(fused) == 1 and fused[0].rows == TILE_ROWS + 9
+    np.testing.assert_array_equal(kernels.dequantize(fused[0]), np.concatenate([q_ref, k_ref]))
+    assert len(kernels.fuse([q, half_weight("F16", 9, 64)[0]])) == 2  # formats never mix
