@@ -29,9 +29,9 @@ def _count_engine_steps(llm: LLM) -> list[int]:
     count = [0]
     route = llm._client._route
 
-    def counting_route(message):
+    def counting_route(engine, message):
         count[0] += 1
-        route(message)
+        route(engine, message)
 
     llm._client._route = counting_route
     return count
