@@ -49,6 +49,14 @@ QWEN2_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# Tekken (Mistral NeMo, Mistral Small 3): words split before an upper-case run that follows
+# lower case ("camelCase" -> "camel", "Case"), single digits, "/" kept with the symbols before it.
+TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 
 @dataclass(frozen=True)
 class PreTokenizerSpec:
@@ -78,6 +86,7 @@ _GPT2 = PreTokenizerSpec(split_regex=None)
 _DIGITS_THEN_GPT2 = PreTokenizerSpec(split_regex=None, split_digits=True)
 _LLAMA3 = PreTokenizerSpec(split_regex=LLAMA3_SPLIT, ignore_merges=True)
 _QWEN2 = PreTokenizerSpec(split_regex=QWEN2_SPLIT, nfc=True)
+_TEKKEN = PreTokenizerSpec(split_regex=TEKKEN_SPLIT)
 
 PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
     "default": _GPT2,
@@ -102,6 +111,7 @@ PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
     "smaug-bpe": _LLAMA3,
     "qwen2": _QWEN2,
     "deepseek-r1-qwen": _QWEN2,
+    "tekken": _TEKKEN,
 }
 
 

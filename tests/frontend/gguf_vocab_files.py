@@ -7,7 +7,7 @@ of each file's vocabulary (`vocabulary_digest`) so a test can tell the golden be
   fallback, control and user-defined tokens) of ~450 tokens, learned here by a few lines of BPE
   over `CORPUS`; written as a `llama` and as a `phi3` file (the two prefix-space styles).
 - `tiny_qwen2`: a byte-level BPE vocabulary (GPT-2's byte alphabet, merges) with Qwen 2's
-  pre-tokenizer and its special tokens.
+  pre-tokenizer and its special tokens; `tiny_tekken` the same with Mistral NeMo's.
 """
 
 from __future__ import annotations
@@ -136,11 +136,11 @@ def qwen2_vocabulary() -> dict:
     return {"tokens": tokens, "types": types, "merges": [f"{a} {b}" for a, b in merges]}
 
 
-def write_qwen2_gguf(path: Path) -> str:
+def write_qwen2_gguf(path: Path, *, pre: str = "qwen2", arch: str = "qwen2") -> str:
     vocab = qwen2_vocabulary()
-    writer = _writer(path, "qwen2", len(vocab["tokens"]))
+    writer = _writer(path, arch, len(vocab["tokens"]))
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(vocab["tokens"])
     writer.add_token_types(vocab["types"])
     writer.add_token_merges(vocab["merges"])
@@ -157,12 +157,14 @@ WRITERS = {
     "tiny_sentencepiece": lambda path: write_sentencepiece_gguf(path, arch="llama"),
     "tiny_phi3": lambda path: write_sentencepiece_gguf(path, arch="phi3"),
     "tiny_qwen2": write_qwen2_gguf,
+    # the same byte-level vocabulary with Mistral NeMo's pre-tokenizer
+    "tiny_tekken": lambda path: write_qwen2_gguf(path, pre="tekken", arch="llama"),
 }
 
 
 def vocabulary_digest(name: str) -> str:
     """Changes whenever the file `WRITERS[name]` writes would tokenize differently."""
-    vocab = qwen2_vocabulary() if name == "tiny_qwen2" else sentencepiece_vocabulary()
+    vocab = qwen2_vocabulary() if name in ("tiny_qwen2", "tiny_tekken") else sentencepiece_vocabulary()
     return hashlib.sha256(json.dumps([name, vocab], sort_keys=True).encode()).hexdigest()
 
 
@@ -233,6 +235,7 @@ TEXTS = [
     "ends with space ",
     "I'm sure they'll say it's what we've done, isn't it?",
     "URL: https://example.com/path?q=1&r=two#frag",
+    "camelCaseWords, HTTPServer and XMLHttpRequest/path//x",
     "forty spaces" + " " * 40 + "end",
     "thirty-five tabs" + "\t" * 35 + "end",
     "forty newlines" + "\n" * 40 + "end",
@@ -262,7 +265,7 @@ TEXTS = list(dict.fromkeys(TEXTS))
 
 
 def special_tokens(name: str) -> dict[str, str]:
-    if name == "tiny_qwen2":
+    if name in ("tiny_qwen2", "tiny_tekken"):
         return {"bos": "<|endoftext|>", "eos": "<|im_end|>", "control": "<|im_start|>", "user": "<think>"}
     if name == "gemma3_270m":
         return {"bos": "<bos>", "eos": "<eos>", "control": "<start_of_turn>", "user": "[multimodal]"}

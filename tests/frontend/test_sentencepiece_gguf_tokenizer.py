@@ -297,3 +297,12 @@ def test_scores_that_do_not_match_the_tokens_are_a_clear_error(tmp_path):
     with pytest.raises(TokenizerLoadError, match="2 tokens but 1 scores") as info:
         load_tokenizer(path)
     assert path in str(info.value)
+
+
+def test_tekken_splits_camel_case_and_qwen2_does_not(tokenizers):
+    def words(name: str, text: str) -> list[str]:
+        return [word for word, _ in tokenizers[name].backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)]
+
+    assert words("tiny_tekken", "camelCase") == ["camel", "Case"]
+    assert words("tiny_qwen2", "camelCase") == ["camelCase"]
+    assert words("tiny_tekken", "12") == ["1", "2"]
