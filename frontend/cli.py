@@ -365,7 +365,8 @@ class Launcher:
         """One engine core per rank, each with its own sockets and CPU set; the frontend's
         config gets every engine's addresses and pid (rank 0's as `engine` / `engine_pid`)."""
         config = self.config
-        print(f"furiosa-llm: data parallel: {self.plan.reason}", file=sys.stderr, flush=True)
+        if self.plan.is_chosen:  # the default of one engine prints nothing
+            print(f"furiosa-llm: data parallel: {self.plan.reason}", file=sys.stderr, flush=True)
         config.engine.data_parallel_size = self.plan.size
         for rank, cpu_ids in enumerate(self.plan.cpu_sets):
             input_address, output_address = ipc_addresses(self.ipc_dir, rank)

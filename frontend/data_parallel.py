@@ -30,6 +30,7 @@ class DataParallelPlan:
     size: int
     cpu_sets: list[list[int]]  # per engine, in rank order; [] means not pinned
     reason: str  # one line for the start-up log
+    is_chosen: bool = True  # False: the default single engine, which needs no start-up line
 
 
 def parse_size(text: str) -> int | str:
@@ -52,7 +53,7 @@ def plan(requested: int | str, num_threads: int, model: str, kv_cache_gib: float
     else:
         size, why = int(requested), "--data-parallel-size"
     if size == 1:
-        return DataParallelPlan(1, [[]], f"1 engine core ({why}), not pinned")
+        return DataParallelPlan(1, [[]], f"1 engine core ({why}), not pinned", is_chosen=requested == AUTO)
     if size * num_threads > len(cpus):
         return DataParallelPlan(size, [[] for _ in range(size)],
                                 f"{size} engine cores ({why}), not pinned: {size} x {num_threads} threads "

@@ -304,3 +304,11 @@ def test_the_flag_takes_n_or_auto_and_refuses_anything_else(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", "--data-parallel-size", bad])
         assert "--data-parallel-size: must be a positive integer or auto" in capsys.readouterr().err
+
+
+def test_the_default_single_engine_needs_no_start_up_line(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x")
+    assert not plan(1, 1, str(model), 1.0, cpus=[0, 1]).is_chosen
+    assert plan("auto", 1, str(model), 1.0, cpus=[0], available_bytes=8 * 1024**3).is_chosen
+    assert plan(2, 1, str(model), 1.0, cpus=[0, 1]).is_chosen
