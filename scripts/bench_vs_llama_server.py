@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Served throughput and latency of `furiosa-llm serve` beside llama.cpp's `llama-server`, in one
+run, on the same GGUF, thread count and machine.
+
+For each `--threads` value: starts our server (`--num-threads T`), runs scripts/bench_serving.py
+at each `--concurrency` level (streamed /v1/completions, random token-id prompts of
+`--input-len`, `--output-len` tokens with ignore_eos), stops it; then the same against
+llama-server (`-t T -tb T`, `--parallel` = the largest concurrency, a context holding them all,
+continuous batching). Prints output tok/s and TTFT p50 of both and their ratios per level, then
+one JSON line.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python scripts/bench_vs_llama_server.py \\
+        --llama-server ~/llama.cpp/build/bin/llama-server --threads 1 2 --concurrency 1 32 64
+
+OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE, which some machines here set, slow numpy; a user's machine
+does not set them, so unset both for this command only (as above) for figures you quote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS.parent))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not become healthy in {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def run_levels(base_url: str, pid: int, args: argparse.Namespace) -> list[dict]:
+    """bench_serving.py against base_url; its per-level rows."""
+    rows = []
+    for concurrency in args.concurrency:
+        # enough requests for a steady state, fewer at low concurrency (each runs its whole length)
+        requests = max(args.min_requests, 2 * concurrency)
+        cmd = [sys.executable, str(SCRIPTS / "bench_serving.py"), "--base-url", base_url + "/v1",
+               "--server-pid", str(pid), "--concurrency", str(concurrency), "--num-requests", str(requests),
+               "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--prompt-kind", "tokens"]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows.extend(json.loads(out.strip().splitlines()[-1])["results"])
+    return rows
+
+
+def ours(model: str, threads: int, args: argparse.Namespace) -> list[dict]:
+    port = free_port()
+    cmd = [str(Path(sys.executable).with_name("furiosa-llm")), "serve", model, "--host", "127.0.0.1", "--port", str(port),
+           "--num-threads", str(threads), "--max-num-seqs", str(max(args.concurrency)),
+           "--kv-cache-gib", str(args.kv_cache_gib)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        return run_levels(f"http://127.0.0.1:{port}", proc.pid, args)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def theirs(binary: str, model: str, threads: int, args: argparse.Namespace) -> list[dict]:
+    port = free_port()
+    slots = max(args.concurrency)
+    cmd = [binary, "-m", model, "-t", str(threads), "-tb", str(threads), "--host", "127.0.0.1", "--port", str(port),
+           "--parallel", str(slots), "-c", str(slots * (args.input_len + args.output_len + 16)), "--cont-batching"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        return run_levels(f"http://127.0.0.1:{port}", proc.pid, args)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--llama-server", required=True, metavar="PATH", help="llama.cpp's llama-server binary")
+    parser.add_argument("--model", default=None, help="GGUF path (default: the embedded SmolLM2)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 64])
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--min-requests", type=int, default=8)
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0)
+    args = parser.parse_args()
+    if args.model is None:
+        from frontend.default_model import default_model_path
+
+        args.model = default_model_path()
+    print("OPENBLAS_CORETYPE =", os.environ.get("OPENBLAS_CORETYPE", "(unset)"), file=sys.stderr)
+    table = []
+    for threads in args.threads:
+        a = ours(args.model, threads, args)
+        b = theirs(args.llama_server, args.model, threads, args)
+        for x, y in zip(a, b):
+            table.append({
+                "threads": threads, "concurrency": x["concurrency"],
+                "ours_out_tok_s": x["output_tok_s"], "llama_out_tok_s": y["output_tok_s"],
+                "ratio": round(x["output_tok_s"] / y["output_tok_s"], 3) if y["output_tok_s"] else None,
+                "ours_ttft_p50_ms": x["ttft_p50_ms"], "llama_ttft_p50_ms": y["ttft_p50_ms"],
+                "ours_errors": x["errors"], "llama_errors": y["errors"],
+            })
+    print(f"{'threads':>7} {'conc':>5} {'ours tok/s':>11} {'llama tok/s':>12} {'ratio':>6} {'TTFT p50 ours/llama (ms)':>26}")
+    for r in table:
+        print(f"{r['threads']:>7} {r['concurrency']:>5} {r['ours_out_tok_s']:>11.1f} {r['llama_out_tok_s']:>12.1f} "
+              f"{r['ratio'] or 0:>6.2f} {r['ours_ttft_p50_ms']:>12.0f} / {r['llama_ttft_p50_ms']:<10.0f}")
+    print(json.dumps({"model": args.model, "input_len": args.input_len, "output_len": args.output_len,
+                      "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"), "results": table}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
