@@ -63,3 +63,27 @@ class Server:
                 self.process.wait()
         self.log.close()
         return self.process.returncode
+
+
+def wait_until(predicate, timeout_s: float, what: str):
+    """Bounded polling of a process's externally visible state (not a sleep as synchronisation)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def scrape(server: "Server") -> dict[str, float]:
+    """/metrics samples as `name` or `name{label=value}` (model_name left out) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "model_name")
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples

@@ -12,34 +12,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
-from server import STARTUP_TIMEOUT_S, Server
+from server import STARTUP_TIMEOUT_S, Server, scrape, wait_until
 
 LONG = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True}
 API_KEY = "e2e-secret-key"
-
-
-def wait_until(predicate, timeout_s: float, what: str):
-    """Bounded polling of the server's externally visible state (not a sleep as synchronisation)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-def scrape(server: Server) -> dict[str, float]:
-    """/metrics samples as `name` or `name{label=value}` (model_name left out) -> value."""
-    text = httpx.get(server.url + "/metrics", timeout=10).text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "model_name")
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
 
 
 def cmdline(pid: int) -> list[str]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from server import STARTUP_TIMEOUT_S, Server, free_port
+from server import STARTUP_TIMEOUT_S, Server, free_port, wait_until
 
 HAPROXY_CFG = pathlib.Path(__file__).parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
 BACKEND = "furiosa_llm"
@@ -94,16 +94,6 @@ class Balancer:
             self.process.terminate()
             self.process.wait(timeout=30)
         self.log.close()
-
-
-def wait_until(predicate, timeout_s: float, what: str):
-    """Bounded polling of another process's visible state (not a sleep as synchronisation)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 @contextlib.contextmanager
