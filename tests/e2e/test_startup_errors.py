@@ -70,7 +70,9 @@ def test_a_corrupt_gguf_is_one_line_although_both_processes_fail(default_model, 
     ("changes", "cause"),
     [
         ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported (silu only)"),
-        ({"architectures": ["GPT2LMHeadModel"]}, "architecture ['GPT2LMHeadModel'] is not supported (Llama family only)"),
+        ({"architectures": ["GPT2LMHeadModel"]}, "architecture GPT2LMHeadModel is not supported (supported: "
+                                                 "Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, "
+                                                 "Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5 is not supported "
                                          "(rotary embedding over the whole head only)"),
     ],
