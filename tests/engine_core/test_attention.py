@@ -216,7 +216,8 @@ def test_decodes_are_one_table_whose_short_rows_are_padded():
 
 def test_the_kernel_equals_the_numpy_attention_on_the_golden_prompts(make_core):
     """Every decode attention of the golden runs (all layers, all steps, the prompts batched)
-    against the numpy attention on the same queries and cache."""
+    against the numpy attention on the same queries and cache, to 1e-5 of the largest output (the
+    outputs reach 7 in some layers, where float32 sums in another order differ by ~1e-5)."""
     core = make_core()
     model = core.runner.model
     attend, worst, calls = model._attention, [0.0], [0]
@@ -227,7 +228,8 @@ def test_the_kernel_equals_the_numpy_attention_on_the_golden_prompts(make_core):
         if d is not None:
             expected = numpy_decode_attention(q * model.scale, d.rows, cache.keys[layer], cache.values[layer],
                                               d.block_table, d.context_lens)
-            worst[0] = max(worst[0], float(np.abs(out[d.rows] - expected).max()))
+            scale = max(1.0, float(np.abs(expected).max()))  # 1e-5 of the largest output, or absolute below 1
+            worst[0] = max(worst[0], float(np.abs(out[d.rows] - expected).max()) / scale)
             calls[0] += 1
         return out
 
