@@ -40,6 +40,7 @@ class ModelRunner:
         self.cache = KVCache(config, num_blocks, block_size, kv_cache_dtype)
         self.attention_warm_up_s = attention.warm_up(self.cache.keys.dtype)
         self.model_warm_up_s = self.model.warm_up(self.cache)
+        _release_free_heap()
 
     def execute(self, plan: SchedulerOutput, prompt_logit_rows: dict[int, int],
                 pooled_rows: dict[int, tuple[int, int]] | None = None) -> RunnerOutput:
@@ -107,3 +108,16 @@ def _blas_threads() -> int:
 
     counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
     return min(counts) if counts else 1
+
+
+def _release_free_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim). Loading unpacks
+    each tensor through temporaries of a few MB, which glibc serves from the heap once its
+    mmap threshold has risen; freed, they stay resident. An 8B Q4_K_M file (4.58 GiB) left the
+    engine at 8.29 GiB with a 0.5 GiB cache, 5.80 GiB after this (1.16x the file plus the cache)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
