@@ -58,8 +58,8 @@ def run_levels(base_url: str, pid: int, args: argparse.Namespace) -> list[dict]:
     """bench_serving.py against base_url; its per-level rows."""
     rows = []
     for concurrency in args.concurrency:
-        # enough requests for a steady state, fewer at low concurrency (each runs its whole length)
-        requests = max(args.min_requests, 2 * concurrency)
+        # `--waves` requests per slot; at least --min-requests (a low concurrency runs few at once)
+        requests = max(args.min_requests, args.waves * concurrency)
         cmd = [sys.executable, str(SCRIPTS / "bench_serving.py"), "--base-url", base_url + "/v1",
                "--server-pid", str(pid), "--concurrency", str(concurrency), "--num-requests", str(requests),
                "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--prompt-kind", "tokens"]
@@ -105,6 +105,7 @@ def main() -> int:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--min-requests", type=int, default=8)
+    parser.add_argument("--waves", type=int, default=2, help="requests per concurrency slot (default: %(default)s)")
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
     args = parser.parse_args()
     if args.model is None:
