@@ -333,14 +333,16 @@ class DecoderModel:
     def warm_up(self, cache: KVCache) -> float:
         """Run tokens through every layer so that the row-wise kernels compile (or load from the
         disk cache) for the model's own arrays, with more than one thread also in their parallel
-        form; returns the seconds taken. Writes K/V into the first slots of block 0, which no
-        sequence holds yet (a sequence writes every slot it reads)."""
+        form; returns the seconds taken. Writes K/V into the first blocks, which no sequence
+        holds yet (a sequence writes every slot it reads)."""
         start = time.perf_counter()
-        sizes = [1] + ([elementwise.PARALLEL_MIN_ROWS] if kernels.num_threads() > 1 else [])
+        # enough rows for the row-wise kernels' parallel form (see elementwise._run)
+        many = max(elementwise.PARALLEL_MIN_ROWS, -(-elementwise.PARALLEL_MIN_ELEMENTS // self.config.hidden_size))
+        sizes = [1] + ([many] if kernels.num_threads() > 1 else [])
         for n in sizes:
-            n = min(n, cache.block_size)
+            n = min(n, cache.num_blocks * cache.block_size)
             ids = np.zeros(n, dtype=np.int64)
-            span = AttentionSpan(0, n, np.zeros(1, dtype=np.int64), n)
+            span = AttentionSpan(0, n, np.arange(-(-n // cache.block_size), dtype=np.int64), n)
             batch = ForwardBatch(ids, np.arange(n), np.arange(n), [span], None, np.arange(n))
             self.logits(self.forward(batch, cache))
         return time.perf_counter() - start

@@ -68,6 +68,14 @@ DEQUANT_CHUNK_BYTES = 2 << 20
 
 _threads = 1  # threads the kernels use (set_num_threads)
 
+# Multiply-adds below which a matmul runs on the calling thread alone even with more threads: a
+# parallel region (waking a sleeping thread) cost 10-11 us in a tight loop here but far more
+# within a decode step on this virtual machine. SmolLM2's single-stream decode with two threads:
+# every GEMV split, 26 tok/s (served) against 46 with one thread; from 1M multiply-adds (its
+# 3072 x 576 gate/up and the lm_head split), 33-42; from 4M (the lm_head only), 53 against 55.
+# An 8B model's 4096 x 4096 projections (16.7M) are split.
+PARALLEL_MIN_WORK = 1 << 22
+
 
 def set_num_threads(n: int) -> None:
     """Threads for the kernels (the engine passes its BLAS thread count)."""
@@ -83,7 +91,7 @@ def num_threads() -> int:
 
 
 def _gemv(w: QuantizedWeight, x: np.ndarray, xs: np.ndarray | None, out: np.ndarray) -> None:
-    parts = min(_threads, w.tiles)
+    parts = min(_threads, w.tiles) if x.shape[0] * w.rows * w.cols >= PARALLEL_MIN_WORK else 1
     if w.qtype in HALF_FORMATS:
         if parts > 1:
             nk.gemv_half_parallel(w.codes, w.qtype == "BF16", x, out, parts)
@@ -198,7 +206,17 @@ def _example(qtype: str, rows: int, cols: int) -> QuantizedWeight:
 def warm_up(qtypes: set[str] | None = None) -> float:
     """Compile (or load from the cache) each kernel for each format in `qtypes` (default: all),
     at one and several rows, so that no request pays for compilation. Returns the seconds taken."""
+    global PARALLEL_MIN_WORK
     start = time.perf_counter()
+    saved, PARALLEL_MIN_WORK = PARALLEL_MIN_WORK, 0  # the parallel versions too, on small examples
+    try:
+        _warm_up(qtypes)
+    finally:
+        PARALLEL_MIN_WORK = saved
+    return time.perf_counter() - start
+
+
+def _warm_up(qtypes: set[str] | None) -> None:
     for name in sorted(qtypes or {v[0] for v in BLOCK_FORMATS.values()} | set(HALF_FORMATS)):
         w = _example(name, 2 * TILE_ROWS, 256)
         for rows in (1, GEMV_MAX_ROWS + 1):
@@ -206,4 +224,3 @@ def warm_up(qtypes: set[str] | None = None) -> float:
         embedding(w, np.zeros(1, dtype=np.int64))
         if _threads > 1:  # the serial versions too: a weight of one tile runs on one thread
             matmul(np.zeros((1, 256), dtype=np.float32), _example(name, TILE_ROWS, 256))
-    return time.perf_counter() - start

@@ -22,9 +22,10 @@ from engine_core.kernels.attention import _exp_into
 
 _OPTS = dict(cache=True, fastmath=True, nogil=True)
 
-# Rows from which a step's row-wise kernels split over the threads: below it a parallel region
-# (about 10 us) costs more than the rows.
+# Rows from which a step's row-wise kernels split over the threads, and the elements a call must
+# touch: below them a parallel region (10-50 us) costs more than the rows.
 PARALLEL_MIN_ROWS = 8
+PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
 @njit(inline="always", **_OPTS)
@@ -132,7 +133,7 @@ def _silu_mul_parallel(gate_up, inter, out, parts):
 
 def _run(serial, parallel, rows: int, *args) -> None:
     threads = numba.get_num_threads()
-    if rows >= PARALLEL_MIN_ROWS and threads > 1:
+    if rows >= PARALLEL_MIN_ROWS and threads > 1 and args[0].size >= PARALLEL_MIN_ELEMENTS:
         parallel(*args, threads)
     else:
         serial(*args, 0, rows)

@@ -143,6 +143,40 @@ def test_the_kernel_equals_the_numpy_attention_it_replaced_on_mixed_length_batch
     np.testing.assert_allclose(out[d.rows], expected, rtol=0, atol=1e-5)
 
 
+def test_the_parallel_kernel_gives_the_serial_kernels_bits(monkeypatch):
+    """With two threads a batch is split over sequences (or KV heads when there are few); each
+    task runs the same code as on one thread. And below the work threshold one thread attends."""
+    from engine_core import kernels
+    from engine_core.kernels import attention
+
+    c = config(9, 3, head_dim=64)
+    rng = np.random.default_rng(9)
+    for lengths in ([300, 7, 129, 64, 1, 33, 500, 16, 95], [700]):  # many sequences, and one
+        cache = KVCache(c, num_blocks=4096, block_size=BLOCK_SIZE)
+        batch, q, _ = build(lengths, [1] * len(lengths), cache, rng, c)
+        d = batch.decodes
+        outs = []
+        for threads in (1, 2):
+            kernels.set_num_threads(threads)
+            monkeypatch.setattr(attention, "PARALLEL_MIN_WORK", 0)
+            try:
+                out = np.zeros((len(q), c.num_heads * c.head_dim), dtype=np.float32)
+                paged_decode_attention(q, d.rows, cache.keys[0], cache.values[0], d.block_table, d.context_lens, out)
+                outs.append(out)
+            finally:
+                kernels.set_num_threads(1)
+        np.testing.assert_array_equal(outs[0], outs[1])
+    calls = []
+    monkeypatch.setattr(attention, "PARALLEL_MIN_WORK", 1 << 22)
+    monkeypatch.setattr(attention, "_decode", lambda *a: calls.append(a))
+    kernels.set_num_threads(2)
+    try:  # 700 keys x 9 heads x 64 = 403k: one thread
+        paged_decode_attention(q, d.rows, cache.keys[0], cache.values[0], d.block_table, d.context_lens, out)
+    finally:
+        kernels.set_num_threads(1)
+    assert calls == []
+
+
 def test_a_decode_does_not_depend_on_where_its_blocks_lie_or_what_else_is_in_the_batch():
     c = config(9, 3, head_dim=64)
     rng = np.random.default_rng(9)

@@ -9,7 +9,8 @@ from engine_core.kernels import elementwise as ew
 
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
-def threads(request):
+def threads(request, monkeypatch):
+    monkeypatch.setattr(ew, "PARALLEL_MIN_ELEMENTS", 0)  # the parallel forms from 8 rows, however short
     kernels.set_num_threads(request.param)
     yield request.param
     kernels.set_num_threads(1)

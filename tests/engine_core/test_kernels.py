@@ -107,13 +107,33 @@ def test_fuse_stacks_tile_aligned_weights_of_one_format_only():
 
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q6_K"])
-def test_parallel_kernels_split_the_tiles_without_changing_the_result(qtype):
+def test_parallel_kernels_split_the_tiles_without_changing_the_result(qtype, monkeypatch):
     w, ref = quantized(qtype, 3 * TILE_ROWS + 1, 512)
     x = np.random.default_rng(0).standard_normal((20, 512)).astype(np.float32)
+    serial = [kernels.matmul(x[:m], w) for m in (1, 5)]
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 0)  # split even this small weight
     kernels.set_num_threads(2)
     try:
         for m in (1, 5, 20):  # the matrix-vector kernel, and dequantize + BLAS
             close(kernels.matmul(x[:m], w), x[:m] @ ref.T)
+        for m, alone in zip((1, 5), serial):  # each tile's rows by the same code either way
+            np.testing.assert_array_equal(kernels.matmul(x[:m], w), alone)
+    finally:
+        kernels.set_num_threads(1)
+
+
+def test_a_small_matmul_stays_on_one_thread_below_the_work_threshold(monkeypatch):
+    """A parallel region costs about a GEMV of a million weights: below that, one thread."""
+    w, _ = quantized("Q4_1", 3 * TILE_ROWS, 512)
+    calls = []
+    monkeypatch.setattr(kernels.nk, "gemv_nibbles_parallel", lambda *a: calls.append(a))
+    kernels.set_num_threads(2)
+    try:
+        kernels.matmul(np.ones((1, 512), np.float32), w)  # 98k multiply-adds
+        assert calls == []
+        monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 64 * 512)
+        kernels.matmul(np.ones((1, 512), np.float32), w)
+        assert len(calls) == 1
     finally:
         kernels.set_num_threads(1)
 
@@ -134,7 +154,8 @@ def half_weight(qtype: str, rows: int, cols: int, seed: int = 0):
 @pytest.mark.parametrize("qtype", kernels.HALF_FORMATS)
 @pytest.mark.parametrize("m", [1, 3, kernels.GEMV_MAX_ROWS + 1, 40])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_16_bit_float_weights_are_read_at_their_precision(qtype, m, threads):
+def test_16_bit_float_weights_are_read_at_their_precision(qtype, m, threads, monkeypatch):
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 0)  # with two threads, the parallel kernels
     w, ref = half_weight(qtype, 2 * TILE_ROWS + 7, 96)
     assert w.nbytes == w.tiles * TILE_ROWS * 96 * 2  # two bytes a weight (rows padded to tiles)
     np.testing.assert_array_equal(kernels.dequantize(w), ref)
