@@ -119,34 +119,32 @@ def _decode_generation_body(raw: bytes, cls: type, request: Request, find_ignore
     return body
 
 
+async def _generation_response(create, body, request: Request) -> Response:
+    """A streamed body's SSE stream, or the whole result (abandoned if the client goes away)."""
+    if body.stream:
+        return Stream(await create(body), media_type="text/event-stream", headers=SSE_HEADERS)
+    return Response(await _unless_disconnected(create(body), request))
+
+
 @post("/v1/completions", status_code=200)
 async def create_completion(request: Request, state: State) -> Response:
     services = _services(state)
     body = _decode_generation_body(await request.body(), CompletionRequest, request)
-    if body.stream:
-        chunks = await services.completions.create_completion(body)
-        return Stream(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
-    return Response(await _unless_disconnected(services.completions.create_completion(body), request))
+    return await _generation_response(services.completions.create_completion, body, request)
 
 
 @post("/v1/chat/completions", status_code=200)
 async def create_chat_completion(request: Request, state: State) -> Response:
     services = _services(state)
     body = _decode_generation_body(await request.body(), ChatCompletionRequest, request)
-    if body.stream:
-        chunks = await services.chat.create_chat_completion(body)
-        return Stream(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
-    return Response(await _unless_disconnected(services.chat.create_chat_completion(body), request))
+    return await _generation_response(services.chat.create_chat_completion, body, request)
 
 
 @post("/v1/responses", status_code=200)
 async def create_response(request: Request, state: State) -> Response:
     services = _services(state)
     body = _decode_generation_body(await request.body(), ResponsesRequest, request, ignored_response_fields)
-    if body.stream:
-        events = await services.responses.create_response(body)
-        return Stream(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    return Response(await _unless_disconnected(services.responses.create_response(body), request))
+    return await _generation_response(services.responses.create_response, body, request)
 
 
 @post("/v1/embeddings", status_code=200)
