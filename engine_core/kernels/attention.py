@@ -26,11 +26,9 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-_OPTS = dict(cache=True, fastmath=True, nogil=True)
+import engine_core.kernels as kernels
 
-# the work below which one thread attends alone: kernels.PARALLEL_MIN_WORK, kept here too so that
-# warm_up can lower it for this module
-PARALLEL_MIN_WORK = 1 << 22
+_OPTS = dict(cache=True, fastmath=True, nogil=True)
 
 # KV cache element types: "float32" as is; "float16" and "bfloat16" stored as uint16 bits.
 FLOAT32, FLOAT16, BFLOAT16 = 0, 1, 2
@@ -220,7 +218,7 @@ def paged_decode_attention(q: np.ndarray, rows: np.ndarray, keys: np.ndarray, va
     threads = numba.get_num_threads()
     # a parallel region costs more than a few short contexts' attention (see
     # kernels.PARALLEL_MIN_WORK): the work is the keys read times the query heads' width
-    if threads > 1 and int(context_lens.sum()) * q.shape[1] * q.shape[2] < PARALLEL_MIN_WORK:
+    if threads > 1 and int(context_lens.sum()) * q.shape[1] * q.shape[2] < kernels.PARALLEL_MIN_WORK:
         threads = 1
     heads_per_task = kv_heads if threads == 1 or len(rows) >= 4 * threads else 1
     kernel = _decode if threads > 1 else _decode_serial
@@ -231,18 +229,17 @@ def paged_decode_attention(q: np.ndarray, rows: np.ndarray, keys: np.ndarray, va
 def warm_up(cache_dtype: np.dtype) -> float:
     """Compile (or load from the disk cache) the kernel for a cache of this element type, and
     return the seconds taken, so that no request pays for compilation."""
-    global PARALLEL_MIN_WORK
     start = time.perf_counter()
     keys = np.zeros((2, 16, 1, 8), dtype=cache_dtype)
     q = np.zeros((2, 2, 8), dtype=np.float32)
     out = np.empty((2, 16), dtype=np.float32)
     args = (q, np.arange(2), keys, keys, np.zeros((2, 2), np.int32), np.array([1, 20], np.int32), out)
     paged_decode_attention(*args)  # the serial version (a small example)
-    saved, PARALLEL_MIN_WORK = PARALLEL_MIN_WORK, 0  # and with threads, the parallel one
+    saved, kernels.PARALLEL_MIN_WORK = kernels.PARALLEL_MIN_WORK, 0  # and with threads, the parallel one
     try:
         paged_decode_attention(*args)
     finally:
-        PARALLEL_MIN_WORK = saved
+        kernels.PARALLEL_MIN_WORK = saved
     return time.perf_counter() - start
 
 

@@ -158,7 +158,7 @@ def test_the_parallel_kernel_gives_the_serial_kernels_bits(monkeypatch):
         outs = []
         for threads in (1, 2):
             kernels.set_num_threads(threads)
-            monkeypatch.setattr(attention, "PARALLEL_MIN_WORK", 0)
+            monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 0)
             try:
                 out = np.zeros((len(q), c.num_heads * c.head_dim), dtype=np.float32)
                 paged_decode_attention(q, d.rows, cache.keys[0], cache.values[0], d.block_table, d.context_lens, out)
@@ -167,7 +167,7 @@ def test_the_parallel_kernel_gives_the_serial_kernels_bits(monkeypatch):
                 kernels.set_num_threads(1)
         np.testing.assert_array_equal(outs[0], outs[1])
     calls = []
-    monkeypatch.setattr(attention, "PARALLEL_MIN_WORK", 1 << 22)
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 1 << 22)
     monkeypatch.setattr(attention, "_decode", lambda *a: calls.append(a))
     kernels.set_num_threads(2)
     try:  # 700 keys x 9 heads x 64 = 403k: one thread
