@@ -68,11 +68,8 @@ def run_levels(base_url: str, pid: int, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def ours(model: str, threads: int, args: argparse.Namespace) -> list[dict]:
-    port = free_port()
-    cmd = [str(Path(sys.executable).with_name("furiosa-llm")), "serve", model, "--host", "127.0.0.1", "--port", str(port),
-           "--num-threads", str(threads), "--max-num-seqs", str(max(args.concurrency)),
-           "--kv-cache-gib", str(args.kv_cache_gib)]
+def measure(cmd: list[str], port: int, args: argparse.Namespace) -> list[dict]:
+    """Start a server (cmd, listening on port), run the levels against it, stop it."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc)
@@ -80,6 +77,14 @@ def ours(model: str, threads: int, args: argparse.Namespace) -> list[dict]:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def ours(model: str, threads: int, args: argparse.Namespace) -> list[dict]:
+    port = free_port()
+    cmd = [str(Path(sys.executable).with_name("furiosa-llm")), "serve", model, "--host", "127.0.0.1", "--port", str(port),
+           "--num-threads", str(threads), "--max-num-seqs", str(max(args.concurrency)),
+           "--kv-cache-gib", str(args.kv_cache_gib)]
+    return measure(cmd, port, args)
 
 
 def theirs(binary: str, model: str, threads: int, args: argparse.Namespace) -> list[dict]:
@@ -87,13 +92,7 @@ def theirs(binary: str, model: str, threads: int, args: argparse.Namespace) -> l
     slots = max(args.concurrency)
     cmd = [binary, "-m", model, "-t", str(threads), "-tb", str(threads), "--host", "127.0.0.1", "--port", str(port),
            "--parallel", str(slots), "-c", str(slots * (args.input_len + args.output_len + 16)), "--cont-batching"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc)
-        return run_levels(f"http://127.0.0.1:{port}", proc.pid, args)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    return measure(cmd, port, args)
 
 
 def main() -> int:
