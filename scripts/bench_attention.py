@@ -1,0 +1,122 @@
+"""Microbenchmark of the fused paged decode attention (engine_core/kernels/attention.py).
+
+    python scripts/bench_attention.py [--baseline OLD.py] [--repeat-s 0.3] [--quick]
+
+Times paged_decode_attention for one sequence (contexts 256 and 2048) and for 64 sequences
+(contexts 200-312), with SmolLM2-135M's head shapes (9 query heads, 3 KV heads, head_dim 64)
+and an 8B model's (32, 8, 128), float32 and bfloat16 caches, on 1 and 2 kernel threads. Each
+sequence's blocks are scattered over the cache (block size 16, the engine's default) as a busy
+server leaves them. Prints microseconds per call (the median of rounds) and one JSON line.
+
+--baseline: another version of the module (e.g. `git show HEAD~1:engine_core/kernels/attention.py
+> /tmp/attention_old.py`), timed in the same run, rounds interleaved with the current one, so that
+the ratio holds on a machine shared with other work. Run it with OPENBLAS_* unset, as a user's
+machine has them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import engine_core.kernels as kernels  # noqa: E402
+from engine_core.kernels import attention  # noqa: E402
+
+BLOCK_SIZE = 16
+SHAPES = {"smollm2": (9, 3, 64), "8b": (32, 8, 128)}  # query heads, KV heads, head_dim
+
+
+def load_module(path: str):
+    spec = importlib.util.spec_from_file_location("attention_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_case(shape: str, dtype: str, lengths: list[int], rng):
+    heads, kv_heads, head_dim = SHAPES[shape]
+    blocks_per_seq = [-(-n // BLOCK_SIZE) for n in lengths]
+    num_blocks = sum(blocks_per_seq) + 8
+    cache_dtype = attention.KV_CACHE_DTYPES[dtype]
+    shape4 = (num_blocks, BLOCK_SIZE, kv_heads, head_dim)
+    keys = attention.to_cache(rng.standard_normal(shape4, dtype=np.float32), cache_dtype)
+    values = attention.to_cache(rng.standard_normal(shape4, dtype=np.float32), cache_dtype)
+    order = rng.permutation(num_blocks)
+    table = np.zeros((len(lengths), max(blocks_per_seq)), dtype=np.int32)
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        table[i, :n] = order[used : used + n]
+        used += n
+    q = (rng.standard_normal((len(lengths), heads, head_dim), dtype=np.float32) / np.sqrt(head_dim)).astype(np.float32)
+    rows = np.arange(len(lengths))
+    lens = np.array(lengths, dtype=np.int32)
+    out = np.empty((len(lengths), heads * head_dim), dtype=np.float32)
+    return q, rows, keys, values, table, lens, out
+
+
+def time_calls(fns, args, repeat_s: float, rounds: int = 7):
+    """Median us per call of each function, rounds interleaved."""
+    for fn in fns:
+        fn(*args)  # compile / warm
+    per_call = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            n, start = 0, time.perf_counter()
+            while True:
+                fn(*args)
+                n += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= repeat_s / rounds:
+                    break
+            per_call[i].append(elapsed / n * 1e6)
+    return [float(np.median(x)) for x in per_call]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", help="path of another attention.py to time in the same run")
+    parser.add_argument("--repeat-s", type=float, default=0.3, help="seconds of calls per case and kernel")
+    parser.add_argument("--quick", action="store_true", help="SmolLM2 shape, float32, one thread only")
+    args = parser.parse_args()
+    fns = [attention.paged_decode_attention]
+    if args.baseline:
+        fns.append(load_module(args.baseline).paged_decode_attention)
+    rng = np.random.default_rng(0)
+    cases = {"1x256": [256], "1x2048": [2048], "64x~256": rng.integers(200, 313, size=64).tolist()}
+    results = []
+    for threads in (1,) if args.quick else (1, 2):
+        kernels.set_num_threads(threads)
+        for shape in ("smollm2",) if args.quick else tuple(SHAPES):
+            for dtype in ("float32",) if args.quick else ("float32", "bfloat16"):
+                for name, lengths in cases.items():
+                    case = make_case(shape, dtype, lengths, rng)
+                    if len(fns) > 1:  # both versions must agree before their times mean anything
+                        outs = []
+                        for fn in fns:
+                            out = case[-1].copy()
+                            fn(*case[:-1], out)
+                            outs.append(out)
+                        diff = float(np.abs(outs[0] - outs[1]).max())
+                        assert diff <= 1e-5, (shape, dtype, name, diff)
+                    us = time_calls(fns, case, args.repeat_s)
+                    row = {"threads": threads, "shape": shape, "dtype": dtype, "case": name, "us": round(us[0], 1)}
+                    line = f"threads {threads}  {shape:8s} {dtype:9s} {name:8s} {us[0]:9.1f} us"
+                    if len(fns) > 1:
+                        row["baseline_us"] = round(us[1], 1)
+                        row["speedup"] = round(us[1] / us[0], 2)
+                        line += f"   baseline {us[1]:9.1f} us   speedup {us[1] / us[0]:5.2f}x"
+                    print(line, flush=True)
+                    results.append(row)
+    print(json.dumps({"bench": "paged_decode_attention", "block_size": BLOCK_SIZE, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
