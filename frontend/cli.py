@@ -9,7 +9,9 @@ SIGTERM if the launcher itself dies.
 - Start-up: the "serving on" line is printed once the frontend reports `READY=1` (it listens
   and the engine is ready) on the launcher's notify socket, which relays systemd's protocol.
   A child that cannot start reports one line there; the launcher prints it, stops the other
-  child and exits non-zero, with no traceback (`--log-level debug` logs them).
+  child and exits non-zero, with no traceback (`--log-level debug` logs them). The
+  data-parallel line (how many engine cores and why, `frontend.data_parallel`) comes just
+  before the "serving on" line, so a failure stays one line.
 - A child that dies stops the other; the command exits non-zero (a supervisor restarts it).
 - SIGTERM/SIGINT: the frontend stops accepting and finishes in-flight requests (up to its
   graceful timeout), then the engine stops; exit 0. The socket directory is removed.
@@ -33,7 +35,7 @@ from importlib.metadata import PackageNotFoundError, version
 import msgspec
 
 from frontend.config import FrontendConfig
-from frontend.data_parallel import DataParallelPlan, parse_size
+from frontend.data_parallel import AUTO, DataParallelPlan, parse_size
 from frontend.data_parallel import plan as plan_data_parallel
 from frontend.default_model import ArtifactNotFoundError, default_model_path
 from frontend.reasoning_parsers.registry import ReasoningParserRegistry
@@ -105,12 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "L2-normalized")
     serve.add_argument("--num-threads", type=int, default=None,
                        help="BLAS threads in the engine core (default: 1, which stays fast while the frontend is busy)")
-    serve.add_argument("--data-parallel-size", type=_data_parallel_size, default=d["data_parallel_size"],
-                       metavar="N|auto",
+    serve.add_argument("--data-parallel-size", type=_data_parallel_size, default=AUTO, metavar="N|auto",
                        help="engine-core processes, each with --num-threads threads, its own KV cache of "
-                            "--kv-cache-gib and (when the CPUs suffice) its own CPUs; 'auto': one per "
-                            "physical core that fits in memory. Requests go to the engine that cached "
-                            "their prefix, else the least loaded")
+                            "--kv-cache-gib and (when the CPUs suffice) its own CPUs. 'auto': one per physical "
+                            "core this process may use (CPU affinity, cgroup CPU quota) divided by --num-threads, "
+                            "as many as fit in memory (MemAvailable, cgroup memory limit); engines on cores of "
+                            "their own keep their speed when another process takes a core, where the BLAS "
+                            "threads of one engine collapse. 1: a single engine. Requests go to the engine that "
+                            "cached their prefix, else the least loaded")
     serve.add_argument("--chat-template", default=None, metavar="FILE",
                        help="a Jinja2 chat template file overriding the tokenizer's")
     serve.add_argument("--response-role", default=d["response_role"])
@@ -365,8 +369,6 @@ class Launcher:
         """One engine core per rank, each with its own sockets and CPU set; the frontend's
         config gets every engine's addresses and pid (rank 0's as `engine` / `engine_pid`)."""
         config = self.config
-        if self.plan.is_chosen:  # the default of one engine prints nothing
-            print(f"furiosa-llm: data parallel: {self.plan.reason}", file=sys.stderr, flush=True)
         config.engine.data_parallel_size = self.plan.size
         for rank, cpu_ids in enumerate(self.plan.cpu_sets):
             input_address, output_address = ipc_addresses(self.ipc_dir, rank)
@@ -428,6 +430,8 @@ class Launcher:
         if self.relay.is_ready and not self.is_announced:
             self.is_announced = True
             config = self.config
+            # printed once ready, so that a start-up failure stays one line
+            print(f"furiosa-llm: data parallel: {self.plan.reason}", file=sys.stderr, flush=True)
             print(f"furiosa-llm: serving {config.engine.model} as {config.served_model_name!r} "
                   f"on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
 

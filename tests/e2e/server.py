@@ -20,11 +20,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def one_engine_unless_asked(args: tuple[str, ...] | list[str]) -> list[str]:
+    """`--data-parallel-size 1` unless `args` name a size: the command's default (auto) starts an
+    engine per core, and the suite starts many servers on a small shared machine."""
+    return [] if "--data-parallel-size" in args else ["--data-parallel-size", "1"]
+
+
 class Server:
-    def __init__(self, *args: str, env: dict | None = None):
+    """`default_engine_count=True` leaves --data-parallel-size out: the command's own default."""
+
+    def __init__(self, *args: str, env: dict | None = None, default_engine_count: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [os.path.join(os.path.dirname(sys.executable), "furiosa-llm"), "serve", *args,
+        size = [] if default_engine_count else one_engine_unless_asked(args)
+        command = [os.path.join(os.path.dirname(sys.executable), "furiosa-llm"), "serve", *args, *size,
                    "--host", "127.0.0.1", "--port", str(self.port), "--kv-cache-gib", "1"]
         self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"furiosa-e2e-{self.port}.log"), "w+")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,

@@ -1,7 +1,8 @@
 """`furiosa-llm serve --data-parallel-size 2` on the default model: two engine cores behind one
 frontend. Both get work under concurrent load, greedy outputs equal one engine's, a conversation's
 turns find their earlier turns in the prefix cache about as often as with one engine, the death of
-one engine fails the requests and stops the command within 5 s, and SIGTERM drains both."""
+one engine fails the requests and stops the command within 5 s, and SIGTERM drains both. Without
+the flag the command starts as many engines as `auto` plans from this machine."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from frontend.data_parallel import plan
 from server import Server, scrape, wait_until
 
 NUM_PROMPTS = 64
@@ -74,7 +76,7 @@ def converse(server: Server, num_conversations: int = 8, num_turns: int = 4) -> 
 
 @pytest.fixture(scope="module")
 def one_engine():
-    server = Server().wait_ready()
+    server = Server("--data-parallel-size", "1").wait_ready()
     yield server
     server.stop()
 
@@ -225,3 +227,29 @@ def test_sigterm_drains_both_engines_and_exits_0():
         assert not any("error" in c for c in chunks)
         assert chunks[-1]["usage"]["completion_tokens"] == 40
     assert not any(is_alive(pid) for pid in children)
+
+
+def test_serve_without_the_flag_starts_the_engines_auto_plans_for_this_machine(default_model):
+    """The default is auto: the engine count the planner derives from this machine's cores, CPU
+    quota and memory (2 on an idle 2-core machine), said on stderr just before the serving line,
+    with one `engine` label per engine in /metrics and each engine on its planned CPUs."""
+    expected = plan("auto", 1, default_model, 1.0)  # the helper's --kv-cache-gib 1, this machine
+    server = Server(default_engine_count=True).wait_ready()
+    try:
+        assert "--data-parallel-size" not in server.process.args
+        lines = wait_until(lambda: (lambda out: out if any(" serving " in line for line in out) else None)(
+            server.output().splitlines()), 30, "the serving line")
+        [line] = [line for line in lines if line.startswith("furiosa-llm: data parallel: ")]
+        assert lines.index(line) + 1 == next(k for k, text in enumerate(lines) if " serving " in text)
+        engines = "engine core" if expected.size == 1 else "engine cores"
+        assert line.startswith(f"furiosa-llm: data parallel: {expected.size} {engines} (auto: "), (line, expected)
+        assert line.rsplit("), ", 1)[1] == expected.reason.rsplit("), ", 1)[1]  # "pinned to CPUs 0 | 1"
+        labels = {key for key in scrape(server) if key.startswith("furiosa_llm:num_requests_running{engine=")}
+        assert labels == {f"furiosa_llm:num_requests_running{{engine={rank}}}" for rank in range(expected.size)}
+        pids = engine_pids(server)
+        assert sorted(pids) == list(range(expected.size))
+        for rank, cpu_ids in enumerate(expected.cpu_sets):
+            assert sorted(os.sched_getaffinity(pids[rank])) == (cpu_ids or sorted(os.sched_getaffinity(0)))
+        complete(server, "Say hello.")  # asserts a 200
+    finally:
+        server.stop()

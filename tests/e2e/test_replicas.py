@@ -32,15 +32,15 @@ COMPLETION = {"prompt": "The capital of France is", "max_tokens": 8, "temperatur
 
 
 class Replica(Server):
-    """The default model with a small KV cache (0.25 GiB) and a drain long enough for a loaded
-    2-core machine, so two replicas fit beside the rest of the suite."""
+    """The default model on one engine core with a small KV cache (0.25 GiB) and a drain long
+    enough for a loaded 2-core machine, so two replicas fit beside the rest of the suite."""
 
     def __init__(self):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [os.path.join(os.path.dirname(sys.executable), "furiosa-llm"), "serve",
                    "--host", "127.0.0.1", "--port", str(self.port), "--kv-cache-gib", "0.25",
-                   "--shutdown-timeout", "120"]
+                   "--shutdown-timeout", "120", "--data-parallel-size", "1"]
         self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"furiosa-replica-{self.port}.log"), "w+")
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)

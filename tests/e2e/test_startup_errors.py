@@ -18,7 +18,7 @@ import threading
 import httpx
 import pytest
 
-from server import STARTUP_TIMEOUT_S, free_port
+from server import STARTUP_TIMEOUT_S, free_port, one_engine_unless_asked
 from tiny_llama import write_tiny_llama
 
 COMMAND = os.path.join(os.path.dirname(sys.executable), "furiosa-llm")
@@ -40,7 +40,8 @@ def tiny_with(tiny_dir: pathlib.Path, tmp_path: pathlib.Path, **changes) -> path
 
 
 def serve_args(*args: str) -> list[str]:
-    return [COMMAND, "serve", *args, "--host", "127.0.0.1", "--port", str(free_port()), "--kv-cache-gib", "0.01"]
+    return [COMMAND, "serve", *args, *one_engine_unless_asked(args),
+            "--host", "127.0.0.1", "--port", str(free_port()), "--kv-cache-gib", "0.01"]
 
 
 def run_failing(*args: str) -> tuple[int, str]:
@@ -57,11 +58,11 @@ def assert_one_line_failure(code: int, output: str, expected_line: str) -> None:
     assert output.splitlines()[-1] == expected_line, output
 
 
-def test_a_corrupt_gguf_is_one_line_although_both_processes_fail(default_model, tmp_path):
+def test_a_corrupt_gguf_is_one_line_although_every_process_fails(default_model, tmp_path):
     path = tmp_path / "head.gguf"
     with open(default_model, "rb") as f:
-        path.write_bytes(f.read(100_000))  # a download cut short: both children read it
-    code, output = run_failing(str(path))
+        path.write_bytes(f.read(100_000))  # a download cut short: every child reads it
+    code, output = run_failing(str(path), "--data-parallel-size", "2")
     assert_one_line_failure(code, output, output.splitlines()[-1])
     assert output.splitlines()[-1].startswith(f"furiosa-llm: cannot load {path}: not a readable GGUF file")
 
@@ -112,7 +113,7 @@ def test_a_port_already_in_use_is_one_line(tiny_dir):
         taken.listen(1)
         port = taken.getsockname()[1]
         result = subprocess.run([COMMAND, "serve", str(tiny_dir), "--host", "127.0.0.1", "--port", str(port),
-                                 "--kv-cache-gib", "0.01"], capture_output=True, text=True,
+                                 "--kv-cache-gib", "0.01", "--data-parallel-size", "1"], capture_output=True, text=True,
                                 timeout=STARTUP_TIMEOUT_S, env=env)
     assert_one_line_failure(result.returncode, result.stdout + result.stderr,
                             f"furiosa-llm: cannot listen on 127.0.0.1:{port}: Address already in use")
@@ -170,6 +171,7 @@ def test_the_serving_line_comes_once_the_server_answers(tiny_dir):
     try:
         seen = launcher.lines_until("serving")
         assert seen[-1] == f"furiosa-llm: serving {tiny_dir} as 'tiny' on {launcher.url}\n"
+        assert seen[-2] == "furiosa-llm: data parallel: 1 engine core (--data-parallel-size 1), not pinned\n"
         assert httpx.get(launcher.url + "/health", timeout=10).status_code == 200
         assert not any("running on" in line for line in seen), seen  # uvicorn's early line
     finally:

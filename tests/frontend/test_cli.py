@@ -8,6 +8,7 @@ import pytest
 
 from frontend.cli import build_parser, config_from_args
 from frontend.config import FrontendConfig
+from frontend.data_parallel import plan as plan_data_parallel
 from ipc.config import EngineConfig
 
 
@@ -83,7 +84,11 @@ def test_frontend_config_json_round_trip_keeps_the_frontend_settings_out_of_the_
 
 def test_flag_defaults_are_the_configs_defaults():
     config = config_of("/")  # an existing path stands in for the artifact
-    assert config == FrontendConfig(engine=EngineConfig(model="/", served_model_name=config.served_model_name))
+    # but the engine count: the flag's default is auto, the config holds what auto chose
+    # (EngineConfig's default of 1 is the Python API's single engine)
+    auto_size = plan_data_parallel("auto", 1, "/", config.engine.kv_cache_gib).size
+    assert config == FrontendConfig(engine=EngineConfig(model="/", served_model_name=config.served_model_name,
+                                                        data_parallel_size=auto_size))
     assert config.host == "localhost"  # as README documents
 
 

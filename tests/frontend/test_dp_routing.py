@@ -130,23 +130,23 @@ def test_parse_size_accepts_auto_and_positive_integers():
 def test_each_engine_gets_its_own_cpus_when_there_are_enough(tmp_path):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"x" * 1000)
-    two = plan(2, 1, str(model), 1.0, cpus=[0, 1, 2, 3])
+    two = plan(2, 1, str(model), 1.0, cpus=[0, 1, 2, 3], root=str(tmp_path))
     assert two.size == 2 and len({cpu for s in two.cpu_sets for cpu in s}) == 2
     assert all(len(s) == 1 for s in two.cpu_sets)
-    threads = plan(2, 2, str(model), 1.0, cpus=[0, 1, 2, 3])
+    threads = plan(2, 2, str(model), 1.0, cpus=[0, 1, 2, 3], root=str(tmp_path))
     assert sorted(cpu for s in threads.cpu_sets for cpu in s) == [0, 1, 2, 3]
-    crowded = plan(3, 1, str(model), 1.0, cpus=[0, 1])
+    crowded = plan(3, 1, str(model), 1.0, cpus=[0, 1], root=str(tmp_path))
     assert crowded.cpu_sets == [[], [], []] and "not pinned" in crowded.reason
-    assert plan(1, 1, str(model), 1.0, cpus=[0, 1]).cpu_sets == [[]]  # one engine is never pinned
+    assert plan(1, 1, str(model), 1.0, cpus=[0, 1], root=str(tmp_path)).cpu_sets == [[]]  # one engine is never pinned
 
 
 def test_auto_is_bounded_by_cores_and_by_memory(tmp_path):
     model = tmp_path / "m.gguf"
     model.write_bytes(b"x" * 1000)
     gib = 1024**3
-    roomy = plan("auto", 1, str(model), 1.0, cpus=[0, 1], available_bytes=64 * gib)
+    roomy = plan("auto", 1, str(model), 1.0, cpus=[0, 1], available_bytes=64 * gib, root=str(tmp_path))
     assert roomy.size <= 2 and "auto" in roomy.reason
-    tight = plan("auto", 1, str(model), 4.0, cpus=[0, 1], available_bytes=6 * gib)
+    tight = plan("auto", 1, str(model), 4.0, cpus=[0, 1], available_bytes=6 * gib, root=str(tmp_path))
     assert tight.size == 1 and "memory fits 1" in tight.reason
 
 
@@ -297,18 +297,10 @@ def test_the_flag_takes_n_or_auto_and_refuses_anything_else(capsys):
     from frontend.cli import build_parser, config_from_args
 
     parser = build_parser()
-    assert parser.parse_args(["serve"]).data_parallel_size == 1
+    assert parser.parse_args(["serve"]).data_parallel_size == "auto"
     assert config_from_args(parser.parse_args(["serve", "--data-parallel-size", "2"])).engine.data_parallel_size == 2
     assert config_from_args(parser.parse_args(["serve", "--data-parallel-size", "auto"])).engine.data_parallel_size >= 1
     for bad in ("0", "many"):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", "--data-parallel-size", bad])
         assert "--data-parallel-size: must be a positive integer or auto" in capsys.readouterr().err
-
-
-def test_the_default_single_engine_needs_no_start_up_line(tmp_path):
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"x")
-    assert not plan(1, 1, str(model), 1.0, cpus=[0, 1]).is_chosen
-    assert plan("auto", 1, str(model), 1.0, cpus=[0], available_bytes=8 * 1024**3).is_chosen
-    assert plan(2, 1, str(model), 1.0, cpus=[0, 1]).is_chosen
