@@ -127,7 +127,9 @@ def _dequantize_tiles(w: QuantizedWeight, t0: int, t1: int, out: np.ndarray) -> 
 
 
 def _group_sums(x: np.ndarray, group: int) -> np.ndarray:
-    return x.reshape(x.shape[0], -1, group).sum(axis=2, dtype=np.float32)
+    out = np.empty((x.shape[0], x.shape[1] // group), dtype=np.float32)
+    nk.group_sums(x, group, out)
+    return out
 
 
 _scratch: dict[int, np.ndarray] = {}

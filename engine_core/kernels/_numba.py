@@ -77,6 +77,19 @@ def _bytes_1row(codes, t, g, gs, x, tmp):
 
 
 @njit(**_OPTS)
+def group_sums(x, group, out):
+    """out[m, g] = the sum of x[m, g * group : (g + 1) * group] (the offset term's input): one
+    compiled call instead of numpy's reshape and reduction (4.5 us a call for one row)."""
+    M, K = x.shape
+    for m in range(M):
+        for g in range(K // group):
+            s = np.float32(0.0)
+            for k in range(g * group, (g + 1) * group):
+                s += x[m, k]
+            out[m, g] = s
+
+
+@njit(**_OPTS)
 def gemv_nibbles(codes, d, sc, dmin, mn, gps, x, xs, out, t0, t1):
     """out[:, tiles t0..t1] = x @ W.T for 4-bit codes."""
     R = codes.shape[2]
