@@ -8,6 +8,10 @@
 # server must listen on every interface for -p to reach it). With another --port, set
 # FURIOSA_LLM_HEALTH_URL for the health check. scripts/container_smoke.sh runs these same
 # install steps in a fresh venv, for machines without Docker.
+# The server starts one engine core per CPU the container may use (`--cpus` is read from the
+# cgroup quota), as many as fit in its memory (`--memory`, --kv-cache-gib each): e.g.
+# `docker run --cpus 2 --memory 12g ...` gets two engines with the default 4 GiB caches.
+# `--data-parallel-size 1` after the image name starts one.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -99,7 +99,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float) 
 def furiosa_command(args: argparse.Namespace, gguf: str, port: int) -> list[str]:
     executable = Path(sys.executable).with_name("furiosa-llm")
     return [str(executable), "serve", gguf, "--runner", "pooling", "--pooler-type", args.pooler_type,
-            "--host", "127.0.0.1", "--port", str(port), "--num-threads", str(args.num_threads),
+            "--host", "127.0.0.1", "--port", str(port), "--num-threads", str(args.num_threads), "--data-parallel-size", "1",
             "--kv-cache-gib", "1", "--disable-log-stats"]
 
 

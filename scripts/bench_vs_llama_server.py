@@ -2,9 +2,10 @@
 """Served throughput and latency of `furiosa-llm serve` beside llama.cpp's `llama-server`, in one
 run, on the same GGUF, thread count and machine.
 
-For each `--threads` value: starts our server (`--num-threads T`), runs scripts/bench_serving.py
-at each `--concurrency` level (streamed /v1/completions, random token-id prompts of
-`--input-len`, `--output-len` tokens with ignore_eos), stops it; then the same against
+For each `--threads` value: starts our server (one engine core: `--data-parallel-size 1
+--num-threads T`), runs scripts/bench_serving.py at each `--concurrency` level (streamed
+/v1/completions, random token-id prompts of `--input-len`, `--output-len` tokens with
+ignore_eos), stops it; then the same against
 llama-server (`-t T -tb T`, `--parallel` = the largest concurrency, a context holding them all,
 continuous batching). Prints output tok/s and TTFT p50 of both and their ratios per level, then
 one JSON line.
@@ -82,7 +83,7 @@ def measure(cmd: list[str], port: int, args: argparse.Namespace) -> list[dict]:
 def ours(model: str, threads: int, args: argparse.Namespace) -> list[dict]:
     port = free_port()
     cmd = [str(Path(sys.executable).with_name("furiosa-llm")), "serve", model, "--host", "127.0.0.1", "--port", str(port),
-           "--num-threads", str(threads), "--max-num-seqs", str(max(args.concurrency)),
+           "--num-threads", str(threads), "--data-parallel-size", "1", "--max-num-seqs", str(max(args.concurrency)),
            "--kv-cache-gib", str(args.kv_cache_gib)]
     return measure(cmd, port, args)
 

@@ -3,7 +3,8 @@
 resources (ServiceMonitor, KEDA ScaledObject) and the Kustomization have no schema there, so
 their required fields are checked here. Then the manifests must agree with each other and with
 the server: its flags parse, selectors match, probes hit /health, the grace period covers the
-drain, memory covers the KV cache, and the API key comes from a Secret."""
+drain, the CPU and memory limits hold the engines `--data-parallel-size auto` starts in the pod,
+and the API key comes from a Secret."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from frontend.cli import ENGINE_STOP_TIMEOUT_S, FRONTEND_STOP_MARGIN_S, build_parser
+from frontend.data_parallel import plan
 
 KUBE_DIR = pathlib.Path(__file__).parents[2] / "deploy" / "kubernetes"
 HELM_VALUES = "prometheus-adapter/values.yaml"  # values for a chart, not a manifest
@@ -23,6 +25,12 @@ BUILTIN_KINDS = {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodA
 KUBERNETES_VERSIONS = ["1.30", str(kubernetes_validate.utils.latest_version())]
 WAITING_GAUGE = "furiosa_llm:num_requests_waiting"
 GIB = 2 ** 30
+MIB = 2 ** 20
+LAUNCHER_BYTES = 100 * MIB  # the launcher's own use of the pod's memory when it plans
+# measured with the default model (SmolLM2 Q4_1), auto's two engines at --kv-cache-gib 2, after 8
+# requests: each engine 2368 MiB RSS (320 beyond its cache), the frontend 107, the launcher 23
+MEASURED_ENGINE_BYTES = 320 * MIB
+MEASURED_FRONTEND_BYTES = (107 + 23) * MIB
 
 
 def load_manifests() -> dict[str, dict]:
@@ -128,14 +136,54 @@ def test_probes_ask_health_and_the_grace_period_covers_the_drain():
     assert by_kind("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= worst_stop_s
 
 
-def test_memory_is_reserved_for_the_whole_kv_cache():
+def pod_cgroup(root: pathlib.Path, resources: dict, node_memory_gib: int = 256) -> str:
+    """The container's view of a pod with these limits (cgroup v2 with its own namespace, as on
+    current nodes), on a node with far more memory, the launcher alone using its cgroup."""
+    files = {"proc/self/cgroup": "0::/\n",
+             "proc/meminfo": f"MemAvailable: {node_memory_gib * GIB // 1024} kB\n",
+             "sys/fs/cgroup/cgroup.controllers": "cpu memory\n",
+             "sys/fs/cgroup/cpu.max": f"{round(float(resources['cpu']) * 100000)} 100000\n",
+             "sys/fs/cgroup/memory.max": f"{int(quantity_bytes(resources['memory']))}\n",
+             "sys/fs/cgroup/memory.current": f"{LAUNCHER_BYTES}\n"}
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return str(root)
+
+
+def test_requests_equal_limits_so_the_pod_gets_exactly_what_it_uses():
     resources = container()["resources"]
-    # the cache is touched at start-up, so the need is known: reserve it all, allow no more
-    assert resources["requests"]["memory"] == resources["limits"]["memory"]
-    memory = quantity_bytes(resources["requests"]["memory"])
-    # KV cache + SmolLM2's float32 weights and runtime (1.2 GiB) + the frontend (0.2 GiB)
-    assert memory >= (server_args().kv_cache_gib + 1.4) * GIB
-    assert float(resources["requests"]["cpu"]) >= 1
+    # the KV caches are touched at start-up, so the need is known: reserve it all, allow no more;
+    # the CPU limit is what --data-parallel-size auto reads as the pod's share of the node
+    assert resources["requests"] == resources["limits"]
+    assert float(resources["limits"]["cpu"]) >= 1
+
+
+def test_auto_starts_one_engine_per_cpu_of_the_limit_and_they_fit_its_memory(tmp_path, default_model):
+    args = server_args()
+    assert args.data_parallel_size == "auto"
+    limits = container()["resources"]["limits"]
+    num_cpus = int(float(limits["cpu"]))
+    node_cpus = list(range(32))  # the node's CPUs: without exclusive CPUs the pod may run on any
+    chosen = plan(args.data_parallel_size, args.num_threads or 1, default_model, args.kv_cache_gib,
+                  cpus=node_cpus, root=pod_cgroup(tmp_path, limits))
+    assert chosen.size == num_cpus, chosen.reason  # memory is not what caps the count
+    assert chosen.cpu_sets == [[]] * num_cpus  # a quota, not a CPU set: never pinned to the node's first CPUs
+    # the kubelet's static CPU manager gives a Guaranteed pod CPUs of its own: one each
+    exclusive = plan(args.data_parallel_size, 1, default_model, args.kv_cache_gib,
+                     cpus=node_cpus[6:6 + num_cpus], root=pod_cgroup(tmp_path, limits))
+    assert exclusive.cpu_sets == [[cpu] for cpu in node_cpus[6:6 + num_cpus]]
+    # what the engines and the frontend were measured to use fits the limit too
+    memory = quantity_bytes(limits["memory"])
+    assert memory >= num_cpus * (args.kv_cache_gib * GIB + MEASURED_ENGINE_BYTES) + MEASURED_FRONTEND_BYTES
+
+
+def test_a_pod_with_less_memory_gets_fewer_engines(tmp_path, default_model):
+    args = server_args()
+    limits = {**container()["resources"]["limits"], "memory": f"{args.kv_cache_gib + 1.5}Gi"}
+    chosen = plan(args.data_parallel_size, 1, default_model, args.kv_cache_gib, cpus=list(range(32)),
+                  root=pod_cgroup(tmp_path, limits))
+    assert chosen.size == 1 and "memory fits 1" in chosen.reason
 
 
 def test_selectors_and_ports_agree():

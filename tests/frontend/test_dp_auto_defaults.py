@@ -234,6 +234,10 @@ def test_sibling_hyperthreads_are_one_core(tmp_path, model):
     assert chosen.size == 2 and chosen.cpu_sets == [[0], [2]]
 
 
+def test_a_gguf_counts_a_little_more_than_its_file(model):
+    assert weights_bytes(model) == int(1.2 * 100 * MIB)
+
+
 def test_safetensors_count_once_and_other_files_not_at_all(tmp_path):
     model = tmp_path / "hf"
     model.mkdir()
