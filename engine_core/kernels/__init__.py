@@ -37,6 +37,7 @@ os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp workqueue tbb")
 import numpy as np  # noqa: E402
 
 from engine_core.kernels import _numba as nk  # noqa: E402
+from engine_core.kernels import int8_gemv as i8  # noqa: E402
 from engine_core.kernels.formats import (  # noqa: E402
     BLOCK_FORMATS,
     HALF_FORMATS,
@@ -52,8 +53,9 @@ from engine_core.kernels.formats import (  # noqa: E402
 )
 
 __all__ = [
-    "BLOCK_FORMATS", "HALF_FORMATS", "PLAIN_FORMATS", "TILE_ROWS", "QuantizedWeight", "concat_rows", "dequantize",
-    "embedding", "fuse", "matmul", "num_threads", "pack", "pack_half", "permute_rows", "set_num_threads", "unpack", "warm_up",
+    "ACTIVATION_DTYPES", "BLOCK_FORMATS", "HALF_FORMATS", "PLAIN_FORMATS", "TILE_ROWS", "QuantizedWeight",
+    "activation_precision", "concat_rows", "dequantize", "embedding", "fuse", "matmul", "num_threads", "pack",
+    "pack_half", "permute_rows", "set_activation_precision", "set_num_threads", "unpack", "warm_up",
 ]
 
 # Rows up to which the direct kernel beats dequantize + BLAS. Measured on one thread (3072x576
@@ -90,9 +92,45 @@ def num_threads() -> int:
     return _threads
 
 
+# What the GEMVs over 4-bit weights (Q4_0, Q4_1, Q4_K) multiply the codes by: "float32" the
+# activations as they are (exact up to summation order), "int8" the activations quantized per 32
+# values as llama.cpp does (int8_gemv.py; faster, outputs differ slightly). Other formats and the
+# many-rows path always use float32.
+ACTIVATION_DTYPES = ("float32", "int8")
+_activation_dtype = "float32"
+
+
+def set_activation_precision(dtype: str) -> None:
+    """Switch the 4-bit GEMVs between float32 and int8 activations (see ACTIVATION_DTYPES). Call
+    it before warm_up(), which then compiles the kernels of that precision."""
+    global _activation_dtype
+    if dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"activation dtype must be one of {ACTIVATION_DTYPES}, not {dtype!r}")
+    _activation_dtype = dtype
+
+
+def activation_precision() -> str:
+    return _activation_dtype
+
+
+def _gemv_nibbles_int8(w: QuantizedWeight, x: np.ndarray, out: np.ndarray, parts: int) -> None:
+    rows, cols = x.shape
+    xq = np.empty((rows, cols), dtype=np.int16)
+    dx = np.empty((rows, cols // 32), dtype=np.float32)
+    xs = np.empty((rows, cols // 32), dtype=np.float32)
+    i8.quantize_rows(x, xq, dx, xs)
+    args = (w.codes, w.d, w.sc, w.dmin, w.mn, w.groups_per_super, xq, dx, xs, out)
+    if parts > 1:
+        i8.gemv_nibbles_int8_parallel(*args, parts)
+    else:
+        i8.gemv_nibbles_int8(*args, 0, w.tiles)
+
+
 def _gemv(w: QuantizedWeight, x: np.ndarray, xs: np.ndarray | None, out: np.ndarray) -> None:
     parts = min(_threads, w.tiles) if x.shape[0] * w.rows * w.cols >= PARALLEL_MIN_WORK else 1
-    if w.qtype in HALF_FORMATS:
+    if w.nibbles and _activation_dtype == "int8":
+        _gemv_nibbles_int8(w, x, out, parts)
+    elif w.qtype in HALF_FORMATS:
         if parts > 1:
             nk.gemv_half_parallel(w.codes, w.qtype == "BF16", x, out, parts)
         else:
@@ -207,7 +245,8 @@ def _example(qtype: str, rows: int, cols: int) -> QuantizedWeight:
 
 def warm_up(qtypes: set[str] | None = None) -> float:
     """Compile (or load from the cache) each kernel for each format in `qtypes` (default: all),
-    at one and several rows, so that no request pays for compilation. Returns the seconds taken."""
+    at one and several rows, so that no request pays for compilation (the GEMVs of the activation
+    precision set now). Returns the seconds taken."""
     global PARALLEL_MIN_WORK
     start = time.perf_counter()
     saved, PARALLEL_MIN_WORK = PARALLEL_MIN_WORK, 0  # the parallel versions too, on small examples
