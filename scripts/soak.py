@@ -7,7 +7,7 @@ beam search, nulls or a logit bias; then the server must be as it was.
     python scripts/soak.py --requests 300 --concurrency 32   # a shorter run
 
 Phases: warm-up (the same mix, so allocator pools and caches are primed), RSS of the frontend
-and engine processes, the soak (`--requests` over `--concurrency` clients: chat and completions,
+and each engine process (as many as `--data-parallel-size`, auto by default), the soak (`--requests` over `--concurrency` clients: chat and completions,
 streamed or not; `--drop-fraction` of them dropped after a random number of events;
 `--invalid-fraction` invalid bodies), then until the engine is idle: /metrics must show nothing
 running or waiting and an empty KV cache, a new request must succeed, and RSS must be within
@@ -68,19 +68,33 @@ def rss_kib(pid: int) -> int:
 
 
 def server_processes(launcher_pid: int) -> dict[str, int]:
-    """{"frontend": pid, "engine": pid}: the launcher's children by their `-m` module."""
+    """{"frontend": pid, "engine 0": pid, ...}: the launcher's children by their `-m` module,
+    engines by their data-parallel rank (the last argument is each child's config JSON)."""
     children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
     found = {}
     for pid in map(int, children):
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
+            argv = [part for part in f.read().split(b"\0") if part]
         if b"engine_core" in argv:
-            found["engine"] = pid
+            found[f"engine {json.loads(argv[-1]).get('data_parallel_rank', 0)}"] = pid
         elif b"frontend" in argv:
             found["frontend"] = pid
-    if set(found) != {"engine", "frontend"}:
+    if "frontend" not in found or "engine 0" not in found:
         raise SystemExit(f"soak: launcher {launcher_pid} has no frontend and engine children ({children})")
     return found
+
+
+def engine_gauges(metrics: dict[str, float], name: str) -> list[float]:
+    """One value per engine core (`engine="0"`, `"1"`, ...)."""
+    values = [v for k, v in metrics.items() if k.startswith(f"furiosa_llm:{name}{{engine=")]
+    if not values:
+        raise SystemExit(f"soak: /metrics has no furiosa_llm:{name}")
+    return values
+
+
+def is_idle(metrics: dict[str, float]) -> bool:
+    """Nothing running or waiting on any engine."""
+    return not any(engine_gauges(metrics, "num_requests_running") + engine_gauges(metrics, "num_requests_waiting"))
 
 
 async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
@@ -205,13 +219,12 @@ async def run_load(url: str, num_requests: int, args, seed: int, headers: dict) 
 
 
 async def wait_idle(url: str, headers: dict, timeout_s: float) -> dict[str, float]:
-    """Polls /metrics until the engine has nothing running or waiting and an empty KV cache."""
+    """Polls /metrics until every engine has nothing running or waiting and an empty KV cache."""
     async with httpx.AsyncClient(base_url=url, headers=headers) as client:
         deadline = time.monotonic() + timeout_s
         while True:
             metrics = await scrape(client)
-            if (metrics["furiosa_llm:num_requests_running{engine=0}"] == 0 and metrics["furiosa_llm:num_requests_waiting{engine=0}"] == 0
-                    and metrics["furiosa_llm:kv_cache_usage_perc{engine=0}"] == 0):
+            if is_idle(metrics) and not any(engine_gauges(metrics, "kv_cache_usage_perc")):
                 return metrics
             if time.monotonic() > deadline:
                 return metrics
@@ -302,9 +315,8 @@ def soak(args, url: str, launcher_pid: int | None, headers: dict) -> int:
 
     checks = {
         "no_failed_requests": not tally.failures and not warm.failures,
-        "nothing_running": metrics["furiosa_llm:num_requests_running{engine=0}"] == 0
-        and metrics["furiosa_llm:num_requests_waiting{engine=0}"] == 0,
-        "kv_cache_empty": metrics["furiosa_llm:kv_cache_usage_perc{engine=0}"] == 0,
+        "nothing_running": is_idle(metrics),
+        "kv_cache_empty": not any(engine_gauges(metrics, "kv_cache_usage_perc")),
         "server_answers": probe.status_code == 200 and probe.json()["usage"]["completion_tokens"] == 4,
         "rss_within_tolerance": all(abs(rss_after[n] - rss_warm[n]) <= args.rss_tolerance * rss_warm[n]
                                     for n in rss_warm),
