@@ -116,37 +116,47 @@ def memory_available_bytes(root: str = "/") -> int:
 
 def cgroup_cpu_limit(root: str = "/") -> float | None:
     """CPUs' worth of time the process's cgroup quota allows (quota / period, the tightest along
-    the path), None without a quota. v2 `cpu.max` ("max 100000" is none), v1
-    `cpu.cfs_quota_us` (-1 is none) / `cpu.cfs_period_us`."""
-    limits = []
-    for path in cgroup_dirs(root, "cpu"):
-        v2 = _read(path, "cpu.max")
-        if v2 is not None and v2.split()[0] != "max":
-            quota, period = v2.split()
-            limits.append(int(quota) / int(period))
-        v1 = _read(path, "cpu.cfs_quota_us")
-        if v1 is not None and int(v1) > 0:
-            limits.append(int(v1) / int(_read(path, "cpu.cfs_period_us") or 100000))
+    the path), None without a quota."""
+    limits = [q for q in map(_cpu_quota, cgroup_dirs(root, "cpu")) if q is not None]
     return min(limits, default=None)
 
 
 def cgroup_memory_room(root: str = "/") -> int | None:
     """Bytes left under the process's cgroup memory limits (the tightest along the path), None
-    without a limit. Room is the limit minus the usage, where the usage leaves out the inactive
-    page cache (the kernel reclaims it before it kills; the working set, as Kubernetes counts).
-    v2 `memory.max` ("max" is none) and `memory.current`; v1 `memory.limit_in_bytes` and
-    `memory.usage_in_bytes` (an unlimited v1 cgroup shows a huge limit, which never binds)."""
-    rooms = []
-    for path in cgroup_dirs(root, "memory"):
-        for limit_name, usage_name, inactive_key in (("memory.max", "memory.current", "inactive_file"),
-                                                     ("memory.limit_in_bytes", "memory.usage_in_bytes",
-                                                      "total_inactive_file")):
-            limit, usage = _read(path, limit_name), _read(path, usage_name)
-            if limit is None or limit == "max" or usage is None:
-                continue
-            inactive = _stat(path, inactive_key)
-            rooms.append(max(0, int(limit) - max(0, int(usage) - inactive)))
+    without a limit."""
+    rooms = [r for r in map(_memory_room, cgroup_dirs(root, "memory")) if r is not None]
     return min(rooms, default=None)
+
+
+def _cpu_quota(path: str) -> float | None:
+    """One cgroup's quota / period: v2 `cpu.max` ("max 100000" is none), v1 `cpu.cfs_quota_us`
+    (-1 is none) / `cpu.cfs_period_us`. A file that does not parse counts as no quota."""
+    try:
+        v2 = (_read(path, "cpu.max") or "max").split()
+        if v2[0] != "max":
+            return int(v2[0]) / int(v2[1])
+        v1 = int(_read(path, "cpu.cfs_quota_us") or -1)
+        return v1 / int(_read(path, "cpu.cfs_period_us") or 100000) if v1 > 0 else None
+    except (ValueError, IndexError, ZeroDivisionError):
+        return None
+
+
+def _memory_room(path: str) -> int | None:
+    """One cgroup's limit minus its usage, where the usage leaves out the inactive page cache
+    (the kernel reclaims it before it kills; the working set, as Kubernetes counts it): v2
+    `memory.max` ("max" is none) and `memory.current`, v1 `memory.limit_in_bytes` (an unlimited
+    cgroup shows a huge number, which never binds) and `memory.usage_in_bytes`."""
+    for limit_name, usage_name, inactive_key in (("memory.max", "memory.current", "inactive_file"),
+                                                 ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                  "total_inactive_file")):
+        limit, usage = _read(path, limit_name), _read(path, usage_name)
+        if limit is None or limit == "max" or usage is None:
+            continue
+        try:
+            return max(0, int(limit) - max(0, int(usage) - _stat(path, inactive_key)))
+        except ValueError:
+            return None
+    return None
 
 
 def cgroup_dirs(root: str, controller: str) -> list[str]:
@@ -157,6 +167,8 @@ def cgroup_dirs(root: str, controller: str) -> list[str]:
     text = _read(os.path.join(root, "proc/self"), "cgroup") or ""
     dirs = []
     for line in text.splitlines():
+        if line.count(":") < 2:
+            continue
         _, controllers, path = line.split(":", 2)
         if controllers:
             if controller not in controllers.split(","):

@@ -206,6 +206,13 @@ def test_a_hybrid_host_reads_v1_controllers_beside_an_empty_unified_hierarchy(tm
     assert cgroup_cpu_limit(root) is None
 
 
+def test_files_that_do_not_parse_cap_nothing_and_never_stop_the_start(tmp_path, model):
+    root = v2_machine(tmp_path, cpu_max="garbage\n", memory_max="12x")
+    (tmp_path / "proc/self/cgroup").write_text("not a cgroup line\n0::/\n")
+    assert cgroup_cpu_limit(root) is None and cgroup_memory_room(root) is None
+    assert plan("auto", 1, model, 1.0, cpus=[0, 1], root=root).size == 2
+
+
 def test_no_cgroup_files_and_no_meminfo_leave_the_cores_to_decide(tmp_path, model):
     chosen = plan("auto", 1, model, 1.0, cpus=[0, 1, 2], root=str(tmp_path))
     assert chosen.size == 3 and "available memory unknown" in chosen.reason
