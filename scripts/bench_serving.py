@@ -93,6 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start `furiosa-llm serve` on a free 127.0.0.1 port, benchmark it, stop it (ignores --base-url)")
     p.add_argument("--server-args", default="", help='extra arguments for `furiosa-llm serve`, e.g. "--max-num-seqs 64"')
     p.add_argument("--server-timeout", type=float, default=300.0, help="seconds to wait for /health (default: %(default)s)")
+    p.add_argument("--llama-server", metavar="PATH",
+                   help="llama.cpp's llama-server binary: start our server and it in turn on the same GGUF "
+                        "(--gguf) at each --threads count and compare them (scripts/bench_vs_llama_server.py)")
+    p.add_argument("--gguf", help="with --llama-server: the GGUF both serve (default: the embedded model)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="with --llama-server (default: 1 2)")
+    p.add_argument("--layout", nargs="+", choices=("threads", "engines"), default=["threads"],
+                   help="with --llama-server: our server as one T-thread engine or T one-thread engines")
     args = p.parse_args(argv)
     args.prompt_kind = args.prompt_kind or ("tokens" if args.endpoint == "completions" else "words")
     if args.endpoint == "chat" and args.prompt_kind == "tokens":
@@ -444,6 +451,17 @@ def report(args: argparse.Namespace, base_url: str, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.llama_server:
+        import bench_vs_llama_server
+
+        from frontend.default_model import default_model_path
+
+        vs = argparse.Namespace(
+            llama_server=args.llama_server, model=args.gguf or default_model_path(), threads=args.threads,
+            concurrency=args.concurrency, input_len=args.input_len, output_len=args.output_len,
+            min_requests=8, waves=max(1, args.num_requests // max(args.concurrency)), kv_cache_gib=2.0,
+            layout=args.layout, server_args=args.server_args)
+        return bench_vs_llama_server.compare(vs)
     proc, base_url, server_pid = None, args.base_url, args.server_pid
     try:
         if args.start_server:
