@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -39,6 +38,8 @@ _LN2_LO = np.float32(-2.12194440e-4)
 # the running maximum before any score: finite, because fastmath lets the compiler assume no inf
 _LOWEST = np.float32(-3.0e38)
 _TWO_112 = np.float32(2.0**112)
+# tokens per unit of the online softmax (whole blocks): one maximum and rescale per unit
+CHUNK_TOKENS = 128
 
 
 @njit(inline="always", **_OPTS)
@@ -62,106 +63,195 @@ def _exp_into(x, n, ibuf, fbuf, out):
 
 
 @njit(inline="always", **_OPTS)
-def _widen(src, blk, n, h, kind, ubuf, fbuf):
-    """Rows [0, n) of block blk, KV head h of a uint16 cache, as float32 into fbuf[0, :n, 0]
-    (ubuf: the same [1, bs, 1, D] memory as uint32)."""
+def _widen(src, blk, n, h0, nh, kind, ubuf, fbuf, j):
+    """Rows [0, n) of block blk, KV heads h0 .. h0+nh-1 of a uint16 cache, as float32 into
+    fbuf[j, :n, :nh] (ubuf: the same [chunk_blocks, bs, heads, D] memory as uint32)."""
     D = src.shape[3]
     if kind == BFLOAT16:
         for t in range(n):
-            for d in range(D):
-                ubuf[0, t, 0, d] = np.uint32(src[blk, t, h, d]) << np.uint32(16)
+            for i in range(nh):
+                for d in range(D):
+                    ubuf[j, t, i, d] = np.uint32(src[blk, t, h0 + i, d]) << np.uint32(16)
         return
     # float16: exponent and mantissa shifted into float32's places read as a float32 that is
     # 2^112 too small (exactly, subnormal halves included); inf and NaN then get exponent 255
     for t in range(n):
-        for d in range(D):
-            ubuf[0, t, 0, d] = (np.uint32(src[blk, t, h, d]) & np.uint32(0x7FFF)) << np.uint32(13)
-    for t in range(n):
-        for d in range(D):
-            fbuf[0, t, 0, d] *= _TWO_112
-    for t in range(n):
-        for d in range(D):
-            bits = np.uint32(src[blk, t, h, d])
-            special = np.uint32(0x7F800000) if bits & np.uint32(0x7C00) == np.uint32(0x7C00) else np.uint32(0)
-            ubuf[0, t, 0, d] |= ((bits & np.uint32(0x8000)) << np.uint32(16)) | special
+        for i in range(nh):
+            for d in range(D):
+                bits = np.uint32(src[blk, t, h0 + i, d])
+                ubuf[j, t, i, d] = (bits & np.uint32(0x7FFF)) << np.uint32(13)
+            for d in range(D):
+                fbuf[j, t, i, d] *= _TWO_112
+            for d in range(D):
+                bits = np.uint32(src[blk, t, h0 + i, d])
+                special = np.uint32(0x7F800000) if bits & np.uint32(0x7C00) == np.uint32(0x7C00) else np.uint32(0)
+                ubuf[j, t, i, d] |= ((bits & np.uint32(0x8000)) << np.uint32(16)) | special
 
 
 @njit(inline="always", **_OPTS)
-def _attend_block(q, row, qh0, G, K, V, kb, kh, t0, n, softcap, s, p, ibuf, fbuf, m, l, acc, a0):
-    """Fold tokens [t0, n) of K[kb, :, kh] / V[kb, :, kh] into the running maxima m, sums l and
-    weighted values acc (entries a0 .. a0+G-1) of query heads qh0 .. qh0+G-1 of q[row]."""
+def _scores(qg, nh, G, K, kb, kh0, t0, n, s, stride, col):
+    """s[a * stride + col + t - t0] = qg[a] . K[kb, t, kh0 + a // G] for the tokens t0 <= t < n of
+    a block and the nh * G query heads a: the block's rows read once, in memory order, four rows
+    at a time sharing each load of the query."""
+    D = qg.shape[1]
+    t = t0
+    while t + 4 <= n:
+        i = col + t - t0
+        for h in range(nh):
+            kh = kh0 + h
+            for g in range(G):
+                a = h * G + g
+                d0 = np.float32(0.0)
+                d1 = np.float32(0.0)
+                d2 = np.float32(0.0)
+                d3 = np.float32(0.0)
+                for d in range(D):
+                    x = qg[a, d]
+                    d0 += x * K[kb, t, kh, d]
+                    d1 += x * K[kb, t + 1, kh, d]
+                    d2 += x * K[kb, t + 2, kh, d]
+                    d3 += x * K[kb, t + 3, kh, d]
+                s[a * stride + i] = d0
+                s[a * stride + i + 1] = d1
+                s[a * stride + i + 2] = d2
+                s[a * stride + i + 3] = d3
+        t += 4
+    while t < n:
+        i = col + t - t0
+        for h in range(nh):
+            kh = kh0 + h
+            for g in range(G):
+                a = h * G + g
+                d0 = np.float32(0.0)
+                for d in range(D):
+                    d0 += qg[a, d] * K[kb, t, kh, d]
+                s[a * stride + i] = d0
+        t += 1
+
+
+@njit(inline="always", **_OPTS)
+def _weigh(p, nh, G, V, kb, kh0, t0, n, stride, col, acc):
+    """acc[a] += p[a * stride + col + t - t0] * V[kb, t, kh0 + a // G] for the tokens of a block:
+    its rows read once, in memory order, four rows per update of the sums."""
     D = acc.shape[1]
-    for g in range(G):
-        qh = qh0 + g
-        a = a0 + g
-        for t in range(t0, n):
-            dot = np.float32(0.0)
-            for d in range(D):
-                dot += q[row, qh, d] * K[kb, t, kh, d]
-            s[t - t0] = dot
-        c = n - t0  # the scores are s[0, c): token t0 + t is score t
+    t = t0
+    while t + 4 <= n:
+        i = col + t - t0
+        for h in range(nh):
+            kh = kh0 + h
+            for g in range(G):
+                a = h * G + g
+                p0 = p[a * stride + i]
+                p1 = p[a * stride + i + 1]
+                p2 = p[a * stride + i + 2]
+                p3 = p[a * stride + i + 3]
+                for d in range(D):
+                    acc[a, d] += (p0 * V[kb, t, kh, d] + p1 * V[kb, t + 1, kh, d]) + (p2 * V[kb, t + 2, kh, d] + p3 * V[kb, t + 3, kh, d])
+        t += 4
+    while t < n:
+        i = col + t - t0
+        for h in range(nh):
+            kh = kh0 + h
+            for g in range(G):
+                a = h * G + g
+                pt = p[a * stride + i]
+                for d in range(D):
+                    acc[a, d] += pt * V[kb, t, kh, d]
+        t += 1
+
+
+@njit(inline="always", **_OPTS)
+def _fold(s, w, A, stride, c, softcap, ibuf, fbuf, m, l, acc):
+    """The chunk's c scores of each of the A query heads (s[a * stride:][:c]) into weights
+    (w, same places): soft cap, the chunk's maximum, one rescale of the head's running sum and
+    weighted values, exp."""
+    D = acc.shape[1]
+    for a in range(A):
+        o = a * stride
+        x = s[o : o + c]
         if softcap > np.float32(0.0):
-            for t in range(c):
-                s[t] = softcap * np.tanh(s[t] / softcap)
-        top = s[0]
-        for t in range(1, c):
-            top = max(top, s[t])
+            for i in range(c):
+                x[i] = softcap * np.tanh(x[i] / softcap)
+        top = x[0]
+        for i in range(1, c):
+            top = max(top, x[i])
         new_m = max(m[a], top)
-        for t in range(c):
-            s[t] -= new_m
-        _exp_into(s, c, ibuf, fbuf, p)
+        for i in range(c):
+            x[i] -= new_m
+        e = w[o : o + c]
+        _exp_into(x, c, ibuf, fbuf, e)
+        total = np.float32(0.0)
+        for i in range(c):
+            total += e[i]
         if new_m > m[a]:
             corr = np.float32(np.exp(m[a] - new_m))
             l[a] *= corr
             for d in range(D):
                 acc[a, d] *= corr
             m[a] = new_m
-        for t in range(c):
-            pt = p[t]
-            l[a] += pt
-            for d in range(D):
-                acc[a, d] += pt * V[kb, t0 + t, kh, d]
+        l[a] += total
 
 
 @njit(**_OPTS)
 def _decode_task(q, rows, keys, values, table, lens, kind, heads_per_task, window, softcap, out, task):
-    """One task of _decode: sequence task // per_seq, heads_per_task of its KV heads."""
+    """One task of _decode: sequence task // per_seq, KV heads h0 .. h0+heads_per_task-1. The
+    context is walked in chunks of CHUNK_TOKENS (whole blocks): the chunk's scores for all the
+    task's query heads, one maximum and rescale per head, the exps, then the weighted values."""
     H = q.shape[1]
     D = q.shape[2]
     bs = keys.shape[1]
     KVH = keys.shape[2]
     G = H // KVH
+    A = heads_per_task * G  # the task's query heads
     per_seq = KVH // heads_per_task
     b = task // per_seq
     h0 = (task % per_seq) * heads_per_task
     row = rows[b]
     length = lens[b]
-    s = np.empty(bs, np.float32)
-    p = np.empty(bs, np.float32)
-    ibuf = np.empty(bs, np.uint32)
+    chunk_blocks = max(1, CHUNK_TOKENS // bs)
+    stride = chunk_blocks * bs
+    s = np.empty(A * stride, np.float32)
+    w = np.empty(A * stride, np.float32)
+    ibuf = np.empty(stride, np.uint32)
     fbuf = ibuf.view(np.float32)
-    m = np.full(heads_per_task * G, _LOWEST, np.float32)
-    l = np.zeros(heads_per_task * G, np.float32)
-    acc = np.zeros((heads_per_task * G, D), np.float32)
-    kwide = np.empty((1, bs, 1, D), np.uint32)
-    vwide = np.empty((1, bs, 1, D), np.uint32)
+    qg = np.empty((A, D), np.float32)
+    m = np.full(A, _LOWEST, np.float32)
+    l = np.zeros(A, np.float32)
+    acc = np.zeros((A, D), np.float32)
+    for a in range(A):
+        for d in range(D):
+            qg[a, d] = q[row, h0 * G + a, d]
+    wide = kind != FLOAT32
+    kwide = np.empty((chunk_blocks if wide else 0, bs, heads_per_task, D), np.uint32)
+    vwide = np.empty((chunk_blocks if wide else 0, bs, heads_per_task, D), np.uint32)
     kf = kwide.view(np.float32)
     vf = vwide.view(np.float32)
     begin = max(0, length - window) if window > 0 else 0  # the first token attended
-    for j in range(begin // bs, (length + bs - 1) // bs):
-        blk = table[b, j]
-        n = min(bs, length - j * bs)
-        t0 = max(0, begin - j * bs)
-        for i in range(heads_per_task):
-            h = h0 + i
-            if kind == FLOAT32:
-                _attend_block(q, row, h * G, G, keys, values, blk, h, t0, n, softcap, s, p, ibuf, fbuf, m, l,
-                              acc, i * G)
+    first, end = begin // bs, (length + bs - 1) // bs  # the blocks read
+    for j0 in range(first, end, chunk_blocks):
+        j1 = min(end, j0 + chunk_blocks)
+        col = 0
+        for j in range(j0, j1):
+            n = min(bs, length - j * bs)
+            t0 = max(0, begin - j * bs)
+            if wide:
+                _widen(keys, table[b, j], n, h0, heads_per_task, kind, kwide, kf, j - j0)
+                _scores(qg, heads_per_task, G, kf, j - j0, 0, t0, n, s, stride, col)
             else:
-                _widen(keys, blk, n, h, kind, kwide, kf)
-                _widen(values, blk, n, h, kind, vwide, vf)
-                _attend_block(q, row, h * G, G, kf, vf, 0, 0, t0, n, softcap, s, p, ibuf, fbuf, m, l, acc, i * G)
-    for a in range(heads_per_task * G):
+                _scores(qg, heads_per_task, G, keys, table[b, j], h0, t0, n, s, stride, col)
+            col += n - t0
+        _fold(s, w, A, stride, col, softcap, ibuf, fbuf, m, l, acc)
+        col = 0
+        for j in range(j0, j1):
+            n = min(bs, length - j * bs)
+            t0 = max(0, begin - j * bs)
+            if wide:
+                _widen(values, table[b, j], n, h0, heads_per_task, kind, vwide, vf, j - j0)
+                _weigh(w, heads_per_task, G, vf, j - j0, 0, t0, n, stride, col, acc)
+            else:
+                _weigh(w, heads_per_task, G, values, table[b, j], h0, t0, n, stride, col, acc)
+            col += n - t0
+    for a in range(A):
         inv = np.float32(1.0) / l[a]
         base = (h0 * G + a) * D
         for d in range(D):
@@ -215,7 +305,9 @@ def paged_decode_attention(q: np.ndarray, rows: np.ndarray, keys: np.ndarray, va
     kv_heads = keys.shape[2]
     # one task per sequence reads its blocks whole (13% faster out of cache than per head);
     # with fewer sequences than threads, a task per KV head keeps the threads busy
-    threads = numba.get_num_threads()
+    # (kernels.num_threads, not numba.get_num_threads: that call alone took 3-6 us, and the
+    # context sum below as much, against 20-50 us for a short context's whole attention)
+    threads = kernels.num_threads()
     # a parallel region costs more than a few short contexts' attention (see
     # kernels.PARALLEL_MIN_WORK): the work is the keys read times the query heads' width
     if threads > 1 and int(context_lens.sum()) * q.shape[1] * q.shape[2] < kernels.PARALLEL_MIN_WORK:

@@ -323,13 +323,33 @@ def test_bfloat16_rounds_to_nearest_even_and_widens_back():
     assert np.isnan(back[8]) and abs(back[4] / x[4] - 1) <= 2**-9 and 0 < back[7] < 1e-39
 
 
+# A golden step whose top-2 logit gap (transformers, float32) is below this may go either way
+# with a 16-bit cache: bfloat16's rounding alone moved raw_story's step-62 gap from 0.0038 to
+# 0.0008-0.0017 (by batch and summation order), so which token wins there is a coin flip.
+NEAR_TIE_16_BIT = 0.01
+
+
+def agreed_steps(tokens: list[int], case: dict, near_tie: float) -> int:
+    """Steps compared: all of them, or up to the first difference, which must be at a near tie
+    (everything after it follows from the other token)."""
+    golden = case["greedy_token_ids"]
+    for step, (got, want) in enumerate(zip(tokens, golden)):
+        if got != want:
+            assert case["top2_margins"][step] < near_tie, (case["name"], step, got, want)
+            return step
+    assert len(tokens) == len(golden), case["name"]
+    return len(golden)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_16_bit_caches_keep_the_golden_greedy_tokens(make_core, dtype):
+    """Every token up to the golden's first near tie; past one only if the tie went the same way.
+    Nearly all the golden tokens must be compared."""
     core = make_core(kv_cache_dtype=dtype)
     assert core.runner.cache.keys.itemsize == 2
     for i, case in enumerate(GOLDEN["cases"]):
         core.add_request(request(str(i), case["prompt_token_ids"], temperature=0.0, ignore_eos=True,
                                  max_tokens=len(case["greedy_token_ids"])))
     tokens = run_to_completion(core)
-    for i, case in enumerate(GOLDEN["cases"]):
-        assert tokens[str(i)][0] == case["greedy_token_ids"], case["name"]
+    compared = [agreed_steps(tokens[str(i)][0], case, NEAR_TIE_16_BIT) for i, case in enumerate(GOLDEN["cases"])]
+    assert sum(compared) >= 0.95 * sum(len(case["greedy_token_ids"]) for case in GOLDEN["cases"]), compared
