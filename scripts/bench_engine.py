@@ -43,6 +43,7 @@ import urllib.request
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
+import engine_core.kernels as kernels
 import engine_core.model as model_module
 from engine_core.core import EngineCore
 from engine_core.loader import load_artifact
@@ -329,6 +330,9 @@ def main() -> int:
     parser.add_argument("--cold-cache", action="store_true", help="do not touch the KV cache before timing")
     parser.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server binary to compare with")
     parser.add_argument("--no-startup", action="store_true", help="skip the cold/warm start-up measurement")
+    parser.add_argument("--float32-weights", action="store_true",
+                        help="with --quick: also decode with every weight dequantized to float32 at load (the "
+                             "engine before weights stayed at their stored precision), in the same run")
     parser.add_argument("--quick", action="store_true",
                         help="decode only (no prefill, aged pool, step split or rooflines)")
     args = parser.parse_args()
@@ -354,6 +358,13 @@ def main() -> int:
             core.runner.cache.values.fill(0.0)
         if args.quick:
             decode = {b: bench_decode(core, b, args.context, args.steps, args.windows) for b in args.batches}
+            if args.float32_weights:
+                dense = {name: kernels.dequantize(w) if isinstance(w, kernels.QuantizedWeight) else w
+                         for name, w in weights.items()}
+                dense_core = make_core(model_config, dense, args, max(args.batches))
+                decode_f32 = {b: bench_decode(dense_core, b, args.context, args.steps, args.windows)
+                              for b in args.batches}
+                del dense, dense_core
     memory = {"gguf_file_mb": round(os.path.getsize(args.model) / 1e6, 1) if os.path.isfile(args.model) else None,
               "rss_before_load_mb": round(rss_before / 1e6, 1), "rss_after_load_mb": round(rss_loaded / 1e6, 1),
               "rss_after_engine_mb": round(rss_core / 1e6, 1), "weights_mb": round(model.num_bytes / 1e6, 1),
@@ -370,8 +381,11 @@ def main() -> int:
                   "llama_server_decode_tok_s_batch1": theirs and round(theirs, 1),
                   "batch1_ratio_vs_llama_server": round(ours / theirs, 2) if ours and theirs else None,
                   "memory": memory, "startup": startup}
+        if args.float32_weights:
+            result["float32_weights_decode_tok_s"] = {str(b): round(v, 1) for b, v in decode_f32.items()}
         for b, v in decode.items():
-            print(f"batch {b:>4}: {v:8.1f} tok/s")
+            f32 = f"   float32 weights {decode_f32[b]:8.1f} tok/s ({v / decode_f32[b]:.2f}x)" if args.float32_weights else ""
+            print(f"batch {b:>4}: {v:8.1f} tok/s{f32}")
         if theirs:
             print(f"llama-server batch 1: {theirs:8.1f} tok/s; ours/theirs {result['batch1_ratio_vs_llama_server']}")
         print(f"memory: {memory}")
