@@ -114,12 +114,7 @@ def activation_precision() -> str:
 
 
 def _gemv_nibbles_int8(w: QuantizedWeight, x: np.ndarray, out: np.ndarray, parts: int) -> None:
-    rows, cols = x.shape
-    xq = np.empty((rows, cols), dtype=np.int16)
-    dx = np.empty((rows, cols // 32), dtype=np.float32)
-    xs = np.empty((rows, cols // 32), dtype=np.float32)
-    i8.quantize_rows(x, xq, dx, xs)
-    args = (w.codes, w.d, w.sc, w.dmin, w.mn, w.groups_per_super, xq, dx, xs, out)
+    args = (w.codes, w.d, w.sc, w.dmin, w.mn, w.groups_per_super, x, out)
     if parts > 1:
         i8.gemv_nibbles_int8_parallel(*args, parts)
     else:
