@@ -67,7 +67,7 @@ class EngineCore:
         self.runner = ModelRunner(
             model_config, weights, num_blocks=self.num_blocks,
             block_size=config.block_size, max_model_len=self.max_model_len,
-            kv_cache_dtype=self.kv_cache_dtype,
+            kv_cache_dtype=self.kv_cache_dtype, activation_dtype=config.activation_dtype,
         )
         self.kv = KVCacheManager(self.num_blocks, config.block_size,
                                  enable_prefix_caching=config.enable_prefix_caching)

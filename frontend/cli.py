@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-dtype", default=d["kv_cache_dtype"], choices=["auto", "float32", "bfloat16", "float16"],
                        help="element type of the KV cache (auto: float32); 16 bits hold twice the "
                             "tokens in --kv-cache-gib and halve what decode attention reads")
+    serve.add_argument("--activation-dtype", default=d["activation_dtype"], choices=["float32", "int8"],
+                       help="what the matmuls of few rows over 4-bit weights (Q4_0, Q4_1, Q4_K) multiply "
+                            "by: int8 quantizes activations per 32 values as llama.cpp does, faster "
+                            "decode, outputs differ slightly from float32")
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                        default=d["enable_prefix_caching"],
                        help="reuse the KV blocks of prompt prefixes seen before")
@@ -188,6 +192,7 @@ def config_from_args(args: argparse.Namespace) -> FrontendConfig:
         block_size=args.block_size,
         kv_cache_gib=args.kv_cache_gib,
         kv_cache_dtype=args.kv_cache_dtype,
+        activation_dtype=args.activation_dtype,
         enable_prefix_caching=args.enable_prefix_caching,
         num_threads=args.num_threads,
         log_level=args.log_level,

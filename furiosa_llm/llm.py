@@ -61,7 +61,7 @@ class LLM:
 
     `model`: a GGUF file or Hugging Face directory (None: the embedded default model).
     `engine_args`: `EngineConfig`'s fields, as `furiosa-llm serve`'s flags (max_model_len,
-    kv_cache_gib, max_num_seqs, max_num_batched_tokens, num_threads, block_size, ...).
+    kv_cache_gib, max_num_seqs, max_num_batched_tokens, num_threads, block_size, activation_dtype, ...).
     `chat_template`: a template file, as `--chat-template`.
     `generation_config`: as `--generation-config`: "auto" (the model's generation_config.json or
     GGUF general.sampling.*), "vllm" (neutral) or a directory; as vLLM's `LLM`, those defaults

@@ -27,6 +27,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     block_size: int = 16
     kv_cache_gib: float = 4.0
     kv_cache_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    # float32 | int8: what the few-row matmuls over 4-bit weights multiply by (int8: activations
+    # quantized per 32 values as llama.cpp does; faster decode, outputs differ slightly)
+    activation_dtype: str = "float32"
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # BLAS threads in the engine; None: its DEFAULT_NUM_THREADS (1)
     log_level: str = "info"
