@@ -1,7 +1,7 @@
 """Request preparation shared by the generation endpoints, and the job skeleton they fill.
 
 `OpenAIServing` holds what preparing a request needs (the model name, the engine's model
-facts, admission, tokenizing off the event loop); each endpoint's `_prepare` validates its
+facts, admission, tokenizing off the event loop); each endpoint's `prepare` validates its
 request into `PreparedPrompt`s (see `serving_validation`) and returns a `GenerationJob`. A job
 reads the output processor's deltas (`output_processor.generate_choices`) and formats them as
 stream chunks or as one response (`serving_completions`, `serving_chat`).

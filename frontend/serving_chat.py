@@ -209,9 +209,12 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(
         self, request: ChatCompletionRequest
     ) -> ChatCompletionResponse | AsyncIterator[bytes]:
-        return await self.respond(await self._prepare(request))
+        return await self.respond(await self.prepare(request))
 
-    async def _prepare(self, request: ChatCompletionRequest) -> _ChatJob:
+    async def prepare(self, request: ChatCompletionRequest) -> ChatJob:
+        """Validates and renders a request into a job ready to run (admission checked, nothing
+        sent to the engine yet); bad input raises an OpenAIError. The Responses API runs its
+        requests through here too."""
         arrival_time = time.time()
         self.check_model(request.model)
         info = self.engine_info()
@@ -248,7 +251,7 @@ class OpenAIServingChat(OpenAIServing):
         chat_id = random_id("chatcmpl")
         prompt = PreparedPrompt(self.make_engine_request(chat_id, token_ids, params, arrival_time), text, 0)
         self.load.check(num_seqs)  # again: others may have started while this one was rendered
-        return _ChatJob(self, request, chat_id, prompt, arrival_time, logprobs, plan)
+        return ChatJob(self, request, chat_id, prompt, arrival_time, logprobs, plan)
 
     def _num_logprobs(self, request: ChatCompletionRequest) -> int | None:
         top = request.top_logprobs
@@ -259,7 +262,7 @@ class OpenAIServingChat(OpenAIServing):
         return (top or 0) if request.logprobs else None
 
 
-class _ChatJob(GenerationJob):
+class ChatJob(GenerationJob):
     """One chat completion: its choices as messages, or as a stream of message deltas."""
 
     def __init__(
@@ -279,7 +282,7 @@ class _ChatJob(GenerationJob):
         self.is_constrained = plan.structured_output is not None
         self.num_reasoning_tokens = [0] * request.n
 
-    def _reasoning_parser(self) -> ReasoningParser | None:
+    def new_reasoning_parser(self) -> ReasoningParser | None:
         """A fresh parser for one choice, or None without --reasoning-parser."""
         parser_class = self.serving.reasoning_parser
         if parser_class is None:
@@ -288,7 +291,7 @@ class _ChatJob(GenerationJob):
                                         chat_template_kwargs=self.request.chat_template_kwargs,
                                         is_constrained=self.is_constrained)
 
-    def _split_reasoning(self, delta: ChoiceDelta, parser: ReasoningParser | None) -> tuple[str, str]:
+    def split_reasoning(self, delta: ChoiceDelta, parser: ReasoningParser | None) -> tuple[str, str]:
         """A delta's text as (reasoning, content); its tokens count as reasoning tokens if the
         choice was in its think block at the delta's start or end."""
         if parser is None:
@@ -302,7 +305,8 @@ class _ChatJob(GenerationJob):
             self.num_reasoning_tokens[delta.index] += len(delta.token_ids)
         return reasoning, content
 
-    def _usage(self) -> UsageInfo:
+    def usage_info(self) -> UsageInfo:
+        """The job's token counts so far, with its reasoning tokens under --reasoning-parser."""
         usage = self.usage.usage()
         if self.serving.reasoning_parser is not None:
             usage.completion_tokens_details = CompletionTokensDetails(sum(self.num_reasoning_tokens))
@@ -317,14 +321,14 @@ class _ChatJob(GenerationJob):
         n = self.request.n
         texts: list[list[str]] = [[] for _ in range(n)]
         reasoning_texts: list[list[str]] = [[] for _ in range(n)]
-        reasoners = [self._reasoning_parser() for _ in range(n)]
+        reasoners = [self.new_reasoning_parser() for _ in range(n)]
         logprobs: list[list[ChatCompletionLogProb]] = [[] for _ in range(n)]
         finish: list[tuple[str | None, int | str | None]] = [(None, None)] * n
         token_ids: list[list[int]] = [[] for _ in range(n)]
         prompt_entries = None
         async with contextlib.aclosing(self.deltas()) as deltas:
             async for delta in deltas:
-                reasoning, content = self._split_reasoning(delta, reasoners[delta.index])
+                reasoning, content = self.split_reasoning(delta, reasoners[delta.index])
                 reasoning_texts[delta.index].append(reasoning)
                 texts[delta.index].append(content)
                 token_ids[delta.index].extend(delta.token_ids)
@@ -351,7 +355,7 @@ class _ChatJob(GenerationJob):
         prompt_token_ids = self.prompts[0].request.prompt_token_ids
         num_top = self.request.prompt_logprobs
         return ChatCompletionResponse(
-            id=self.response_id, model=self.serving.model_name, choices=choices, usage=self._usage(), created=self.created,
+            id=self.response_id, model=self.serving.model_name, choices=choices, usage=self.usage_info(), created=self.created,
             prompt_logprobs=None if num_top is None else prompt_logprobs(
                 self.serving.token_strings, prompt_token_ids, prompt_entries, num_top),
             prompt_token_ids=prompt_token_ids if self.request.return_token_ids else None,
@@ -367,7 +371,7 @@ class _ChatJob(GenerationJob):
 
     async def stream_chunks(self) -> AsyncIterator[ChatCompletionStreamResponse]:
         def usage():
-            return self._usage() if self.include_continuous_usage else None
+            return self.usage_info() if self.include_continuous_usage else None
 
         # OpenAI opens every choice with a chunk that only names the role.
         with_ids = self.request.return_token_ids
@@ -383,11 +387,11 @@ class _ChatJob(GenerationJob):
         # One reasoning parser per choice, before the tool-call parser: calls are read from the
         # content only. A delta that ends the think block is sent as a reasoning chunk, then the
         # content chunk.
-        reasoners = [self._reasoning_parser() for _ in range(self.request.n)]
+        reasoners = [self.new_reasoning_parser() for _ in range(self.request.n)]
         async with contextlib.aclosing(self.deltas()) as deltas:
             async for delta in deltas:
                 entries = self._logprobs(delta)
-                reasoning, content = self._split_reasoning(delta, reasoners[delta.index])
+                reasoning, content = self.split_reasoning(delta, reasoners[delta.index])
                 message, has_tool_calls = _delta_message(content, delta, parsers[delta.index])
                 if reasoning:
                     reasoning_delta = DeltaMessage(reasoning_content=reasoning, reasoning=reasoning)
@@ -407,7 +411,7 @@ class _ChatJob(GenerationJob):
                 )
                 yield self._chunk([choice], usage())
         if self.include_usage:
-            yield self._chunk([], self._usage())
+            yield self._chunk([], self.usage_info())
 
     def _tool_stream(self) -> ToolCallStream | StopCutToolCallStream | None:
         if self.tool_parser is None:

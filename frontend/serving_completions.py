@@ -84,9 +84,11 @@ def _append_logprobs(into: CompletionLogProbs, more: CompletionLogProbs) -> None
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest) -> CompletionResponse | AsyncIterator[bytes]:
         """Validates eagerly (errors are plain 400s), then a response or an SSE byte stream."""
-        return await self.respond(await self._prepare(request))
+        return await self.respond(await self.prepare(request))
 
-    async def _prepare(self, request: CompletionRequest) -> _CompletionJob:
+    async def prepare(self, request: CompletionRequest) -> CompletionJob:
+        """Validates and tokenizes a request into a job ready to run (admission checked, nothing
+        sent to the engine yet); bad input raises an OpenAIError. furiosa_llm.LLM runs through here."""
         arrival_time = time.time()
         self.check_model(request.model)
         info = self.engine_info()
@@ -126,7 +128,7 @@ class OpenAIServingCompletion(OpenAIServing):
             prompt_text = prompt if isinstance(prompt, str) else await self.run_blocking(self.tokenizer.decode, token_ids)
             prompts.append(PreparedPrompt(engine_request, prompt_text, i * request.n))
         self.load.check(num_seqs)  # again: others may have started while this one was tokenized
-        return _CompletionJob(self, request, completion_id, prompts, arrival_time)
+        return CompletionJob(self, request, completion_id, prompts, arrival_time)
 
     async def _prompt_token_ids(self, prompt: str | list[int], info: EngineReady) -> list[int]:
         if isinstance(prompt, str):
@@ -177,7 +179,7 @@ def _split_prompts(prompt: str | list) -> list[str | list[int]]:
     )
 
 
-class _CompletionJob(GenerationJob):
+class CompletionJob(GenerationJob):
     """One completion request: its choices as text, or as a stream of text chunks."""
 
     def __init__(

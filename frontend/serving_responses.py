@@ -73,7 +73,7 @@ from frontend.protocol_responses import (
     ResponseTextFormatEcho,
     ResponseUsage,
 )
-from frontend.serving_chat import OpenAIServingChat
+from frontend.serving_chat import ChatJob, OpenAIServingChat
 from frontend.sse import sse_stream
 from frontend.tool_parsers import ParsedDelta, ToolCallDelta
 
@@ -93,7 +93,7 @@ class OpenAIServingResponses:
     async def create_response(self, request: ResponsesRequest) -> ResponseObject | AsyncIterator[bytes]:
         chat_request = chat_request_from(request)
         try:
-            job = await self.chat._prepare(chat_request)
+            job = await self.chat.prepare(chat_request)
         except OpenAIError as exc:
             raise _in_responses_terms(exc) from None
         run = ResponseRun(job, request, model=self.chat.model_name)
@@ -386,8 +386,8 @@ def _copy(item: ResponseOutputItem) -> ResponseOutputItem:
 class ResponseRun:
     """One Responses request over its prepared chat job: the events, and the response they end with."""
 
-    def __init__(self, job, request: ResponsesRequest, *, model: str) -> None:
-        self.job = job  # serving_chat's job: its deltas, usage and tool parser
+    def __init__(self, job: ChatJob, request: ResponsesRequest, *, model: str) -> None:
+        self.job = job  # its deltas, usage and tool parser
         self.request = request
         self.model = model
         self.response_id = _new_id("resp")
@@ -414,13 +414,13 @@ class ResponseRun:
         yield numbered(ResponseCreatedEvent(response=self.response("in_progress", [])))
         yield numbered(ResponseInProgressEvent(response=self.response("in_progress", [])))
         parser = self.job.tool_parser.stream() if self.job.tool_parser is not None else None
-        reasoner = self.job._reasoning_parser()  # None without --reasoning-parser
+        reasoner = self.job.new_reasoning_parser()  # None without --reasoning-parser
         finish_reason = None
         try:
             async with contextlib.aclosing(self.job.deltas()) as deltas:
                 async for delta in deltas:
                     # as on chat: the think block first, then tool calls are read from the content
-                    reasoning, content = self.job._split_reasoning(delta, reasoner)
+                    reasoning, content = self.job.split_reasoning(delta, reasoner)
                     if reasoning:
                         for event in builder.feed_reasoning(reasoning):
                             yield numbered(event)
@@ -477,7 +477,7 @@ class ResponseRun:
         )
 
     def _usage(self) -> ResponseUsage:
-        usage = self.job._usage()  # with reasoning tokens, under --reasoning-parser
+        usage = self.job.usage_info()  # with reasoning tokens, under --reasoning-parser
         details = usage.prompt_tokens_details
         reasoning = usage.completion_tokens_details
         return ResponseUsage(

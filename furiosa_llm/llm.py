@@ -192,7 +192,7 @@ class LLM:
         if isinstance(prompt, dict):
             prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt["prompt"]
         with as_value_error():
-            job = await self._completions._prepare(params.to_request_fields(prompt=prompt))
+            job = await self._completions.prepare(params.to_request_fields(prompt=prompt))
             if params.prompt_logprobs is not None:
                 _check_num_logprobs(params.prompt_logprobs, "prompt_logprobs")
                 engine_request = job.prompts[0].request
@@ -211,7 +211,7 @@ class LLM:
         except msgspec.ValidationError as exc:
             raise ValueError(str(exc)) from None
         with as_value_error():
-            return await _collect(await serving._prepare(request), serving)
+            return await _collect(await serving.prepare(request), serving)
 
 
 async def _collect(job: GenerationJob, serving: OpenAIServing,
