@@ -1,11 +1,14 @@
 """Fixtures for frontend tests: the test tokenizer, a fake engine client, and the app wired to
-both (no model, no sockets); and the default model's tokenizer, for the tests that read it."""
+both (no model, no sockets); `make_client`, apps whose fake engine plays given texts; and the
+default model's tokenizer, for the tests that read it."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from fake_engine import FakeEngineClient
-from fake_model import MAX_MODEL_LEN, MODEL_NAME, build_tokenizer, rotating_script
+from fake_model import MAX_MODEL_LEN, MODEL_NAME, build_tokenizer, rotating_script, text_script
 from litestar.testing import TestClient
 from transformers import PreTrainedTokenizerFast
 
@@ -47,3 +50,21 @@ def engine(tokenizer) -> FakeEngineClient:
 def client(config, engine, tokenizer):
     with TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer)) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def make_client(config, tokenizer):
+    """Apps whose fake engine generates `texts` (sequence i the i-th, in turn, then EOS), with room
+    for long prompts (4 * MAX_MODEL_LEN); keyword arguments set FrontendConfig fields. Returns
+    (client, engine); the clients are closed at teardown."""
+    with contextlib.ExitStack() as clients:
+
+        def make(*texts: str, **settings):
+            for name, value in settings.items():
+                setattr(config, name, value)
+            info = EngineReady(MODEL_NAME, MAX_MODEL_LEN * 4, len(tokenizer), num_kv_blocks=64, block_size=16)
+            engine = FakeEngineClient(info, script=text_script(tokenizer, *texts))
+            client = clients.enter_context(TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer)))
+            return client, engine
+
+        yield make

@@ -4,33 +4,11 @@ fake engine (whose prompt entries rank the prompt's own token first)."""
 from __future__ import annotations
 
 import pytest
-from fake_engine import FakeEngineClient
-from fake_model import MAX_MODEL_LEN, MODEL_NAME, parse_sse, text_script
-from litestar.testing import TestClient
-
-from frontend.app import create_app
-from ipc.messages import EngineReady
+from fake_model import parse_sse
 
 CHAT = {"messages": [{"role": "user", "content": "hi there"}]}
 COMPLETION = {"prompt": "hello big world"}
-
-
-@pytest.fixture
-def make_client(config, tokenizer):
-    clients = []
-
-    def make(**settings):
-        for name, value in settings.items():
-            setattr(config, name, value)
-        info = EngineReady(MODEL_NAME, MAX_MODEL_LEN, len(tokenizer), num_kv_blocks=64, block_size=16)
-        engine = FakeEngineClient(info, script=text_script(tokenizer, "Hello world!"))
-        client = TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer))
-        clients.append(client.__enter__())
-        return client, engine
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
+OUTPUT = "Hello world!"
 
 
 def post(client, endpoint: str, **fields):
@@ -45,7 +23,7 @@ def ok(response) -> dict:
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_prompt_logprobs_has_one_entry_per_prompt_token(make_client, tokenizer, endpoint):
-    client, engine = make_client()
+    client, engine = make_client(OUTPUT)
     body = ok(post(client, endpoint, prompt_logprobs=2))
     prompt_ids = engine.requests[-1].prompt_token_ids
     assert engine.requests[-1].sampling_params.prompt_logprobs == 2
@@ -59,21 +37,21 @@ def test_prompt_logprobs_has_one_entry_per_prompt_token(make_client, tokenizer, 
 
 
 def test_prompt_logprobs_zero_gives_the_prompt_tokens_only(make_client):
-    client, engine = make_client()
+    client, engine = make_client(OUTPUT)
     entries = ok(post(client, "completions", prompt_logprobs=0))["choices"][0]["prompt_logprobs"]
     assert all(len(entry) == 1 for entry in entries[1:])
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_without_prompt_logprobs_none_are_computed(make_client, endpoint):
-    client, engine = make_client()
+    client, engine = make_client(OUTPUT)
     body = ok(post(client, endpoint))
     assert engine.requests[-1].sampling_params.prompt_logprobs is None
     assert (body.get("prompt_logprobs") if endpoint == "chat" else body["choices"][0]["prompt_logprobs"]) is None
 
 
 def test_echo_logprobs_and_prompt_logprobs_share_one_engine_computation(make_client):
-    client, engine = make_client()
+    client, engine = make_client(OUTPUT)
     body = ok(post(client, "completions", echo=True, logprobs=1, prompt_logprobs=3))
     assert engine.requests[-1].sampling_params.prompt_logprobs == 3
     choice = body["choices"][0]
@@ -83,7 +61,7 @@ def test_echo_logprobs_and_prompt_logprobs_share_one_engine_computation(make_cli
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_return_token_ids_streamed_and_not(make_client, tokenizer, endpoint):
-    client, engine = make_client()
+    client, engine = make_client(OUTPUT)
     body = ok(post(client, endpoint, return_token_ids=True, n=2))
     prompt_ids = engine.requests[-1].prompt_token_ids
     output_ids = tokenizer.encode("Hello world!", add_special_tokens=False)
@@ -108,7 +86,7 @@ def test_return_token_ids_streamed_and_not(make_client, tokenizer, endpoint):
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
 def test_without_return_token_ids_there_are_none(make_client, endpoint):
-    client, _ = make_client()
+    client, _ = make_client(OUTPUT)
     body = ok(post(client, endpoint))
     assert body["choices"][0]["token_ids"] is None and body.get("prompt_token_ids") is None
 
@@ -126,7 +104,7 @@ def test_without_return_token_ids_there_are_none(make_client, endpoint):
     ],
 )
 def test_max_logprobs_bounds_every_logprobs_field(make_client, endpoint, fields, param):
-    client, engine = make_client(max_logprobs=5)
+    client, engine = make_client(OUTPUT, max_logprobs=5)
     response = post(client, endpoint, **fields)
     assert response.status_code == 400, response.text
     error = response.json()["error"]

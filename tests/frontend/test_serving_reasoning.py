@@ -6,13 +6,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-from fake_engine import FakeEngineClient
-from fake_model import MAX_MODEL_LEN, MODEL_NAME, parse_sse, text_script
-from litestar.testing import TestClient
-
-from frontend.app import create_app
-from ipc.messages import EngineReady
+from fake_model import parse_sse
 
 USER = [{"role": "user", "content": "What is 2 + 2?"}]
 THOUGHT = "\nTwo plus two: count </b> up <think> from two.\n"
@@ -26,24 +20,6 @@ QWEN3_LIKE_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
-
-
-@pytest.fixture
-def make_client(config, tokenizer, tmp_path):
-    clients = []
-
-    def make(*texts: str, **settings):
-        for name, value in settings.items():
-            setattr(config, name, value)
-        info = EngineReady(MODEL_NAME, MAX_MODEL_LEN * 4, len(tokenizer), num_kv_blocks=64, block_size=16)
-        engine = FakeEngineClient(info, script=text_script(tokenizer, *texts))
-        client = TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer))
-        clients.append(client.__enter__())
-        return client, engine
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
 
 
 def chat(client, **body) -> dict:

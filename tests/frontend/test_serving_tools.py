@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from fake_engine import FakeEngineClient
-from fake_model import MAX_MODEL_LEN, MODEL_NAME, parse_sse, text_script
-from litestar.testing import TestClient
+from fake_model import parse_sse
 
-from frontend.app import create_app
-from ipc.messages import EngineReady, StructuredOutputKind
+from ipc.messages import StructuredOutputKind
 
 WEATHER_TOOL = {
     "type": "function",
@@ -30,25 +27,6 @@ HERMES_OUTPUT = (
     'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
     '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
 )
-
-
-@pytest.fixture
-def make_client(config, tokenizer):
-    """An app whose fake engine generates `text`; keyword arguments set FrontendConfig fields."""
-    clients = []
-
-    def make(text: str, **settings):
-        for name, value in settings.items():
-            setattr(config, name, value)
-        info = EngineReady(MODEL_NAME, MAX_MODEL_LEN * 4, len(tokenizer), num_kv_blocks=64, block_size=16)
-        engine = FakeEngineClient(info, script=text_script(tokenizer, text))
-        client = TestClient(create_app(config, engine_client=engine, tokenizer=tokenizer))
-        clients.append(client.__enter__())
-        return client, engine
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
 
 
 def chat(client, **body) -> dict:
