@@ -209,6 +209,79 @@ def test_a_decode_does_not_depend_on_where_its_blocks_lie_or_what_else_is_in_the
     np.testing.assert_array_equal(alone_at([11, 12, 22, 0, 63], 40 // 5), first)
 
 
+def windowed(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int, softcap: float) -> np.ndarray:
+    """One decode query q [heads, d] (unscaled) over k/v [len, kv_heads, d] in float64: the last
+    `window` keys only (all with 0), scores soft-capped when softcap > 0."""
+    if window:
+        k, v = k[-window:], v[-window:]
+    group = q.shape[0] // k.shape[1]
+    k = np.repeat(k.astype(np.float64), group, axis=1)
+    v = np.repeat(v.astype(np.float64), group, axis=1)
+    scores = np.einsum("hd,lhd->hl", q.astype(np.float64), k) / np.sqrt(q.shape[1])
+    if softcap:
+        scores = softcap * np.tanh(scores / softcap)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hl,lhd->hd", p, v).reshape(-1)
+
+
+# contexts on both sides of the kernel's block and chunk edges (its softmax unit is 128 tokens)
+EDGE_LENGTHS = [1, 2, 15, 16, 17, 95, 96, 97, 127, 128, 129, 143, 144, 255, 256, 257, 300, 401]
+
+
+@pytest.mark.parametrize("block_size", [16, 48, 256])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (8, 2), (16, 2)])
+def test_contexts_at_block_and_chunk_edges_match_the_float64_reference(block_size, num_heads, num_kv_heads):
+    """Block sizes that divide the kernel's 128-token chunk, do not (48: chunks of 96), and exceed
+    it (256: one block a chunk); GQA ratios 1, 3, 4 and 8; with windows that start mid-block and
+    mid-chunk, and a soft cap."""
+    c = config(num_heads, num_kv_heads, head_dim=32)
+    cache = KVCache(c, num_blocks=4096 // block_size * 4, block_size=block_size)
+    rng = np.random.default_rng(block_size + num_heads)
+    batch, q, truth = build(EDGE_LENGTHS, [1] * len(EDGE_LENGTHS), cache, rng, c)
+    for window, softcap in ((0, 0.0), (100, 0.0), (130, 2.0), (1, 0.0)):
+        out = attention_model(c)._attention(batch, cache, 0, q, window, softcap)
+        for start, _, k, v in truth:
+            np.testing.assert_allclose(out[start], windowed(q[start], k, v, window, softcap), rtol=1e-4, atol=1e-5,
+                                       err_msg=f"context {len(k)}, window {window}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_each_decode_gives_the_same_bits_alone_in_a_batch_and_on_two_threads(dtype, monkeypatch):
+    """Contexts crossing several chunks, a block size that does not divide the chunk, a window:
+    a decode's bits do not depend on the rest of the batch, nor on the threads (split over
+    sequences with many, over KV heads with one)."""
+    from engine_core import kernels
+
+    c = config(16, 4, head_dim=64)
+    cache = KVCache(c, num_blocks=512, block_size=48, dtype=dtype)
+    rng = np.random.default_rng(21)
+    wide = KVCache(c, num_blocks=512, block_size=48)
+    lengths = [300, 1, 129, 700, 96, 97, 48, 500]
+    batch, q, _ = build(lengths, [1] * len(lengths), wide, rng, c)
+    cache.keys[...] = to_cache(wide.keys, cache.keys.dtype)
+    cache.values[...] = to_cache(wide.values, cache.values.dtype)
+    d = batch.decodes
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 0)
+    for window in (0, 250):
+        def attend(sel: list[int], threads: int) -> np.ndarray:
+            out = np.full((len(q), c.num_heads * c.head_dim), np.nan, dtype=np.float32)
+            kernels.set_num_threads(threads)
+            try:
+                paged_decode_attention(q, d.rows[sel], cache.keys[0], cache.values[0], d.block_table[sel],
+                                       d.context_lens[sel], out, window)
+            finally:
+                kernels.set_num_threads(1)
+            return out[d.rows[sel]]
+
+        together = attend(list(range(len(lengths))), 1)
+        assert np.isfinite(together).all()
+        np.testing.assert_array_equal(attend(list(range(len(lengths))), 2), together)
+        for i in range(len(lengths)):
+            np.testing.assert_array_equal(attend([i], 1)[0], together[i])
+            np.testing.assert_array_equal(attend([i], 2)[0], together[i])  # one sequence: a task per KV head
+
+
 @pytest.mark.parametrize("tile", [7, 128])
 def test_long_prefill_chunks_attended_in_query_tiles_match_a_float64_reference(tile, monkeypatch):
     """Query tiles see keys up to their own last position only: a chunk after 100 cached tokens,
