@@ -5,62 +5,17 @@ not, and LangChain's `ChatOpenAI(use_responses_api=True)` answers and calls a to
 from __future__ import annotations
 
 import asyncio
-import json
-from typing import Annotated
 
-import openai
 import pytest
-from agents import (Agent, MessageOutputItem, ModelSettings, OpenAIResponsesModel, Runner, ToolCallItem,
-                    ToolCallOutputItem, function_tool)
-from agents.result import RunResultBase
+from agent_helpers import MAX_TURNS, WeatherTool, assert_called_once_then_answered, async_client, weather_agent
+from agents import OpenAIResponsesModel, Runner
 from langchain_core.messages import AIMessage
 from langchain_openai import ChatOpenAI
-from pydantic import Field
-
-MAX_TURNS = 3  # the tool call, then the answer
-
-
-class WeatherTool:
-    """A function tool that records the arguments it was called with."""
-
-    def __init__(self):
-        self.cities: list[str] = []
-
-        @function_tool
-        def get_weather(city: Annotated[str, Field(max_length=30)]) -> str:
-            """Get the current weather in a city."""
-            self.cities.append(city)
-            return f"It is sunny and 21 degrees in {city}."
-
-        self.tool = get_weather
 
 
 @pytest.fixture
 def model(server, model_name) -> OpenAIResponsesModel:
-    """One per test: an async client's connections belong to the event loop of the run that opened them."""
-    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
-    return OpenAIResponsesModel(model=model_name, openai_client=client)
-
-
-def weather_agent(model, weather: WeatherTool, **settings) -> Agent:
-    # tool_choice forces the call: a 135M model does not reliably choose a tool by itself
-    return Agent(name="weather", instructions="Answer questions about the weather.", tools=[weather.tool], model=model,
-                 model_settings=ModelSettings(temperature=0, max_tokens=60, **settings))
-
-
-def assert_called_once_then_answered(result: RunResultBase, weather: WeatherTool) -> None:
-    # The SDK resets a forced tool_choice after the call, so the second turn answers in text.
-    assert [type(item) for item in result.new_items] == [ToolCallItem, ToolCallOutputItem, MessageOutputItem]
-    call, output = result.new_items[0].raw_item, result.new_items[1]
-    assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
-    assert json.loads(call.arguments) == {"city": weather.cities[0]}
-    assert len(weather.cities) == 1 and 0 < len(weather.cities[0]) <= 30
-    assert output.output == f"It is sunny and 21 degrees in {weather.cities[0]}."
-    assert isinstance(result.final_output, str) and result.final_output.strip()
-    assert len(result.raw_responses) == 2
-    usage = result.context_wrapper.usage
-    assert usage.requests == 2 and usage.input_tokens > 0 and usage.output_tokens > 0
-    assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+    return OpenAIResponsesModel(model=model_name, openai_client=async_client(server))
 
 
 def test_the_agents_sdk_default_model_runs_a_one_tool_agent(model):
