@@ -1,14 +1,16 @@
 """What the OpenAI Agents SDK tests share, whichever model class they drive (chat completions in
 test_openai_agents, the Responses API in test_responses_clients): an async client for the real
-server, a recording weather tool, an agent that uses it, and the check of a forced one-tool run."""
+server, a recording weather tool, an agent that uses it, and the checks of a forced one-tool run
+(streamed and not)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated
 
 import openai
-from agents import Agent, MessageOutputItem, ModelSettings, ToolCallItem, ToolCallOutputItem, function_tool
+from agents import Agent, MessageOutputItem, ModelSettings, Runner, ToolCallItem, ToolCallOutputItem, function_tool
 from agents.result import RunResultBase
 from pydantic import Field
 
@@ -56,3 +58,16 @@ def assert_called_once_then_answered(result: RunResultBase, weather: WeatherTool
     usage = result.context_wrapper.usage
     assert usage.requests == 2 and usage.input_tokens > 0 and usage.output_tokens > 0
     assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+
+
+def assert_streamed_call_then_answer(agent: Agent, weather: WeatherTool) -> None:
+    """The agent's streamed run ends, its item events in order, as a forced one-tool run."""
+
+    async def run():
+        result = Runner.run_streamed(agent, "What is the weather in Paris?", max_turns=MAX_TURNS)
+        names = [event.name async for event in result.stream_events() if event.type == "run_item_stream_event"]
+        return result, names
+
+    result, names = asyncio.run(run())
+    assert result.is_complete and names == ["tool_called", "tool_output", "message_output_created"]
+    assert_called_once_then_answered(result, weather)

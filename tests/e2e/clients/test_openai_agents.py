@@ -4,11 +4,11 @@ an agent with an output type gets a validated instance."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Literal
 
 import pytest
-from agent_helpers import MAX_TURNS, WeatherTool, assert_called_once_then_answered, async_client, weather_agent
+from agent_helpers import (MAX_TURNS, WeatherTool, assert_called_once_then_answered, assert_streamed_call_then_answer,
+                           async_client, weather_agent)
 from agents import Agent, MessageOutputItem, ModelSettings, OpenAIChatCompletionsModel, Runner
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,15 +32,7 @@ def test_a_named_tool_is_called_and_the_run_completes(model, weather):
 def test_a_required_tool_streamed_is_called_and_the_run_completes(model, weather):
     # include_usage: the SDK asks a server that is not OpenAI's for streamed usage only when told
     agent = weather_agent(model, weather, tool_choice="required", include_usage=True)
-
-    async def run():
-        result = Runner.run_streamed(agent, "What is the weather in Paris?", max_turns=MAX_TURNS)
-        names = [event.name async for event in result.stream_events() if event.type == "run_item_stream_event"]
-        return result, names
-
-    result, names = asyncio.run(run())
-    assert result.is_complete and names == ["tool_called", "tool_output", "message_output_created"]
-    assert_called_once_then_answered(result, weather)
+    assert_streamed_call_then_answer(agent, weather)
 
 
 class City(BaseModel):

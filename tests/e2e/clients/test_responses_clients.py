@@ -4,10 +4,9 @@ not, and LangChain's `ChatOpenAI(use_responses_api=True)` answers and calls a to
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from agent_helpers import MAX_TURNS, WeatherTool, assert_called_once_then_answered, async_client, weather_agent
+from agent_helpers import (MAX_TURNS, WeatherTool, assert_called_once_then_answered, assert_streamed_call_then_answer,
+                           async_client, weather_agent)
 from agents import OpenAIResponsesModel, Runner
 from langchain_core.messages import AIMessage
 from langchain_openai import ChatOpenAI
@@ -29,15 +28,7 @@ def test_the_agents_sdk_default_model_runs_a_one_tool_agent(model):
 def test_the_agents_sdk_default_model_streamed_runs_a_one_tool_agent(model):
     weather = WeatherTool()
     agent = weather_agent(model, weather, tool_choice="required")
-
-    async def run():
-        result = Runner.run_streamed(agent, "What is the weather in Paris?", max_turns=MAX_TURNS)
-        names = [event.name async for event in result.stream_events() if event.type == "run_item_stream_event"]
-        return result, names
-
-    result, names = asyncio.run(run())
-    assert result.is_complete and names == ["tool_called", "tool_output", "message_output_created"]
-    assert_called_once_then_answered(result, weather)
+    assert_streamed_call_then_answer(agent, weather)
 
 
 @pytest.fixture(scope="module")
