@@ -53,15 +53,18 @@ def quantize_rows(x, xq, dx, xs):
 
 
 @njit(inline="always", **_OPTS)
-def _word_sums(cw, g, xq, m, el, eh, ol, oh):
-    """The int16 sums of group g of a tile times row m of the quantized activations, over the
-    tile's codes read as 16-bit words (cw [K // 2, 32]: word w holds the bytes of rows 2w and
-    2w + 1): el/eh the even rows' low/high nibbles, ol/oh the odd rows'. Reading words spares the
-    byte-to-word widening: 8 vector operations per 32 weights instead of 10 (1.2-1.3x faster on
-    SmolLM2's shapes). The four sums advance together, one code row at a time: with each sum
-    written out whole, the 16 loaded code rows stayed live and spilled (7-10% slower). Only 16-bit
-    values here: LLVM picks its vector width by the widest type, and a float32 in this loop halved
-    it (8 lanes)."""
+def _word_sums(cw, g, xq, m, lows, highs):
+    """lows[r], highs[r] = the int16 sums of group g of a tile times row m of the quantized
+    activations, over the low nibbles of its 16 code rows (inputs k) and over the high ones
+    (inputs k + 16). The codes are read as 16-bit words (cw [K // 2, 32]: word w holds the bytes
+    of rows 2w and 2w + 1), which spares the byte-to-word widening: 8 vector operations per 32
+    weights instead of 10 (1.2-1.3x faster on SmolLM2's shapes); the even and odd rows' sums are
+    interleaved back into row order as they are stored (an epilogue reading them, the scales and
+    the running sums at a stride of two cost 8-20% more). The four sums advance together, one code
+    row at a time: written out one whole sum after another, the 16 loaded code rows stayed live
+    and spilled (7-10% slower). The 16 code rows are written out: as a loop over them LLVM did not
+    vectorize the rows (measured 8x slower). Only 16-bit values here: LLVM picks its vector width
+    by the widest type, and a float32 in this loop halved it (8 lanes)."""
     W = cw.shape[1]
     b = g * 16
     k = g * 32
@@ -156,36 +159,31 @@ def _word_sums(cw, g, xq, m, el, eh, ol, oh):
         seh = np.int16(seh + np.int16(np.int16((w >> s4) & f) * xhf))
         sol = np.int16(sol + np.int16(np.int16((w >> s8) & f) * xlf))
         soh = np.int16(soh + np.int16(np.int16(w >> s12) * xhf))
-        el[rw] = sel
-        eh[rw] = seh
-        ol[rw] = sol
-        oh[rw] = soh
+        lows[2 * rw] = sel
+        lows[2 * rw + 1] = sol
+        highs[2 * rw] = seh
+        highs[2 * rw + 1] = soh
 
 
 @njit(inline="always", **_OPTS)
-def _word_group(t, g, gps, d, sc, dmin, mn, dx, xs, m, el, eh, ol, oh, acc):
+def _word_group(t, g, gps, d, sc, dmin, mn, dx, xs, m, lows, highs, acc):
     """acc[r] += the sums of _word_sums times group g's scales, plus its offset term."""
-    W = el.shape[0]
+    R = acc.shape[0]
     s = g // gps
     step = dx[m, g]
     total = xs[m, g]
-    for rw in range(W):
-        for odd in range(2):
-            r = 2 * rw + odd
-            if odd == 0:
-                dot = np.float32(np.int32(el[rw]) + np.int32(eh[rw]))
+    for r in range(R):
+        dot = np.float32(np.int32(lows[r]) + np.int32(highs[r]))
+        if sc is None:
+            scale = d[t, s, r]
+        else:
+            scale = d[t, s, r] * np.float32(np.int32(sc[t, g, r]))
+        acc[r] += dot * (scale * step)
+        if dmin is not None:
+            if mn is None:
+                acc[r] += dmin[t, s, r] * total
             else:
-                dot = np.float32(np.int32(ol[rw]) + np.int32(oh[rw]))
-            if sc is None:
-                scale = d[t, s, r]
-            else:
-                scale = d[t, s, r] * np.float32(np.int32(sc[t, g, r]))
-            acc[r] += dot * (scale * step)
-            if dmin is not None:
-                if mn is None:
-                    acc[r] += dmin[t, s, r] * total
-                else:
-                    acc[r] += dmin[t, s, r] * np.float32(np.int32(mn[t, g, r])) * total
+                acc[r] += dmin[t, s, r] * np.float32(np.int32(mn[t, g, r])) * total
 
 
 @njit(**_OPTS)
@@ -196,18 +194,16 @@ def _gemv_tiles(codes, d, sc, dmin, mn, gps, xq, dx, xs, out, t0, t1):
     G = K // 32
     words = codes.view(np.uint16)
     acc = np.empty(R, np.float32)
-    el = np.empty((G, R // 2), np.int16)
-    eh = np.empty((G, R // 2), np.int16)
-    ol = np.empty((G, R // 2), np.int16)
-    oh = np.empty((G, R // 2), np.int16)
+    lows = np.empty((G, R), np.int16)
+    highs = np.empty((G, R), np.int16)
     for t in range(t0, t1):
         cw = words[t]
         for m in range(M):
             for g in range(G):
-                _word_sums(cw, g, xq, m, el[g], eh[g], ol[g], oh[g])
+                _word_sums(cw, g, xq, m, lows[g], highs[g])
             acc[:] = 0
             for g in range(G):
-                _word_group(t, g, gps, d, sc, dmin, mn, dx, xs, m, el[g], eh[g], ol[g], oh[g], acc)
+                _word_group(t, g, gps, d, sc, dmin, mn, dx, xs, m, lows[g], highs[g], acc)
             for r in range(R):
                 out[m, t * R + r] = acc[r]
 
