@@ -85,6 +85,26 @@ def wait_until(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def cmdline(pid: int) -> list[str]:
+    """A process's argv, from /proc."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [part.decode() for part in f.read().split(b"\0") if part]
+
+
+def is_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (exited, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+
+
+def data_events(lines) -> list[str]:
+    """The payloads of an SSE stream's `data: ` lines."""
+    return [line[len("data: "):] for line in lines if line.startswith("data: ")]
+
+
 def scrape(server: "Server") -> dict[str, float]:
     """/metrics samples as `name` or `name{label=value}` (model_name left out) -> value."""
     from prometheus_client.parser import text_string_to_metric_families

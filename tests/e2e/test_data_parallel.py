@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from frontend.data_parallel import plan
-from server import Server, scrape, wait_until
+from server import Server, cmdline, data_events, is_alive, scrape, wait_until
 
 NUM_PROMPTS = 64
 SUBJECTS = ["the sea", "a mountain", "bread", "winter", "a library", "trains", "the moon", "bees"]
@@ -28,23 +28,10 @@ def engine_pids(server: Server) -> dict[int, int]:
     """data_parallel_rank -> pid of the launcher's `python -m engine_core` children."""
     pids = {}
     for pid in server.child_pids():
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = [part.decode() for part in f.read().split(b"\0") if part]
+        argv = cmdline(pid)
         if "engine_core" in argv:
             pids[json.loads(argv[-1])["data_parallel_rank"]] = pid
     return pids
-
-
-def is_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except FileNotFoundError:
-        return False
-
-
-def data_events(lines) -> list[str]:
-    return [line[len("data: "):] for line in lines if line.startswith("data: ")]
 
 
 def prompts() -> list[str]:

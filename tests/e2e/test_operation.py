@@ -13,33 +13,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from server import STARTUP_TIMEOUT_S, Server, scrape, wait_until
+from server import STARTUP_TIMEOUT_S, Server, cmdline, data_events, is_alive, scrape, wait_until
 
 LONG = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True}
 API_KEY = "e2e-secret-key"
-
-
-def cmdline(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return [part.decode() for part in f.read().split(b"\0") if part]
 
 
 def engine_pid(server: Server) -> int:
     """The launcher's child running `python -m engine_core`."""
     [pid] = [p for p in server.child_pids() if "engine_core" in cmdline(p)]
     return pid
-
-
-def is_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except FileNotFoundError:
-        return False
-
-
-def data_events(lines) -> list[str]:
-    return [line[len("data: "):] for line in lines if line.startswith("data: ")]
 
 
 def stop_quietly(server: Server) -> None:
