@@ -30,13 +30,13 @@ class ModelRunner:
     def __init__(self, config: ModelConfig, weights: dict[str, np.ndarray], *, num_blocks: int,
                  block_size: int, max_model_len: int, kv_cache_dtype: str = "float32",
                  activation_dtype: str = "float32"):
+        kernels.set_activation_precision(activation_dtype)  # first: a bad value fails before any work
         self.config = config
         self.block_size = block_size
         self.model = LlamaModel(config, weights, max_len=max_model_len)
         # the kernels use as many threads as BLAS was given (threadpool_limits at start-up), and
         # are compiled (or loaded from the disk cache) now, before the engine reports ready
         kernels.set_num_threads(_blas_threads())
-        kernels.set_activation_precision(activation_dtype)
         formats = {w.qtype for w in weights.values() if isinstance(w, kernels.QuantizedWeight)}
         self.kernel_warm_up_s = kernels.warm_up(formats) if formats else 0.0
         self.cache = KVCache(config, num_blocks, block_size, kv_cache_dtype)
