@@ -3,8 +3,8 @@ place through its block table (no gather copy), with an online softmax.
 
     paged_decode_attention(q, rows, keys, values, block_table, context_lens, out, window=0, softcap=0.0)
 
-A task is one sequence and some of its KV heads (all of them on one thread; one each when
-threads outnumber sequences), run in parallel (prange). It walks the sequence's context in chunks
+A task is one sequence and some of its KV heads (all of them on one thread; one each with fewer
+than four sequences a thread), run in parallel (prange). It walks the sequence's context in chunks
 of CHUNK_TOKENS (whole blocks), and each key and value row is read once, in memory order, for all
 the query heads of the task (GQA: the `group` query heads of a KV head share that read). Per
 chunk: the scores of its tokens for every query head, four rows at a time sharing each load of
@@ -12,18 +12,17 @@ the query (a dot product over head_dim per token: the cache is token-major); the
 chunk's maximum, one rescale of the running sums, the exps; then the weighted values, four rows
 per update of the sums. Nothing a task computes depends on where its blocks lie or on what else
 is in the batch, and it never reads a slot past its context's end, so stale cache contents
-(NaN included) cannot leak in (the prefetch hints below may touch such slots; hints read no
-value). While it works on one block, a task hints the next block it will read (the next key or
-value block; blocks are scattered, which the hardware prefetcher cannot follow): with contexts
-out of cache (a batch, or a model's other layers in between) that was 1.3x; with one short
-context already in L2 it costs ~10%. With a window (sliding-window layers), a task starts at the
+(NaN included) cannot leak in. With a window (sliding-window layers), a task starts at the
 block holding the first of the last `window` positions and skips the tokens before it; a soft
-cap (Gemma 2 style) bends each score to cap * tanh(score / cap).
+cap (Gemma 2 style) bends each score to cap * tanh(score / cap). (A software prefetch of the next
+block, llvm.prefetch through a numba intrinsic, gained ~10% at batch 64 when freshly compiled
+but ran 2x slower loaded from numba's disk cache, as the engine loads it: left out.)
 
 The cache may hold float32, or 16-bit values stored as uint16 (float16 and bfloat16; numba has no
-float16 type). A 16-bit block is widened (the task's heads) into a float32 scratch first: bfloat16 by a shift,
-float16 bit by bit (normal, subnormal, zero, inf and NaN). Softmax's exponential is a polynomial
-here (relative error < 2e-7) because without Intel's SVML numba calls libm's scalar expf.
+float16 type). A 16-bit block (the task's heads) is widened into a float32 scratch first:
+bfloat16 by a shift, float16 bit by bit (normal, subnormal, zero, inf and NaN). Softmax's
+exponential is a polynomial here (relative error < 2e-7) because without Intel's SVML numba calls
+libm's scalar expf.
 """
 
 from __future__ import annotations
@@ -31,10 +30,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit, prange
 
 import engine_core.kernels as kernels
 
@@ -51,40 +47,6 @@ _LOWEST = np.float32(-3.0e38)
 _TWO_112 = np.float32(2.0**112)
 # tokens per unit of the online softmax (whole blocks): one maximum and rescale per unit
 CHUNK_TOKENS = 128
-
-
-@intrinsic
-def _prefetch(typingctx, arr, blk, t, h, d):
-    """Hint the cache line holding arr[blk, t, h, d] into the caches (llvm.prefetch: a read,
-    high locality); never faults, so any address may be hinted."""
-    sig = types.void(arr, blk, t, h, d)
-
-    def codegen(context, builder, signature, args):
-        aryty = signature.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        idx = [context.cast(builder, a, ty, types.intp) for a, ty in zip(args[1:], signature.args[1:])]
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx, wraparound=False)
-        i8p = builder.bitcast(ptr, ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p.type, i32, i32, i32]),
-                                            "llvm.prefetch.p0i8")
-        builder.call(fn, [i8p, i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@njit(inline="always", **_OPTS)
-def _prefetch_rows(P, pb, t, rows, h0, nh):
-    """Hint rows [t, t + rows) of block pb (if pb >= 0), KV heads h0 .. h0+nh-1, of cache P."""
-    if pb < 0:
-        return
-    bs = P.shape[1]
-    D = P.shape[3]
-    step = 64 // P.itemsize
-    for r in range(t, min(t + rows, bs)):
-        for d in range(0, nh * D, step):  # the heads of a row lie side by side
-            _prefetch(P, pb, r, h0, d)
 
 
 @njit(inline="always", **_OPTS)
@@ -134,7 +96,7 @@ def _widen(src, blk, n, h0, nh, kind, ubuf, fbuf, j):
 
 
 @njit(inline="always", **_OPTS)
-def _scores(qg, nh, G, K, kb, kh0, t0, n, s, stride, col, P, pb, ph0):
+def _scores(qg, nh, G, K, kb, kh0, t0, n, s, stride, col):
     """s[a * stride + col + t - t0] = qg[a] . K[kb, t, kh0 + a // G] for the tokens t0 <= t < n of
     a block and the nh * G query heads a: the block's rows read once, in memory order, four rows
     at a time sharing each load of the query."""
@@ -142,7 +104,6 @@ def _scores(qg, nh, G, K, kb, kh0, t0, n, s, stride, col, P, pb, ph0):
     t = t0
     while t + 4 <= n:
         i = col + t - t0
-        _prefetch_rows(P, pb, t, 4, ph0, nh)
         for h in range(nh):
             kh = kh0 + h
             for g in range(G):
@@ -164,7 +125,6 @@ def _scores(qg, nh, G, K, kb, kh0, t0, n, s, stride, col, P, pb, ph0):
         t += 4
     while t < n:
         i = col + t - t0
-        _prefetch_rows(P, pb, t, 1, ph0, nh)
         for h in range(nh):
             kh = kh0 + h
             for g in range(G):
@@ -177,14 +137,13 @@ def _scores(qg, nh, G, K, kb, kh0, t0, n, s, stride, col, P, pb, ph0):
 
 
 @njit(inline="always", **_OPTS)
-def _weigh(p, nh, G, V, kb, kh0, t0, n, stride, col, acc, P, pb, ph0):
+def _weigh(p, nh, G, V, kb, kh0, t0, n, stride, col, acc):
     """acc[a] += p[a * stride + col + t - t0] * V[kb, t, kh0 + a // G] for the tokens of a block:
     its rows read once, in memory order, four rows per update of the sums."""
     D = acc.shape[1]
     t = t0
     while t + 4 <= n:
         i = col + t - t0
-        _prefetch_rows(P, pb, t, 4, ph0, nh)
         for h in range(nh):
             kh = kh0 + h
             for g in range(G):
@@ -198,7 +157,6 @@ def _weigh(p, nh, G, V, kb, kh0, t0, n, stride, col, acc, P, pb, ph0):
         t += 4
     while t < n:
         i = col + t - t0
-        _prefetch_rows(P, pb, t, 1, ph0, nh)
         for h in range(nh):
             kh = kh0 + h
             for g in range(G):
@@ -283,26 +241,22 @@ def _decode_task(q, rows, keys, values, table, lens, kind, heads_per_task, windo
         for j in range(j0, j1):
             n = min(bs, length - j * bs)
             t0 = max(0, begin - j * bs)
-            # the block read next: this chunk's next key block, or its first value block
-            P, pb = (keys, table[b, j + 1]) if j + 1 < j1 else (values, table[b, j0])
             if wide:
                 _widen(keys, table[b, j], n, h0, heads_per_task, kind, kwide, kf, j - j0)
-                _scores(qg, heads_per_task, G, kf, j - j0, 0, t0, n, s, stride, col, P, pb, h0)
+                _scores(qg, heads_per_task, G, kf, j - j0, 0, t0, n, s, stride, col)
             else:
-                _scores(qg, heads_per_task, G, keys, table[b, j], h0, t0, n, s, stride, col, P, pb, h0)
+                _scores(qg, heads_per_task, G, keys, table[b, j], h0, t0, n, s, stride, col)
             col += n - t0
         _fold(s, w, A, stride, col, softcap, ibuf, fbuf, m, l, acc)
         col = 0
         for j in range(j0, j1):
             n = min(bs, length - j * bs)
             t0 = max(0, begin - j * bs)
-            # the block read next: this chunk's next value block, or the next chunk's first key block
-            P, pb = (values, table[b, j + 1]) if j + 1 < j1 else (keys, table[b, j1] if j1 < end else -1)
             if wide:
                 _widen(values, table[b, j], n, h0, heads_per_task, kind, vwide, vf, j - j0)
-                _weigh(w, heads_per_task, G, vf, j - j0, 0, t0, n, stride, col, acc, P, pb, h0)
+                _weigh(w, heads_per_task, G, vf, j - j0, 0, t0, n, stride, col, acc)
             else:
-                _weigh(w, heads_per_task, G, values, table[b, j], h0, t0, n, stride, col, acc, P, pb, h0)
+                _weigh(w, heads_per_task, G, values, table[b, j], h0, t0, n, stride, col, acc)
             col += n - t0
     for a in range(A):
         inv = np.float32(1.0) / l[a]
