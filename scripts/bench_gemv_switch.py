@@ -3,7 +3,7 @@
 activation rows by the direct kernel (reads the codes, several rows sharing one read) and by
 the many-rows path (dequantize chunks into a float32 buffer, multiply with BLAS), M = 1..--max-rows,
 on one thread, and the largest M at which the kernel is still the faster: the value
-engine_core.kernels.GEMV_MAX_ROWS should hold for that format.
+engine_core.kernels.GEMV_MAX_ROWS_BY_FORMAT should hold for that format.
 
 Times are the thread's CPU time (time.thread_time), the best of interleaved rounds, so that
 other processes on a shared machine disturb the ratio less than they would wall time.
@@ -67,7 +67,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    saved = kernels.GEMV_MAX_ROWS
+    saved = kernels.GEMV_MAX_ROWS, dict(kernels.GEMV_MAX_ROWS_BY_FORMAT)
     results = []
     with threadpool_limits(1):
         kernels.set_num_threads(1)
@@ -87,11 +87,12 @@ def main() -> int:
                     pair = []
                     for limit in (args.max_rows + 1, 0):  # the kernel, then the BLAS path
                         kernels.GEMV_MAX_ROWS = limit
+                        kernels.GEMV_MAX_ROWS_BY_FORMAT[qtype] = limit
                         kernels.matmul(x, w)  # compile / warm
                         pair.append(cpu_seconds(lambda: [kernels.matmul(x, w) for _ in range(repeat)], args.rounds)
                                     / repeat)
                     times.append(pair)
-                kernels.GEMV_MAX_ROWS = saved
+                kernels.GEMV_MAX_ROWS, kernels.GEMV_MAX_ROWS_BY_FORMAT = saved[0], dict(saved[1])
                 faster = [m for m, (k, b) in enumerate(times, start=1) if k <= b]
                 # the switch point: the last M before the kernel first loses for good
                 switch = 0

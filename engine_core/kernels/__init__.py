@@ -58,10 +58,19 @@ __all__ = [
     "pack_half", "permute_rows", "set_activation_precision", "set_num_threads", "unpack", "warm_up",
 ]
 
-# Rows up to which the direct kernel beats dequantize + BLAS. Measured on one thread (3072x576
-# Q4_1, 4096x4096 Q4_K/Q6_K/Q8_0): the kernel at 8 rows took 0.55-0.9x the time of the BLAS path
-# at 9, and the two meet between 8 and 16 rows.
-GEMV_MAX_ROWS = 12
+# Rows up to which the direct kernel beats dequantize + BLAS, per format (scripts/bench_gemv_switch.py:
+# one thread, CPU time, 1536x576, 1536x512 and 4096x4096 on a shared AMD EPYC with AVX2): the 4-bit
+# kernels win up to 10-15 rows, the byte-coded ones (Q5_0, Q8_0, Q5_K, Q6_K: one byte a weight
+# to widen) up to 6-11, the 16-bit ones at every count measured (up to 16: no scales, and BLAS
+# first widens all of it). GEMV_MAX_ROWS caps them all (tests set it to 0 for the BLAS path).
+GEMV_MAX_ROWS_BY_FORMAT = {"Q4_0": 12, "Q4_1": 12, "Q4_K": 12, "Q5_0": 8, "Q5_1": 8, "Q8_0": 8,
+                           "Q5_K": 8, "Q6_K": 8, "F16": 16, "BF16": 16}
+GEMV_MAX_ROWS = max(GEMV_MAX_ROWS_BY_FORMAT.values())
+
+
+def gemv_max_rows(qtype: str) -> int:
+    """The most activation rows that format's few-rows kernel takes."""
+    return min(GEMV_MAX_ROWS, GEMV_MAX_ROWS_BY_FORMAT.get(qtype, GEMV_MAX_ROWS))
 
 # Float32 bytes dequantized per BLAS call on the many-rows path: large enough that BLAS runs at
 # speed, small enough to stay in L2/L3 between the dequantization and the multiply.
@@ -182,7 +191,7 @@ def matmul(x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
     M = x.shape[0]
     x = np.ascontiguousarray(x, dtype=np.float32)
     padded = w.tiles * TILE_ROWS
-    if M <= GEMV_MAX_ROWS:
+    if M <= gemv_max_rows(w.qtype):
         res = np.empty((M, padded), dtype=np.float32)
         _gemv(w, x, None if w.qtype in HALF_FORMATS else _group_sums(x, w.group_size), res)
         return res[:, : w.rows] if padded != w.rows else res

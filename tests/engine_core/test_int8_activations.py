@@ -96,7 +96,7 @@ def test_quantize_rows_matches_numpy_bit_for_bit():
 
 
 @pytest.mark.parametrize("qtype", sorted(NIBBLE_FORMATS))
-@pytest.mark.parametrize("m", [1, 2, 5, kernels.GEMV_MAX_ROWS])
+@pytest.mark.parametrize("m", [1, 2, 5, kernels.gemv_max_rows("Q4_0")])
 def test_int8_gemv_is_the_same_int8_math_as_numpy(qtype, m):
     for rows, cols in shapes(qtype):
         w, ref = quantized(qtype, rows, cols, seed=rows + m)
@@ -162,7 +162,7 @@ def test_switch_covers_only_the_few_row_4bit_gemv():
     raw8[..., 0:2] = np.array([1e-3], np.float16).view(np.uint8)
     w8 = kernels.pack("Q8_0", kernels.unpack("Q8_0", raw8.reshape(TILE_ROWS, -1), 96), TILE_ROWS, 96)
     x = activations(1, 96, seed=0)
-    many = activations(kernels.GEMV_MAX_ROWS + 1, 96, seed=0)
+    many = activations(kernels.gemv_max_rows("Q4_0") + 1, 96, seed=0)
     float_4bit, float_8bit, float_many = kernels.matmul(x, w4), kernels.matmul(x, w8), kernels.matmul(many, w4)
     kernels.set_activation_precision("int8")
     assert kernels.activation_precision() == "int8"

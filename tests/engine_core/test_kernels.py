@@ -74,6 +74,23 @@ def test_matmul_matches_dequantize_then_numpy(qtype, m):
         close(kernels.matmul(x, w), expected)
 
 
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_each_format_switches_to_blas_after_its_own_row_count(qtype, monkeypatch):
+    """Up to gemv_max_rows(format) rows the direct kernel runs, one more and dequantize + BLAS
+    does; both give the reference's values."""
+    limit = kernels.gemv_max_rows(qtype)
+    assert 1 <= limit <= kernels.GEMV_MAX_ROWS
+    calls = []
+    real = kernels._gemv
+    monkeypatch.setattr(kernels, "_gemv", lambda *args: calls.append(args[1].shape[0]) or real(*args))
+    rows, cols = shapes(qtype)[0]
+    w, ref = quantized(qtype, rows, cols, seed=rows)
+    for m in (limit, limit + 1):
+        x = np.random.default_rng(m).standard_normal((m, cols)).astype(np.float32)
+        close(kernels.matmul(x, w), (x.astype(np.float64) @ ref.T.astype(np.float64)).astype(np.float32))
+    assert calls == [limit]
+
+
 def test_many_rows_path_spans_several_dequantized_chunks(monkeypatch):
     monkeypatch.setattr(kernels, "DEQUANT_CHUNK_BYTES", 1)  # one tile per chunk
     w, ref = quantized("Q4_K", 3 * TILE_ROWS + 5, 512)
