@@ -24,18 +24,14 @@ def _default_cache_dir() -> str:
 
 
 os.environ.setdefault("NUMBA_CACHE_DIR", _default_cache_dir())
-# The threads of a parallel kernel: OpenMP (GNU libgomp, where the system has it), else numba's
-# own workqueue pool (55-160 us a region here: at 7 regions a layer a second thread was slower
-# than one). After a region libgomp's idle threads spin GOMP_SPINCOUNT times (~3 ms) before they
-# sleep, so the next matmul of the step finds them awake: single-stream SmolLM2 at two threads,
-# quiet 2-core VM, 70-81 tok/s against 40-42 with threads that sleep at once (OMP_WAIT_POLICY
-# PASSIVE, each region then waits for a wake-up) and 58-61 with one thread. The price is
-# contention: beside a process busy on one core the spinning engine fell to 22 tok/s (48 with one
-# thread; 55 with sleeping threads and only the lm_head split, the setting before), which is why the default is one thread per engine and one engine
-# per core (--data-parallel-size auto). With one kernel thread no parallel region runs at all
-# (the serial kernels are called), so nothing spins. An OMP_WAIT_POLICY the user sets is kept.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "300000")
+# The threads of a parallel kernel: OpenMP (GNU libgomp, where the system has it) with idle
+# threads that sleep at once instead of spinning, else numba's own workqueue pool. A parallel
+# region cost 10-11 us with two threads on this 2-core machine, idle or with a busy-looping
+# process beside it, against 55-160 us with the workqueue pool (which at 7 regions a layer made
+# a second thread slower than one). OpenMP's default policy spins: 46-51 us a region here, and
+# single-stream decode fell from 44 to 11 tok/s while other processes kept the cores busy.
+# With one kernel thread no parallel region runs at all (the serial kernels are called).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp workqueue tbb")
 
 import numpy as np  # noqa: E402
@@ -83,11 +79,13 @@ DEQUANT_CHUNK_BYTES = 2 << 20
 
 _threads = 1  # threads the kernels use (set_num_threads)
 
-# Multiply-adds below which a matmul runs on the calling thread alone even with more threads: the
-# other thread is awake (see GOMP_SPINCOUNT above), but a region still costs a few microseconds.
-# SmolLM2's single-stream decode at two threads: from 256k (its 576 x 576 and larger matmuls)
-# 77-80 tok/s, from 512k 70-81, from 1M 62-74 (one thread 58-61).
-PARALLEL_MIN_WORK = 1 << 18
+# Multiply-adds below which a matmul runs on the calling thread alone even with more threads: a
+# parallel region (waking a sleeping thread) cost 10-11 us in a tight loop here but far more
+# within a decode step on this virtual machine. SmolLM2's single-stream decode with two threads:
+# every GEMV split, 26 tok/s (served) against 46 with one thread; from 1M multiply-adds (its
+# 3072 x 576 gate/up and the lm_head split), 33-42; from 4M (the lm_head only), 53 against 55.
+# An 8B model's 4096 x 4096 projections (16.7M) are split.
+PARALLEL_MIN_WORK = 1 << 22
 
 
 def set_num_threads(n: int) -> None:
