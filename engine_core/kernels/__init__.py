@@ -130,7 +130,9 @@ def _gemv_nibbles_int8(w: QuantizedWeight, x: np.ndarray, out: np.ndarray, parts
         i8.gemv_nibbles_int8(*args, 0, w.tiles)
 
 
-def _gemv(w: QuantizedWeight, x: np.ndarray, xs: np.ndarray | None, out: np.ndarray) -> None:
+def _gemv(w: QuantizedWeight, x: np.ndarray, out: np.ndarray) -> None:
+    """out = x @ w.T by the few-rows kernel of w's format; the block formats' float kernels also
+    take x's sums per group (the offset term), which the others do not need."""
     parts = min(_threads, w.tiles) if x.shape[0] * w.rows * w.cols >= PARALLEL_MIN_WORK else 1
     if w.nibbles and _activation_dtype == "int8":
         _gemv_nibbles_int8(w, x, out, parts)
@@ -140,13 +142,14 @@ def _gemv(w: QuantizedWeight, x: np.ndarray, xs: np.ndarray | None, out: np.ndar
         else:
             nk.gemv_half(w.codes, w.qtype == "BF16", x, out, 0, w.tiles)
     elif w.nibbles:
-        args = (w.codes, w.d, w.sc, w.dmin, w.mn, w.groups_per_super, x, xs, out)
+        args = (w.codes, w.d, w.sc, w.dmin, w.mn, w.groups_per_super, x, _group_sums(x, w.group_size), out)
         if parts > 1:
             nk.gemv_nibbles_parallel(*args, parts)
         else:
             nk.gemv_nibbles(*args, 0, w.tiles)
     else:
-        args = (w.codes, w.d, w.sc, w.dmin, w.mn, w.group_size, w.groups_per_super, x, xs, out)
+        args = (w.codes, w.d, w.sc, w.dmin, w.mn, w.group_size, w.groups_per_super, x,
+                _group_sums(x, w.group_size), out)
         if parts > 1:
             nk.gemv_bytes_parallel(*args, parts)
         else:
@@ -193,7 +196,7 @@ def matmul(x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
     padded = w.tiles * TILE_ROWS
     if M <= gemv_max_rows(w.qtype):
         res = np.empty((M, padded), dtype=np.float32)
-        _gemv(w, x, None if w.qtype in HALF_FORMATS else _group_sums(x, w.group_size), res)
+        _gemv(w, x, res)
         return res[:, : w.rows] if padded != w.rows else res
     res = np.empty((M, padded), dtype=np.float32)
     per_chunk = max(1, DEQUANT_CHUNK_BYTES // (w.cols * TILE_ROWS * 4))
