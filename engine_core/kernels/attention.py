@@ -18,9 +18,9 @@ cap (Gemma 2 style) bends each score to cap * tanh(score / cap). (A software pre
 block, llvm.prefetch through a numba intrinsic, gained ~10% at batch 64 when freshly compiled
 but ran 2x slower loaded from numba's disk cache, as the engine loads it: left out.)
 
-The cache may hold float32, or 16-bit values stored as uint16 (float16 and bfloat16; numba has no
-float16 type). A 16-bit block (the task's heads) is widened into a float32 scratch first:
-bfloat16 by a shift, float16 bit by bit (normal, subnormal, zero, inf and NaN). Softmax's
+The cache may hold float32, float16 or bfloat16 (numba has no 16-bit float type: the kernels
+read float16 bits as uint16 and bfloat16 bits as int16, and widen each value in registers as it
+is read, see _f32; compiled once per cache type). Softmax's
 exponential is a polynomial here (relative error < 2e-7) because without Intel's SVML numba calls
 libm's scalar expf.
 """
@@ -30,21 +30,20 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 import engine_core.kernels as kernels
 
 _OPTS = dict(cache=True, fastmath=True, nogil=True)
 
-# KV cache element types: "float32" as is; "float16" and "bfloat16" stored as uint16 bits.
-FLOAT32, FLOAT16, BFLOAT16 = 0, 1, 2
 
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)
 _LN2_LO = np.float32(-2.12194440e-4)
 # the running maximum before any score: finite, because fastmath lets the compiler assume no inf
 _LOWEST = np.float32(-3.0e38)
-_TWO_112 = np.float32(2.0**112)
 # tokens per unit of the online softmax (whole blocks): one maximum and rescale per unit
 CHUNK_TOKENS = 128
 
@@ -69,30 +68,24 @@ def _exp_into(x, n, ibuf, fbuf, out):
         out[i] *= fbuf[i]
 
 
-@njit(inline="always", **_OPTS)
-def _widen(src, blk, n, h0, nh, kind, ubuf, fbuf, j):
-    """Rows [0, n) of block blk, KV heads h0 .. h0+nh-1 of a uint16 cache, as float32 into
-    fbuf[j, :n, :nh] (ubuf: the same [chunk_blocks, bs, heads, D] memory as uint32)."""
-    D = src.shape[3]
-    if kind == BFLOAT16:
-        for t in range(n):
-            for i in range(nh):
-                for d in range(D):
-                    ubuf[j, t, i, d] = np.uint32(src[blk, t, h0 + i, d]) << np.uint32(16)
-        return
-    # float16: exponent and mantissa shifted into float32's places read as a float32 that is
-    # 2^112 too small (exactly, subnormal halves included); inf and NaN then get exponent 255
-    for t in range(n):
-        for i in range(nh):
-            for d in range(D):
-                bits = np.uint32(src[blk, t, h0 + i, d])
-                ubuf[j, t, i, d] = (bits & np.uint32(0x7FFF)) << np.uint32(13)
-            for d in range(D):
-                fbuf[j, t, i, d] *= _TWO_112
-            for d in range(D):
-                bits = np.uint32(src[blk, t, h0 + i, d])
-                special = np.uint32(0x7F800000) if bits & np.uint32(0x7C00) == np.uint32(0x7C00) else np.uint32(0)
-                ubuf[j, t, i, d] |= ((bits & np.uint32(0x8000)) << np.uint32(16)) | special
+@intrinsic
+def _f32(typingctx, v):
+    """A cache element as float32, by its array's element type: float32 as is; uint16, float16
+    bits (LLVM's half-to-float extension: one vcvtph2ps for a vector on x86 with F16C, exact for
+    every value); int16, bfloat16 bits (the upper half of a float32). The kernels are compiled
+    once per cache type, and the conversion happens in registers as the row is read."""
+    if v == types.float32:
+        return types.float32(v), lambda context, builder, sig, args: args[0]
+    if v == types.uint16:
+        def half(context, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(v), half
+    if v == types.int16:
+        def bfloat(context, builder, sig, args):
+            wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+            return builder.bitcast(wide, ir.FloatType())
+        return types.float32(v), bfloat
+    return None
 
 
 @njit(inline="always", **_OPTS)
@@ -114,10 +107,10 @@ def _scores(qg, nh, G, K, kb, kh0, t0, n, s, stride, col):
                 d3 = np.float32(0.0)
                 for d in range(D):
                     x = qg[a, d]
-                    d0 += x * K[kb, t, kh, d]
-                    d1 += x * K[kb, t + 1, kh, d]
-                    d2 += x * K[kb, t + 2, kh, d]
-                    d3 += x * K[kb, t + 3, kh, d]
+                    d0 += x * _f32(K[kb, t, kh, d])
+                    d1 += x * _f32(K[kb, t + 1, kh, d])
+                    d2 += x * _f32(K[kb, t + 2, kh, d])
+                    d3 += x * _f32(K[kb, t + 3, kh, d])
                 s[a * stride + i] = d0
                 s[a * stride + i + 1] = d1
                 s[a * stride + i + 2] = d2
@@ -131,7 +124,7 @@ def _scores(qg, nh, G, K, kb, kh0, t0, n, s, stride, col):
                 a = h * G + g
                 d0 = np.float32(0.0)
                 for d in range(D):
-                    d0 += qg[a, d] * K[kb, t, kh, d]
+                    d0 += qg[a, d] * _f32(K[kb, t, kh, d])
                 s[a * stride + i] = d0
         t += 1
 
@@ -153,7 +146,8 @@ def _weigh(p, nh, G, V, kb, kh0, t0, n, stride, col, acc):
                 p2 = p[a * stride + i + 2]
                 p3 = p[a * stride + i + 3]
                 for d in range(D):
-                    acc[a, d] += (p0 * V[kb, t, kh, d] + p1 * V[kb, t + 1, kh, d]) + (p2 * V[kb, t + 2, kh, d] + p3 * V[kb, t + 3, kh, d])
+                    acc[a, d] += ((p0 * _f32(V[kb, t, kh, d]) + p1 * _f32(V[kb, t + 1, kh, d]))
+                                  + (p2 * _f32(V[kb, t + 2, kh, d]) + p3 * _f32(V[kb, t + 3, kh, d])))
         t += 4
     while t < n:
         i = col + t - t0
@@ -163,7 +157,7 @@ def _weigh(p, nh, G, V, kb, kh0, t0, n, stride, col, acc):
                 a = h * G + g
                 pt = p[a * stride + i]
                 for d in range(D):
-                    acc[a, d] += pt * V[kb, t, kh, d]
+                    acc[a, d] += pt * _f32(V[kb, t, kh, d])
         t += 1
 
 
@@ -200,7 +194,7 @@ def _fold(s, w, A, stride, c, softcap, ibuf, fbuf, m, l, acc):
 
 
 @njit(**_OPTS)
-def _decode_task(q, rows, keys, values, table, lens, kind, heads_per_task, window, softcap, out, task):
+def _decode_task(q, rows, keys, values, table, lens, heads_per_task, window, softcap, out, task):
     """One task of _decode: sequence task // per_seq, KV heads h0 .. h0+heads_per_task-1. The
     context is walked in chunks of CHUNK_TOKENS (whole blocks): the chunk's scores for all the
     task's query heads, one maximum and rescale per head, the exps, then the weighted values."""
@@ -228,11 +222,6 @@ def _decode_task(q, rows, keys, values, table, lens, kind, heads_per_task, windo
     for a in range(A):
         for d in range(D):
             qg[a, d] = q[row, h0 * G + a, d]
-    wide = kind != FLOAT32
-    kwide = np.empty((chunk_blocks if wide else 0, bs, heads_per_task, D), np.uint32)
-    vwide = np.empty((chunk_blocks if wide else 0, bs, heads_per_task, D), np.uint32)
-    kf = kwide.view(np.float32)
-    vf = vwide.view(np.float32)
     begin = max(0, length - window) if window > 0 else 0  # the first token attended
     first, end = begin // bs, (length + bs - 1) // bs  # the blocks read
     for j0 in range(first, end, chunk_blocks):
@@ -241,22 +230,14 @@ def _decode_task(q, rows, keys, values, table, lens, kind, heads_per_task, windo
         for j in range(j0, j1):
             n = min(bs, length - j * bs)
             t0 = max(0, begin - j * bs)
-            if wide:
-                _widen(keys, table[b, j], n, h0, heads_per_task, kind, kwide, kf, j - j0)
-                _scores(qg, heads_per_task, G, kf, j - j0, 0, t0, n, s, stride, col)
-            else:
-                _scores(qg, heads_per_task, G, keys, table[b, j], h0, t0, n, s, stride, col)
+            _scores(qg, heads_per_task, G, keys, table[b, j], h0, t0, n, s, stride, col)
             col += n - t0
         _fold(s, w, A, stride, col, softcap, ibuf, fbuf, m, l, acc)
         col = 0
         for j in range(j0, j1):
             n = min(bs, length - j * bs)
             t0 = max(0, begin - j * bs)
-            if wide:
-                _widen(values, table[b, j], n, h0, heads_per_task, kind, vwide, vf, j - j0)
-                _weigh(w, heads_per_task, G, vf, j - j0, 0, t0, n, stride, col, acc)
-            else:
-                _weigh(w, heads_per_task, G, values, table[b, j], h0, t0, n, stride, col, acc)
+            _weigh(w, heads_per_task, G, values, table[b, j], h0, t0, n, stride, col, acc)
             col += n - t0
     for a in range(A):
         inv = np.float32(1.0) / l[a]
@@ -266,34 +247,35 @@ def _decode_task(q, rows, keys, values, table, lens, kind, heads_per_task, windo
 
 
 @njit(parallel=True, **_OPTS)
-def _decode(q, rows, keys, values, table, lens, kind, heads_per_task, window, softcap, out):
+def _decode(q, rows, keys, values, table, lens, heads_per_task, window, softcap, out):
     """q [T, heads, D] scaled queries; rows [B] the batch rows of the decodes; keys/values
     [blocks, bs, kv_heads, D]; table [B, W] block ids; lens [B] context lengths; out [T, heads * D].
     A task is one sequence and heads_per_task of its KV heads (a divisor of kv_heads).
     window > 0: only the last `window` tokens of each context; softcap > 0: capped scores."""
     tasks = rows.shape[0] * (keys.shape[2] // heads_per_task)
     for task in prange(tasks):
-        _decode_task(q, rows, keys, values, table, lens, kind, heads_per_task, window, softcap, out, task)
+        _decode_task(q, rows, keys, values, table, lens, heads_per_task, window, softcap, out, task)
 
 
 @njit(**_OPTS)
-def _decode_serial(q, rows, keys, values, table, lens, kind, heads_per_task, window, softcap, out):
+def _decode_serial(q, rows, keys, values, table, lens, heads_per_task, window, softcap, out):
     """_decode on the calling thread alone: with one kernel thread a parallel region still costs
     a round trip through numba's thread pool (55 us with its workqueue layer, ten times the
     attention of a 16-token context)."""
     tasks = rows.shape[0] * (keys.shape[2] // heads_per_task)
     for task in range(tasks):
-        _decode_task(q, rows, keys, values, table, lens, kind, heads_per_task, window, softcap, out, task)
+        _decode_task(q, rows, keys, values, table, lens, heads_per_task, window, softcap, out, task)
 
 
-def kind_of(cache: np.ndarray) -> int:
-    """The kernel's element kind of a cache array (bfloat16 is held as uint16)."""
+def kernel_view(cache: np.ndarray) -> np.ndarray:
+    """A cache array as the kernels read it: float32 as is, float16 bits as uint16, bfloat16
+    bits (held as uint16) as int16 (see _f32)."""
     if cache.dtype == np.float32:
-        return FLOAT32
+        return cache
     if cache.dtype == np.float16:
-        return FLOAT16
+        return cache.view(np.uint16)
     if cache.dtype == np.uint16:
-        return BFLOAT16
+        return cache.view(np.int16)
     raise TypeError(f"no attention kernel for a {cache.dtype} KV cache")
 
 
@@ -306,9 +288,7 @@ def paged_decode_attention(q: np.ndarray, rows: np.ndarray, keys: np.ndarray, va
 
     q [T, heads, head_dim] float32; keys, values one layer's [blocks, block_size, kv_heads,
     head_dim] (float32, float16, or bfloat16 bits as uint16); out [T, heads * head_dim]."""
-    kind = kind_of(keys)
-    if kind != FLOAT32:
-        keys, values = keys.view(np.uint16), values.view(np.uint16)
+    keys, values = kernel_view(keys), kernel_view(values)
     kv_heads = keys.shape[2]
     # one task per sequence reads its blocks whole (13% faster out of cache than per head);
     # with fewer sequences than threads, a task per KV head keeps the threads busy
@@ -321,7 +301,7 @@ def paged_decode_attention(q: np.ndarray, rows: np.ndarray, keys: np.ndarray, va
         threads = 1
     heads_per_task = kv_heads if threads == 1 or len(rows) >= 4 * threads else 1
     kernel = _decode if threads > 1 else _decode_serial
-    kernel(np.ascontiguousarray(q), rows, keys, values, block_table, context_lens, kind, heads_per_task,
+    kernel(np.ascontiguousarray(q), rows, keys, values, block_table, context_lens, heads_per_task,
            int(window or 0), np.float32(softcap or 0.0), out)
 
 
