@@ -13,9 +13,32 @@ convert int64 vectors to float.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 _OPTS = dict(cache=True, fastmath=True, nogil=True)
+
+
+@intrinsic
+def to_f32(typingctx, v):
+    """A stored value as float32, by its array's element type: float32 as is; uint16, float16
+    bits (LLVM's half-to-float extension: one vcvtph2ps for a vector on x86 with F16C, exact for
+    every value, inf and NaN included); int16, bfloat16 bits (the upper half of a float32). A
+    kernel is compiled once per element type and converts in registers as it reads (the KV
+    cache's 16-bit types; the block formats' float16 scales)."""
+    if v == types.float32:
+        return types.float32(v), lambda context, builder, sig, args: args[0]
+    if v == types.uint16:
+        def half(context, builder, sig, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return types.float32(v), half
+    if v == types.int16:
+        def bfloat(context, builder, sig, args):
+            wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+            return builder.bitcast(wide, ir.FloatType())
+        return types.float32(v), bfloat
+    return None
 
 
 @njit(inline="always", **_OPTS)
@@ -25,18 +48,18 @@ def _group_scales(t, g, gps, d, sc, dmin, mn, scale, offset):
     R = scale.shape[0]
     if sc is None:
         for r in range(R):
-            scale[r] = d[t, s, r]
+            scale[r] = to_f32(d[t, s, r])
     else:
         for r in range(R):
-            scale[r] = d[t, s, r] * np.float32(sc[t, g, r])
+            scale[r] = to_f32(d[t, s, r]) * np.float32(sc[t, g, r])
     if dmin is None:
         offset[:] = 0
     elif mn is None:
         for r in range(R):
-            offset[r] = dmin[t, s, r]
+            offset[r] = to_f32(dmin[t, s, r])
     else:
         for r in range(R):
-            offset[r] = dmin[t, s, r] * np.float32(mn[t, g, r])
+            offset[r] = to_f32(dmin[t, s, r]) * np.float32(mn[t, g, r])
 
 
 @njit(inline="always", **_OPTS)
@@ -210,12 +233,12 @@ def dequantize_rows(codes, nibbles, d, sc, dmin, mn, gs, gps, ids, out):
         for k in range(K):
             g = k // gs
             s = g // gps
-            scale = d[t, s, r]
+            scale = to_f32(d[t, s, r])
             if sc is not None:
                 scale *= np.float32(sc[t, g, r])
             offset = np.float32(0)
             if dmin is not None:
-                offset = dmin[t, s, r]
+                offset = to_f32(dmin[t, s, r])
                 if mn is not None:
                     offset *= np.float32(mn[t, g, r])
             if nibbles:

@@ -30,11 +30,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 import engine_core.kernels as kernels
+from engine_core.kernels._numba import to_f32 as _f32
 
 _OPTS = dict(cache=True, fastmath=True, nogil=True)
 
@@ -66,26 +65,6 @@ def _exp_into(x, n, ibuf, fbuf, out):
         ibuf[i] = np.uint32(np.int32(k) + np.int32(127)) << np.uint32(23)
     for i in range(n):
         out[i] *= fbuf[i]
-
-
-@intrinsic
-def _f32(typingctx, v):
-    """A cache element as float32, by its array's element type: float32 as is; uint16, float16
-    bits (LLVM's half-to-float extension: one vcvtph2ps for a vector on x86 with F16C, exact for
-    every value); int16, bfloat16 bits (the upper half of a float32). The kernels are compiled
-    once per cache type, and the conversion happens in registers as the row is read."""
-    if v == types.float32:
-        return types.float32(v), lambda context, builder, sig, args: args[0]
-    if v == types.uint16:
-        def half(context, builder, sig, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-        return types.float32(v), half
-    if v == types.int16:
-        def bfloat(context, builder, sig, args):
-            wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-            return builder.bitcast(wide, ir.FloatType())
-        return types.float32(v), bfloat
-    return None
 
 
 @njit(inline="always", **_OPTS)

@@ -13,9 +13,12 @@ K-quants, a super-block scale times a small integer per group: scale = d[n, s] *
 offset = dmin[n, s] * mn[n, g] (s = g // groups_per_super). Keeping that product unevaluated
 keeps K-quants at their size (Q4_K: 4.75 bits a weight here vs 4.5 in the file) and exact.
 
-Sizes held here, in bits per weight (the file's in brackets): Q4_0/Q4_1 6 [4.5/5] (float32 scale
-and offset per 32), Q8_0 9 [8.5], Q5_0 9 [5.5], Q5_1 10 [6], Q4_K 4.75 [4.5], Q5_K 8.75 [5.5],
-Q6_K 8.6 [6.6]: the 5- and 6-bit codes take a whole byte.
+The scales stay float16, as the file stores them (their bits as uint16; the kernels widen them in
+registers, _numba.to_f32): every scale and offset here is a file's float16 value or one times -8
+or -1, exact in float16 (a weight whose values would not be keeps float32 scales). Sizes held
+here, in bits per weight (the file's in brackets): Q4_0 5 [4.5], Q4_1 5 [5], Q8_0 8.5 [8.5],
+Q5_0 8.5 [5.5], Q5_1 9 [6], Q4_K 4.63 [4.5], Q5_K 8.63 [5.5], Q6_K 8.56 [6.6]: the 5- and 6-bit
+codes take a whole byte.
 """
 
 from __future__ import annotations
@@ -50,9 +53,10 @@ class QuantizedWeight:
 
     codes: nibble formats uint8 [tiles, cols // 2, TILE_ROWS], byte k of a group of 32 holding
            weights k (low nibble) and k + 16 (high); byte formats int8 [tiles, cols, TILE_ROWS].
-    d:     float32 [tiles, supers, TILE_ROWS]      the scale (of a group, or of a super-block)
+    d:     [tiles, supers, TILE_ROWS] float16 bits (uint16), or float32: the scale (of a group,
+           or of a super-block)
     sc:    [tiles, groups, TILE_ROWS] small ints, or None: the group's multiplier of d
-    dmin:  float32 [tiles, supers, TILE_ROWS] or None: the offset (or its super-block factor)
+    dmin:  like d, or None: the offset (or its super-block factor)
     mn:    [tiles, groups, TILE_ROWS] small ints, or None: the group's multiplier of dmin
     """
 
@@ -167,6 +171,15 @@ def _tile(a: np.ndarray, rows_padded: int) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(-1, TILE_ROWS, width).transpose(0, 2, 1))
 
 
+def _half_if_exact(scales: np.ndarray) -> np.ndarray:
+    """float32 scales as float16 bits (uint16) when every value survives the round trip (they
+    came from float16 in the file), else as they are."""
+    half = scales.astype(np.float16)
+    if np.array_equal(half.astype(np.float32), scales, equal_nan=True):
+        return half.view(np.uint16)
+    return scales
+
+
 def pack(qtype: str, parts: dict, rows: int, cols: int) -> QuantizedWeight:
     """Unpacked codes and scales (see unpack) -> the tiled QuantizedWeight."""
     padded = -(-rows // TILE_ROWS) * TILE_ROWS
@@ -177,7 +190,11 @@ def pack(qtype: str, parts: dict, rows: int, cols: int) -> QuantizedWeight:
 
     def tiled(name):
         a = parts[name]
-        return None if a is None else _tile(np.ascontiguousarray(a).reshape(rows, -1), padded)
+        if a is None:
+            return None
+        if name in ("d", "dmin"):
+            a = _half_if_exact(a)
+        return _tile(np.ascontiguousarray(a).reshape(rows, -1), padded)
 
     return QuantizedWeight(
         qtype=qtype, rows=rows, cols=cols, nibbles=parts["nibbles"], group_size=parts["group_size"],
@@ -214,6 +231,12 @@ def concat_rows(parts_list: list[dict]) -> dict:
     return out
 
 
+def _same_dtypes(a: QuantizedWeight, b: QuantizedWeight) -> bool:
+    """Whether the scale arrays of two weights of a format have the same types (float16 bits or
+    float32), so that they stack."""
+    return all(getattr(a, k) is None or getattr(a, k).dtype == getattr(b, k).dtype for k in ("d", "dmin"))
+
+
 def fuse(weights: list[QuantizedWeight]) -> list[QuantizedWeight]:
     """Consecutive weights over the same inputs stacked into one where the tiles allow it (same
     format, every part but the last a whole number of tiles): a fused QKV or gate/up projection.
@@ -222,7 +245,7 @@ def fuse(weights: list[QuantizedWeight]) -> list[QuantizedWeight]:
     for w in weights:
         last = out[-1] if out else None
         if (last is not None and last.qtype == w.qtype and last.cols == w.cols
-                and last.rows % TILE_ROWS == 0):
+                and last.rows % TILE_ROWS == 0 and _same_dtypes(last, w)):
             def cat(a, b):
                 return None if a is None else np.concatenate([a, b])
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from engine_core.kernels._numba import to_f32
+
 _OPTS = dict(cache=True, fastmath=True, nogil=True)
 
 
@@ -175,15 +177,15 @@ def _word_group(t, g, gps, d, sc, dmin, mn, dx, xs, m, lows, highs, acc):
     for r in range(R):
         dot = np.float32(np.int32(lows[r]) + np.int32(highs[r]))
         if sc is None:
-            scale = d[t, s, r]
+            scale = to_f32(d[t, s, r])
         else:
-            scale = d[t, s, r] * np.float32(np.int32(sc[t, g, r]))
+            scale = to_f32(d[t, s, r]) * np.float32(np.int32(sc[t, g, r]))
         acc[r] += dot * (scale * step)
         if dmin is not None:
             if mn is None:
-                acc[r] += dmin[t, s, r] * total
+                acc[r] += to_f32(dmin[t, s, r]) * total
             else:
-                acc[r] += dmin[t, s, r] * np.float32(np.int32(mn[t, g, r])) * total
+                acc[r] += to_f32(dmin[t, s, r]) * np.float32(np.int32(mn[t, g, r])) * total
 
 
 @njit(**_OPTS)

@@ -123,6 +123,32 @@ def test_fuse_stacks_tile_aligned_weights_of_one_format_only():
     assert len(kernels.fuse([k, q])) == 2  # k's 5 rows end inside a tile: cannot be followed
 
 
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_scales_are_held_as_the_files_float16(qtype):
+    """A file's scales stay 16-bit (what a decode reads per group), and the products are exact."""
+    w, ref = quantized(qtype, TILE_ROWS + 3, 512)
+    assert w.d.dtype == np.uint16 and (w.dmin is None or w.dmin.dtype == np.uint16)
+    np.testing.assert_array_equal(kernels.dequantize(w), ref)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0", "Q4_K"])
+def test_scales_float16_cannot_hold_stay_float32_and_do_not_fuse_with_half_ones(qtype):
+    raw = random_blocks(qtype, TILE_ROWS, 256, 4)
+    parts = kernels.unpack(qtype, raw, 256)
+    exact = kernels.pack(qtype, parts, TILE_ROWS, 256)
+    parts["d"] = parts["d"] * np.float32(1 + 2**-20)  # between two float16 values
+    wide = kernels.pack(qtype, parts, TILE_ROWS, 256)
+    assert wide.d.dtype == np.float32 and exact.d.dtype == np.uint16
+    expected = kernels.dequantize(exact)
+    scaled = (expected - (0 if parts["dmin"] is None else kernels.dequantize(
+        kernels.pack(qtype, dict(parts, d=parts["d"] * 0), TILE_ROWS, 256))))
+    x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+    # the float32-scaled weight is the exact one with its scale term (not its offset) grown by 2^-20
+    close(kernels.matmul(x, wide), x @ (expected + scaled * np.float32(2**-20)).T)
+    fused = kernels.fuse([exact, wide])
+    assert len(fused) == 2
+
+
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q6_K"])
 def test_parallel_kernels_split_the_tiles_without_changing_the_result(qtype, monkeypatch):
     w, ref = quantized(qtype, 3 * TILE_ROWS + 1, 512)
