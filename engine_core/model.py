@@ -24,6 +24,7 @@ import numpy as np
 
 from engine_core import kernels
 from engine_core.kernels import QuantizedWeight, elementwise
+from engine_core.kernels.decode_layer import decode_layer, weight_args
 from engine_core.kernels.attention import KV_CACHE_DTYPES, paged_decode_attention, to_cache, to_float32
 from engine_core.loader import ModelConfig
 
@@ -225,6 +226,9 @@ class DecoderModel:
             (c.sliding_window if c.is_sliding(i) else 0, softcap) if c.is_sliding(i) or softcap else ()
             for i in range(c.num_layers)]
         self._buffers: dict[str, np.ndarray] = {}
+        # the four projections of each layer as decode_layer takes them, where every layer is
+        # the plain kind it covers (else None: the general path always runs)
+        self.fused_layers = _fused_layers(c, self.layers)
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """Scratch memory reused across calls. Allocating megabytes afresh each time costs more
@@ -287,6 +291,10 @@ class DecoderModel:
             x = x * np.float32(c.embedding_multiplier)
         x = np.ascontiguousarray(x)
         num_tokens = x.shape[0]
+        if (num_tokens == 1 and batch.decodes is not None and not batch.spans and self.fused_layers
+                and kernels.num_threads() == 1 and kernels.activation_precision() == "float32"
+                and cache.keys.dtype == np.float32):
+            return self._decode_one(x, batch, cache)
         qk_norm, sandwich, gelu = c.qk_norm, c.sandwich_norms, c.hidden_act == "gelu_tanh"
         pending = None  # the last layer's MLP output, added to x by the next layer's norm
         for index, layer in enumerate(self.layers):
@@ -333,6 +341,25 @@ class DecoderModel:
             x += pending
         return self.rms_norm(x[batch.output_rows], self.final_norm)
 
+    def _decode_one(self, x: np.ndarray, batch: ForwardBatch, cache: KVCache) -> np.ndarray:
+        """forward() for a step of one decoding token: each layer in one compiled call
+        (kernels.decode_layer: the same kernels in the same order as the general path)."""
+        c, d = self.config, batch.decodes
+        eps = np.float32(c.rms_norm_eps)
+        positions = np.asarray(batch.positions, dtype=np.int64)
+        slot = int(batch.slot_mapping[0])
+        pending, following = np.empty_like(x), np.empty_like(x)
+        for index, (layer, weights) in enumerate(zip(self.layers, self.fused_layers)):
+            cos, sin = self.rope[self.layer_rope[index]]
+            window, softcap = self.attention_args[index] or (0, 0.0)
+            decode_layer(x, pending, index == 0, layer["attn_norm"], layer["mlp_norm"], eps, *weights,
+                         c.num_heads, c.num_kv_heads, c.intermediate_size, cos, sin, positions,
+                         cache.keys[index], cache.values[index], slot, d.rows, d.block_table,
+                         d.context_lens, self.scale, int(window), np.float32(softcap), following)
+            pending, following = following, pending
+        x += pending
+        return self.rms_norm(x[batch.output_rows], self.final_norm)
+
     def warm_up(self, cache: KVCache) -> float:
         """Run tokens through every layer so that the row-wise kernels compile (or load from the
         disk cache) for the model's own arrays, with more than one thread also in their parallel
@@ -348,6 +375,10 @@ class DecoderModel:
             span = AttentionSpan(0, n, np.arange(-(-n // cache.block_size), dtype=np.int64), n)
             batch = ForwardBatch(ids, np.arange(n), np.arange(n), [span], None, np.arange(n))
             self.logits(self.forward(batch, cache))
+        # and a step of one decoding token (its own path: decode_layer where the layers allow)
+        decode = ForwardBatch(np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64), np.ones(1, dtype=np.int64), [],
+                              batch_decodes([0], [np.zeros(1, dtype=np.int64)], [2]), np.zeros(1, dtype=np.int64))
+        self.logits(self.forward(decode, cache))
         return time.perf_counter() - start
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
@@ -435,6 +466,23 @@ class DecoderModel:
 
 
 LlamaModel = DecoderModel  # the name it had when Llama was the only family
+
+
+def _fused_layers(c: ModelConfig, layers: list[dict]) -> list[tuple] | None:
+    """Each layer's QKV, O, gate/up and down weights as kernels.decode_layer takes them, if every
+    layer is the plain Llama-style kind it covers; else None."""
+    if c.qk_norm or c.sandwich_norms or c.hidden_act == "gelu_tanh":
+        return None
+    names = ("qkv", "o", "gate_up", "down")
+    fused = []
+    for layer in layers:
+        if "qkv_bias" in layer or "o_bias" in layer:
+            return None
+        weights = [layer[n] for n in names]
+        if not all(isinstance(w, list) and len(w) == 1 and isinstance(w[0], QuantizedWeight) for w in weights):
+            return None
+        fused.append(tuple(weight_args(w[0]) for w in weights))
+    return fused
 
 
 def _is_norm(name: str) -> bool:
