@@ -294,7 +294,7 @@ class DecoderModel:
         if (num_tokens == 1 and batch.decodes is not None and not batch.spans and self.fused_layers
                 and kernels.num_threads() == 1 and kernels.activation_precision() == "float32"
                 and cache.keys.dtype == np.float32):
-            return self._decode_one(x, batch, cache)
+            return self._decode_one(x, positions, batch, cache)
         qk_norm, sandwich, gelu = c.qk_norm, c.sandwich_norms, c.hidden_act == "gelu_tanh"
         pending = None  # the last layer's MLP output, added to x by the next layer's norm
         for index, layer in enumerate(self.layers):
@@ -341,12 +341,11 @@ class DecoderModel:
             x += pending
         return self.rms_norm(x[batch.output_rows], self.final_norm)
 
-    def _decode_one(self, x: np.ndarray, batch: ForwardBatch, cache: KVCache) -> np.ndarray:
+    def _decode_one(self, x: np.ndarray, positions: np.ndarray, batch: ForwardBatch, cache: KVCache) -> np.ndarray:
         """forward() for a step of one decoding token: each layer in one compiled call
         (kernels.decode_layer: the same kernels in the same order as the general path)."""
         c, d = self.config, batch.decodes
         eps = np.float32(c.rms_norm_eps)
-        positions = np.asarray(batch.positions, dtype=np.int64)
         slot = int(batch.slot_mapping[0])
         pending, following = np.empty_like(x), np.empty_like(x)
         for index, (layer, weights) in enumerate(zip(self.layers, self.fused_layers)):

@@ -16,6 +16,7 @@ import pytest
 
 import tiny_families
 from engine_core import kernels
+from engine_core.kernels.attention import to_cache
 from engine_core.loader import load_artifact
 from engine_core.model import AttentionSpan, DecoderModel, ForwardBatch, KVCache, batch_decodes
 from engine_helpers import request, run_to_completion
@@ -48,8 +49,7 @@ def requantized(w, qtype: str):
     if qtype == "F16":
         return kernels.pack_half("F16", dense.astype(np.float16).view(np.uint16))
     if qtype == "BF16":
-        bits = dense.view(np.uint32)
-        return kernels.pack_half("BF16", ((bits + np.uint32(0x8000)) >> np.uint32(16)).astype(np.uint16))
+        return kernels.pack_half("BF16", to_cache(dense, np.dtype(np.uint16)))  # bfloat16 bits, rounded to nearest even
     raw = gguf.quants.quantize(dense, gguf.GGMLQuantizationType[qtype])
     return kernels.pack(qtype, kernels.unpack(qtype, raw, w.cols), w.rows, w.cols)
 
