@@ -63,40 +63,90 @@ def _group_scales(t, g, gps, d, sc, dmin, mn, scale, offset):
 
 
 @njit(inline="always", **_OPTS)
-def _nibbles_1row(codes, t, g, x, tmp):
-    """tmp[0] += the codes of group g of tile t times one row of x, four code rows a pass: the
-    running sums are loaded and stored once per four (15-20% faster than one by one)."""
-    R = codes.shape[2]
-    q = np.float32(0.0625)
-    for j in range(0, 16, 4):
-        k = g * 32 + j
-        xl0, xh0 = x[0, k], x[0, k + 16] * q
-        xl1, xh1 = x[0, k + 1], x[0, k + 17] * q
-        xl2, xh2 = x[0, k + 2], x[0, k + 18] * q
-        xl3, xh3 = x[0, k + 3], x[0, k + 19] * q
-        c0, c1 = codes[t, g * 16 + j], codes[t, g * 16 + j + 1]
-        c2, c3 = codes[t, g * 16 + j + 2], codes[t, g * 16 + j + 3]
-        lo, hi = np.int32(15), np.int32(240)
-        for r in range(R):
-            v0, v1, v2, v3 = np.int32(c0[r]), np.int32(c1[r]), np.int32(c2[r]), np.int32(c3[r])
-            tmp[0, r] += (np.float32(v0 & lo) * xl0 + np.float32(v0 & hi) * xh0
-                          + np.float32(v1 & lo) * xl1 + np.float32(v1 & hi) * xh1
-                          + np.float32(v2 & lo) * xl2 + np.float32(v2 & hi) * xh2
-                          + np.float32(v3 & lo) * xl3 + np.float32(v3 & hi) * xh3)
+def _add_group(acc, tmp, t, g, gps, d, sc, dmin, mn, s):
+    """acc += scale * tmp + offset * s for group g of tile t, the scales widened as they are read
+    (one pass; see _group_scales for what they are)."""
+    R = acc.shape[0]
+    dd = d[t, g // gps]
+    if dmin is None:
+        if sc is None:
+            for r in range(R):
+                acc[r] += to_f32(dd[r]) * tmp[r]
+        else:
+            cs = sc[t, g]
+            for r in range(R):
+                acc[r] += (to_f32(dd[r]) * np.float32(cs[r])) * tmp[r]
+        return
+    dm = dmin[t, g // gps]
+    if mn is None:
+        if sc is None:
+            for r in range(R):
+                acc[r] += to_f32(dd[r]) * tmp[r] + to_f32(dm[r]) * s
+        else:
+            cs = sc[t, g]
+            for r in range(R):
+                acc[r] += (to_f32(dd[r]) * np.float32(cs[r])) * tmp[r] + to_f32(dm[r]) * s
+        return
+    cs, cm = sc[t, g], mn[t, g]
+    for r in range(R):
+        acc[r] += (to_f32(dd[r]) * np.float32(cs[r])) * tmp[r] + (to_f32(dm[r]) * np.float32(cm[r])) * s
 
 
 @njit(inline="always", **_OPTS)
-def _bytes_1row(codes, t, g, gs, x, tmp):
-    """tmp[0] += the 8-bit codes of group g (of gs, a multiple of 4) of tile t times one row of
-    x, four code rows a pass (see _nibbles_1row)."""
+def _gemv_nibbles_row(codes, d, sc, dmin, mn, gps, x, xs, out, t0, t1):
+    """out[tiles t0..t1] = W x for one row x [K] (xs [groups] its sums): four code rows a pass,
+    the running sums loaded and stored once per four (15-20% faster than one by one), the
+    scales widened in the pass that adds a group (a separate pass, as the many-rows form takes
+    them, made the whole 25% slower)."""
     R = codes.shape[2]
-    for j in range(0, gs, 4):
-        k = g * gs + j
-        x0, x1, x2, x3 = x[0, k], x[0, k + 1], x[0, k + 2], x[0, k + 3]
-        c0, c1, c2, c3 = codes[t, k], codes[t, k + 1], codes[t, k + 2], codes[t, k + 3]
-        for r in range(R):
-            tmp[0, r] += (np.float32(np.int32(c0[r])) * x0 + np.float32(np.int32(c1[r])) * x1
-                          + np.float32(np.int32(c2[r])) * x2 + np.float32(np.int32(c3[r])) * x3)
+    G = x.shape[0] // 32
+    acc = np.empty(R, np.float32)
+    tmp = np.empty(R, np.float32)
+    q = np.float32(0.0625)
+    lo, hi = np.int32(15), np.int32(240)
+    for t in range(t0, t1):
+        acc[:] = 0
+        for g in range(G):
+            tmp[:] = 0
+            for j in range(0, 16, 4):
+                k = g * 32 + j
+                xl0, xh0 = x[k], x[k + 16] * q
+                xl1, xh1 = x[k + 1], x[k + 17] * q
+                xl2, xh2 = x[k + 2], x[k + 18] * q
+                xl3, xh3 = x[k + 3], x[k + 19] * q
+                c0, c1 = codes[t, g * 16 + j], codes[t, g * 16 + j + 1]
+                c2, c3 = codes[t, g * 16 + j + 2], codes[t, g * 16 + j + 3]
+                for r in range(R):
+                    v0, v1, v2, v3 = np.int32(c0[r]), np.int32(c1[r]), np.int32(c2[r]), np.int32(c3[r])
+                    tmp[r] += (np.float32(v0 & lo) * xl0 + np.float32(v0 & hi) * xh0
+                               + np.float32(v1 & lo) * xl1 + np.float32(v1 & hi) * xh1
+                               + np.float32(v2 & lo) * xl2 + np.float32(v2 & hi) * xh2
+                               + np.float32(v3 & lo) * xl3 + np.float32(v3 & hi) * xh3)
+            _add_group(acc, tmp, t, g, gps, d, sc, dmin, mn, xs[g])
+        out[t * R : (t + 1) * R] = acc
+
+
+@njit(inline="always", **_OPTS)
+def _gemv_bytes_row(codes, d, sc, dmin, mn, gs, gps, x, xs, out, t0, t1):
+    """out[tiles t0..t1] = W x for one row x and 8-bit codes in groups of gs (a multiple of 4),
+    four code rows a pass (see _gemv_nibbles_row)."""
+    R = codes.shape[2]
+    G = x.shape[0] // gs
+    acc = np.empty(R, np.float32)
+    tmp = np.empty(R, np.float32)
+    for t in range(t0, t1):
+        acc[:] = 0
+        for g in range(G):
+            tmp[:] = 0
+            for j in range(0, gs, 4):
+                k = g * gs + j
+                x0, x1, x2, x3 = x[k], x[k + 1], x[k + 2], x[k + 3]
+                c0, c1, c2, c3 = codes[t, k], codes[t, k + 1], codes[t, k + 2], codes[t, k + 3]
+                for r in range(R):
+                    tmp[r] += (np.float32(np.int32(c0[r])) * x0 + np.float32(np.int32(c1[r])) * x1
+                               + np.float32(np.int32(c2[r])) * x2 + np.float32(np.int32(c3[r])) * x3)
+            _add_group(acc, tmp, t, g, gps, d, sc, dmin, mn, xs[g])
+        out[t * R : (t + 1) * R] = acc
 
 
 @njit(**_OPTS)
@@ -118,6 +168,9 @@ def gemv_nibbles(codes, d, sc, dmin, mn, gps, x, xs, out, t0, t1):
     R = codes.shape[2]
     M, K = x.shape
     G = K // 32
+    if M == 1:
+        _gemv_nibbles_row(codes, d, sc, dmin, mn, gps, x[0], xs[0], out[0], t0, t1)
+        return
     for t in range(t0, t1):
         acc = np.zeros((M, R), np.float32)
         tmp = np.empty((M, R), np.float32)
@@ -127,21 +180,18 @@ def gemv_nibbles(codes, d, sc, dmin, mn, gps, x, xs, out, t0, t1):
         offset = np.empty(R, np.float32)
         for g in range(G):
             tmp[:] = 0
-            if M == 1:
-                _nibbles_1row(codes, t, g, x, tmp)
-            else:
-                for j in range(16):
-                    c = codes[t, g * 16 + j]
-                    k = g * 32 + j
+            for j in range(16):
+                c = codes[t, g * 16 + j]
+                k = g * 32 + j
+                for r in range(R):
+                    v = np.int32(c[r])
+                    lo[r] = np.float32(v & np.int32(15))
+                    hi[r] = np.float32(v & np.int32(240))
+                for m in range(M):
+                    xl = x[m, k]
+                    xh = x[m, k + 16] * np.float32(0.0625)
                     for r in range(R):
-                        v = np.int32(c[r])
-                        lo[r] = np.float32(v & np.int32(15))
-                        hi[r] = np.float32(v & np.int32(240))
-                    for m in range(M):
-                        xl = x[m, k]
-                        xh = x[m, k + 16] * np.float32(0.0625)
-                        for r in range(R):
-                            tmp[m, r] += lo[r] * xl + hi[r] * xh
+                        tmp[m, r] += lo[r] * xl + hi[r] * xh
             _group_scales(t, g, gps, d, sc, dmin, mn, scale, offset)
             for m in range(M):
                 s = xs[m, g]
@@ -158,6 +208,9 @@ def gemv_bytes(codes, d, sc, dmin, mn, gs, gps, x, xs, out, t0, t1):
     R = codes.shape[2]
     M, K = x.shape
     G = K // gs
+    if M == 1:
+        _gemv_bytes_row(codes, d, sc, dmin, mn, gs, gps, x[0], xs[0], out[0], t0, t1)
+        return
     for t in range(t0, t1):
         acc = np.zeros((M, R), np.float32)
         tmp = np.empty((M, R), np.float32)
@@ -166,18 +219,15 @@ def gemv_bytes(codes, d, sc, dmin, mn, gs, gps, x, xs, out, t0, t1):
         offset = np.empty(R, np.float32)
         for g in range(G):
             tmp[:] = 0
-            if M == 1:
-                _bytes_1row(codes, t, g, gs, x, tmp)
-            else:
-                for j in range(gs):
-                    c = codes[t, g * gs + j]
-                    k = g * gs + j
+            for j in range(gs):
+                c = codes[t, g * gs + j]
+                k = g * gs + j
+                for r in range(R):
+                    w[r] = np.float32(np.int32(c[r]))
+                for m in range(M):
+                    xk = x[m, k]
                     for r in range(R):
-                        w[r] = np.float32(np.int32(c[r]))
-                    for m in range(M):
-                        xk = x[m, k]
-                        for r in range(R):
-                            tmp[m, r] += w[r] * xk
+                        tmp[m, r] += w[r] * xk
             _group_scales(t, g, gps, d, sc, dmin, mn, scale, offset)
             for m in range(M):
                 s = xs[m, g]
