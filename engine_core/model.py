@@ -229,6 +229,11 @@ class DecoderModel:
         # the four projections of each layer as decode_layer takes them, where every layer is
         # the plain kind it covers (else None: the general path always runs)
         self.fused_layers = _fused_layers(c, self.layers)
+        if self.fused_layers:
+            # decode_layer holds parallel regions (its GEMVs split on more threads), and compiled
+            # code that holds them crashes unless numba's thread pool was started from Python
+            # first, which setting the thread count does (the engine sets it; a bare model may not)
+            kernels.set_num_threads(kernels.num_threads())
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """Scratch memory reused across calls. Allocating megabytes afresh each time costs more
@@ -292,7 +297,7 @@ class DecoderModel:
         x = np.ascontiguousarray(x)
         num_tokens = x.shape[0]
         if (num_tokens == 1 and batch.decodes is not None and not batch.spans and self.fused_layers
-                and kernels.num_threads() == 1 and kernels.activation_precision() == "float32"
+                and kernels.activation_precision() == "float32"
                 and cache.keys.dtype == np.float32):
             return self._decode_one(x, positions, batch, cache)
         qk_norm, sandwich, gelu = c.qk_norm, c.sandwich_norms, c.hidden_act == "gelu_tanh"
@@ -348,13 +353,15 @@ class DecoderModel:
         eps = np.float32(c.rms_norm_eps)
         slot = int(batch.slot_mapping[0])
         pending, following = np.empty_like(x), np.empty_like(x)
+        threads, min_work = kernels.num_threads(), kernels.FUSED_PARALLEL_MIN_WORK
         for index, (layer, weights) in enumerate(zip(self.layers, self.fused_layers)):
             cos, sin = self.rope[self.layer_rope[index]]
             window, softcap = self.attention_args[index] or (0, 0.0)
             decode_layer(x, pending, index == 0, layer["attn_norm"], layer["mlp_norm"], eps, *weights,
                          c.num_heads, c.num_kv_heads, c.intermediate_size, cos, sin, positions,
                          cache.keys[index], cache.values[index], slot, d.rows, d.block_table,
-                         d.context_lens, self.scale, int(window), np.float32(softcap), following)
+                         d.context_lens, self.scale, int(window), np.float32(softcap), following,
+                         threads, min_work)
             pending, following = following, pending
         x += pending
         return self.rms_norm(x[batch.output_rows], self.final_norm)

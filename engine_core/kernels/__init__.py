@@ -31,7 +31,13 @@ os.environ.setdefault("NUMBA_CACHE_DIR", _default_cache_dir())
 # a second thread slower than one). OpenMP's default policy spins: 46-51 us a region here, and
 # single-stream decode fell from 44 to 11 tok/s while other processes kept the cores busy.
 # With one kernel thread no parallel region runs at all (the serial kernels are called).
+# Sleeping at once made each region of a single stream's decode wake a thread (a futex round trip
+# through this VM's scheduler), so idle threads first spin briefly: GOMP_SPINCOUNT 10000 (about
+# 0.1 ms by libgomp's estimate) keeps the thread awake across a decode layer's back-to-back
+# regions yet asleep between steps. SmolLM2 decoding one stream on two threads, every GEMV of the
+# fused layer split: 45-55 tok/s sleeping at once, 71-97 with 3000-300000 spins (noisy VM).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp workqueue tbb")
 
 import numpy as np  # noqa: E402
@@ -86,6 +92,9 @@ _threads = 1  # threads the kernels use (set_num_threads)
 # 3072 x 576 gate/up and the lm_head split), 33-42; from 4M (the lm_head only), 53 against 55.
 # An 8B model's 4096 x 4096 projections (16.7M) are split.
 PARALLEL_MIN_WORK = 1 << 22
+# The same for the GEMVs inside decode_layer (one token, every layer in one compiled call): there
+# the regions follow one another with no Python between them, and the threads spin across them.
+FUSED_PARALLEL_MIN_WORK = 1 << 18
 
 
 def set_num_threads(n: int) -> None:

@@ -25,28 +25,44 @@ from engine_core.kernels import elementwise as ew
 _OPTS = dict(cache=True, fastmath=True, nogil=True)
 
 
-def _gemv_any(w, x, out):
-    """out = x @ W.T for a weight given as the tuple of weight_args (compiled per format)."""
+def _gemv_any(w, x, out, threads, min_work):
+    """out = x @ W.T for a weight given as the tuple of weight_args (compiled per format), its
+    tiles split over `threads` threads when the weight has at least min_work elements."""
 
 
 @overload(_gemv_any)
-def _gemv_any_impl(w, x, out):
+def _gemv_any_impl(w, x, out, threads, min_work):
     codes = w.types[0]
     if codes.dtype == types.uint16:  # F16 / BF16 bits
-        def half(w, x, out):
-            nk.gemv_half(w[0], w[7], x, out, 0, w[0].shape[0])
+        def half(w, x, out, threads, min_work):
+            T = w[0].shape[0]
+            parts = min(threads, T) if T * w[0].shape[1] * w[0].shape[2] >= min_work else 1
+            if parts > 1:
+                nk.gemv_half_parallel(w[0], w[7], x, out, parts)
+            else:
+                nk.gemv_half(w[0], w[7], x, out, 0, T)
         return half
     if codes.dtype == types.uint8:  # 4-bit codes, two to a byte
-        def nibbles(w, x, out):
+        def nibbles(w, x, out, threads, min_work):
             xs = np.empty((1, x.shape[1] // w[5]), np.float32)
             nk.group_sums(x, w[5], xs)
-            nk.gemv_nibbles(w[0], w[1], w[2], w[3], w[4], w[6], x, xs, out, 0, w[0].shape[0])
+            T = w[0].shape[0]
+            parts = min(threads, T) if T * x.shape[1] * w[0].shape[2] >= min_work else 1
+            if parts > 1:
+                nk.gemv_nibbles_parallel(w[0], w[1], w[2], w[3], w[4], w[6], x, xs, out, parts)
+            else:
+                nk.gemv_nibbles(w[0], w[1], w[2], w[3], w[4], w[6], x, xs, out, 0, T)
         return nibbles
 
-    def byte_codes(w, x, out):
+    def byte_codes(w, x, out, threads, min_work):
         xs = np.empty((1, x.shape[1] // w[5]), np.float32)
         nk.group_sums(x, w[5], xs)
-        nk.gemv_bytes(w[0], w[1], w[2], w[3], w[4], w[5], w[6], x, xs, out, 0, w[0].shape[0])
+        T = w[0].shape[0]
+        parts = min(threads, T) if T * x.shape[1] * w[0].shape[2] >= min_work else 1
+        if parts > 1:
+            nk.gemv_bytes_parallel(w[0], w[1], w[2], w[3], w[4], w[5], w[6], x, xs, out, parts)
+        else:
+            nk.gemv_bytes(w[0], w[1], w[2], w[3], w[4], w[5], w[6], x, xs, out, 0, T)
     return byte_codes
 
 
@@ -58,7 +74,7 @@ def weight_args(w) -> tuple:
 @njit(**_OPTS)
 def decode_layer(x, pending, first, attn_norm, mlp_norm, eps, qkv, o, gate_up, down, num_heads,
                  num_kv_heads, inter, cos, sin, positions, keys, values, slot, rows, table, lens,
-                 scale, window, softcap, next_pending):
+                 scale, window, softcap, next_pending, threads, min_work):
     """x [1, hidden] the residual stream (updated in place: += pending, += attention output);
     pending [1, hidden] the previous layer's MLP output (ignored when `first`); the four weights
     as weight_args tuples; keys/values this layer's cache [blocks, bs, kv_heads, D] (float32);
@@ -75,7 +91,7 @@ def decode_layer(x, pending, first, attn_norm, mlp_norm, eps, qkv, o, gate_up, d
     else:
         ew._add_rms_norm(x, pending, attn_norm, eps, h, 0, 1)
     qkv_out = np.empty((1, qkv[0].shape[0] * qkv[0].shape[2]), np.float32)
-    _gemv_any(qkv, h, qkv_out)
+    _gemv_any(qkv, h, qkv_out, threads, min_work)
     qk = qkv_out[0, : nq + nkv].copy().reshape((1, num_heads + num_kv_heads, D))
     ew._rope(qk, positions, cos, sin, 0, 1)
     b, t = slot // bs, slot % bs
@@ -90,14 +106,14 @@ def decode_layer(x, pending, first, attn_norm, mlp_norm, eps, qkv, o, gate_up, d
     attn = np.empty((1, nq), np.float32)
     att._decode_serial(q, rows, keys, values, table, lens, num_kv_heads, window, softcap, attn)
     o_out = np.empty((1, o[0].shape[0] * o[0].shape[2]), np.float32)
-    _gemv_any(o, attn, o_out)
+    _gemv_any(o, attn, o_out, threads, min_work)
     h2 = np.empty((1, hidden), np.float32)
     ew._add_rms_norm(x, o_out[:, :hidden].copy(), mlp_norm, eps, h2, 0, 1)
     gu = np.empty((1, gate_up[0].shape[0] * gate_up[0].shape[2]), np.float32)
-    _gemv_any(gate_up, h2, gu)
+    _gemv_any(gate_up, h2, gu, threads, min_work)
     act = np.empty((1, inter), np.float32)
     ew._silu_mul(gu, inter, act, 0, 1)
     out = np.empty((1, down[0].shape[0] * down[0].shape[2]), np.float32)
-    _gemv_any(down, act, out)
+    _gemv_any(down, act, out, threads, min_work)
     for j in range(hidden):
         next_pending[0, j] = out[0, j]

@@ -17,6 +17,7 @@ import pytest
 import tiny_families
 from engine_core import kernels
 from engine_core.kernels.attention import to_cache
+from engine_core import model as model_module
 from engine_core.loader import load_artifact
 from engine_core.model import AttentionSpan, DecoderModel, ForwardBatch, KVCache, batch_decodes
 from engine_helpers import request, run_to_completion
@@ -84,6 +85,38 @@ def test_fused_layers_on_the_default_model(smollm2):
     # not the same bits over 30 layers: the small kernels compiled into decode_layer may be
     # vectorized differently there (seen: 3e-5 on logits up to 20)
     np.testing.assert_allclose(fused, general, rtol=0, atol=1e-5 * np.abs(general).max())
+
+
+@pytest.mark.parametrize("min_work", [0, 1 << 18])
+def test_fused_layers_on_two_threads_give_the_bits_of_one(smollm2, monkeypatch, min_work):
+    """With more than one kernel thread the fused layers split their GEMVs' tiles between the
+    threads (every GEMV with min_work 0; SmolLM2's from the default). Each tile is computed by the
+    same loop, though compiled into the parallel kernel, where the compiler may contract its
+    multiply-adds differently: the same bits were seen alone, 2e-5 on logits up to 17 after
+    other tests had compiled the kernels in another order."""
+    config, weights = smollm2
+    model = DecoderModel(config, weights, max_len=256)
+    prompt = GOLDEN["cases"][2]["prompt_token_ids"]
+    one = decode_logits(model, config, prompt, fused=True, block_size=16)
+    calls = []
+    monkeypatch.setattr(kernels, "FUSED_PARALLEL_MIN_WORK", min_work)
+    monkeypatch.setattr(model_module, "decode_layer", _counting(calls))
+    kernels.set_num_threads(2)
+    try:
+        two = decode_logits(model, config, prompt, fused=True, block_size=16)
+    finally:
+        kernels.set_num_threads(1)
+    assert calls and all(c == (2, min_work) for c in calls)
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-5 * np.abs(one).max())
+
+
+def _counting(calls):
+    real = model_module.decode_layer
+
+    def wrapper(*args):
+        calls.append(args[-2:])
+        return real(*args)
+    return wrapper
 
 
 def test_layers_it_does_not_cover_keep_the_general_path(tmp_path):
