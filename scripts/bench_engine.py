@@ -40,6 +40,7 @@ import tempfile
 import time
 import urllib.request
 
+import engine_core  # noqa: F401  (first: it sets the engine's OpenBLAS settings before numpy loads OpenBLAS)
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 

@@ -266,3 +266,16 @@ def test_engine_process_that_cannot_load_the_model_sends_dead_and_says_why_in_on
     assert isinstance(dead, EngineDead) and dead.reason == line
     assert code == STARTUP_FAILED_EXIT_CODE
     assert stderr == line + "\n"
+
+
+@pytest.mark.parametrize("given", [None, "30"])
+def test_the_engine_process_makes_openblas_threads_sleep_soon_unless_told_otherwise(given):
+    """`python -m engine_core` imports the package first, which sets OPENBLAS_THREAD_TIMEOUT before
+    numpy loads OpenBLAS (its threads otherwise spin a tenth of a second after each call, against
+    the kernels' threads); a value the user set is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if given is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = given
+    code = "import os, engine_core, numpy; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == (given or "4")
