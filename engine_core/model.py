@@ -229,11 +229,6 @@ class DecoderModel:
         # the four projections of each layer as decode_layer takes them, where every layer is
         # the plain kind it covers (else None: the general path always runs)
         self.fused_layers = _fused_layers(c, self.layers)
-        if self.fused_layers:
-            # decode_layer holds parallel regions (its GEMVs split on more threads), and compiled
-            # code that holds them crashes unless numba's thread pool was started from Python
-            # first, which setting the thread count does (the engine sets it; a bare model may not)
-            kernels.set_num_threads(kernels.num_threads())
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """Scratch memory reused across calls. Allocating megabytes afresh each time costs more

@@ -14,6 +14,7 @@ kernel thread); the model calls it only then and runs its general path otherwise
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, types
 from numba.extending import overload
@@ -23,6 +24,17 @@ from engine_core.kernels import attention as att
 from engine_core.kernels import elementwise as ew
 
 _OPTS = dict(cache=True, fastmath=True, nogil=True)
+
+# decode_layer holds parallel regions (its GEMVs split on more threads), and compiled code that
+# holds them crashes unless numba's thread pool was started from Python first: asking for the
+# thread count starts it.
+numba.get_num_threads()
+
+
+@njit(inline="always", **_OPTS)
+def _parts(tiles, rows, cols, threads, min_work):
+    """Threads for a GEMV of rows x cols (its tiles split between them), as kernels._gemv picks."""
+    return min(threads, tiles) if rows * cols >= min_work else 1
 
 
 def _gemv_any(w, x, out, threads, min_work):
@@ -36,7 +48,7 @@ def _gemv_any_impl(w, x, out, threads, min_work):
     if codes.dtype == types.uint16:  # F16 / BF16 bits
         def half(w, x, out, threads, min_work):
             T = w[0].shape[0]
-            parts = min(threads, T) if T * w[0].shape[1] * w[0].shape[2] >= min_work else 1
+            parts = _parts(T, T * w[0].shape[2], x.shape[1], threads, min_work)
             if parts > 1:
                 nk.gemv_half_parallel(w[0], w[7], x, out, parts)
             else:
@@ -47,7 +59,7 @@ def _gemv_any_impl(w, x, out, threads, min_work):
             xs = np.empty((1, x.shape[1] // w[5]), np.float32)
             nk.group_sums(x, w[5], xs)
             T = w[0].shape[0]
-            parts = min(threads, T) if T * x.shape[1] * w[0].shape[2] >= min_work else 1
+            parts = _parts(T, T * w[0].shape[2], x.shape[1], threads, min_work)
             if parts > 1:
                 nk.gemv_nibbles_parallel(w[0], w[1], w[2], w[3], w[4], w[6], x, xs, out, parts)
             else:
@@ -58,7 +70,7 @@ def _gemv_any_impl(w, x, out, threads, min_work):
         xs = np.empty((1, x.shape[1] // w[5]), np.float32)
         nk.group_sums(x, w[5], xs)
         T = w[0].shape[0]
-        parts = min(threads, T) if T * x.shape[1] * w[0].shape[2] >= min_work else 1
+        parts = _parts(T, T * w[0].shape[2], x.shape[1], threads, min_work)
         if parts > 1:
             nk.gemv_bytes_parallel(w[0], w[1], w[2], w[3], w[4], w[5], w[6], x, xs, out, parts)
         else:

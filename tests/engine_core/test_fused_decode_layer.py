@@ -88,7 +88,7 @@ def test_fused_layers_on_the_default_model(smollm2):
 
 
 @pytest.mark.parametrize("min_work", [0, 1 << 18])
-def test_fused_layers_on_two_threads_give_the_bits_of_one(smollm2, monkeypatch, min_work):
+def test_fused_layers_on_two_threads_give_the_logits_of_one(smollm2, monkeypatch, min_work):
     """With more than one kernel thread the fused layers split their GEMVs' tiles between the
     threads (every GEMV with min_work 0; SmolLM2's from the default). Each tile is computed by the
     same loop, though compiled into the parallel kernel, where the compiler may contract its
