@@ -165,6 +165,38 @@ def test_parallel_kernels_split_the_tiles_without_changing_the_result(qtype, mon
         kernels.set_num_threads(1)
 
 
+@pytest.mark.parametrize("qtype", FORMATS + list(kernels.HALF_FORMATS))
+def test_many_rows_on_two_threads_multiply_each_threads_tiles_on_that_thread(qtype, monkeypatch):
+    """With two threads the many-rows path is one parallel region: each thread dequantizes its
+    share of the tiles, a chunk at a time, and calls numpy's OpenBLAS (held to one thread for the
+    call, then given back its own count) on it; the values are the reference's."""
+    from threadpoolctl import threadpool_limits
+
+    from engine_core.kernels import blas_split
+
+    assert blas_split.available()  # numpy's wheels carry OpenBLAS
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(kernels, "DEQUANT_CHUNK_BYTES", 1)  # a tile per chunk: several per thread
+    name = "_split_half" if qtype in kernels.HALF_FORMATS else "_split_blocks"
+    calls = []
+    real = getattr(blas_split, name)
+    monkeypatch.setattr(blas_split, name, lambda *a: calls.append(a[-1]) or real(*a))
+    if qtype in kernels.HALF_FORMATS:
+        w, ref = half_weight(qtype, 4 * TILE_ROWS + 3, 96)  # five tiles: three and two
+    else:
+        w, ref = quantized(qtype, 4 * TILE_ROWS + 3, shapes(qtype)[-1][1])
+    x = np.random.default_rng(2).standard_normal((20, w.cols)).astype(np.float32)
+    kernels.set_num_threads(2)
+    try:
+        with threadpool_limits(2, user_api="blas"):
+            got = kernels.matmul(x, w)
+            assert blas_split._openblas().get_threads() == 2
+    finally:
+        kernels.set_num_threads(1)
+    assert calls == [2]
+    close(got, (x.astype(np.float64) @ ref.T.astype(np.float64)).astype(np.float32))
+
+
 def test_a_small_matmul_stays_on_one_thread_below_the_work_threshold(monkeypatch):
     """A parallel region costs about a GEMV of a million weights: below that, one thread."""
     w, _ = quantized("Q4_1", 3 * TILE_ROWS, 512)
