@@ -162,80 +162,106 @@ def group_sums(x, group, out):
             out[m, g] = s
 
 
+@njit(inline="always", **_OPTS)
+def _gemv_nibbles_pair(codes, d, sc, dmin, mn, gps, x, xs, out, m, t, acc0, acc1, tmp0, tmp1):
+    """Tile t of out[m] and out[m + 1]: _gemv_nibbles_row's sums, in its order, for two rows of x
+    at a time, each code row read and widened once for both."""
+    R = codes.shape[2]
+    G = x.shape[1] // 32
+    q = np.float32(0.0625)
+    lo, hi = np.int32(15), np.int32(240)
+    acc0[:] = 0
+    acc1[:] = 0
+    for g in range(G):
+        tmp0[:] = 0
+        tmp1[:] = 0
+        for j in range(0, 16, 4):
+            k = g * 32 + j
+            al0, ah0, bl0, bh0 = x[m, k], x[m, k + 16] * q, x[m + 1, k], x[m + 1, k + 16] * q
+            al1, ah1, bl1, bh1 = x[m, k + 1], x[m, k + 17] * q, x[m + 1, k + 1], x[m + 1, k + 17] * q
+            al2, ah2, bl2, bh2 = x[m, k + 2], x[m, k + 18] * q, x[m + 1, k + 2], x[m + 1, k + 18] * q
+            al3, ah3, bl3, bh3 = x[m, k + 3], x[m, k + 19] * q, x[m + 1, k + 3], x[m + 1, k + 19] * q
+            c0, c1 = codes[t, g * 16 + j], codes[t, g * 16 + j + 1]
+            c2, c3 = codes[t, g * 16 + j + 2], codes[t, g * 16 + j + 3]
+            for r in range(R):
+                v0, v1, v2, v3 = np.int32(c0[r]), np.int32(c1[r]), np.int32(c2[r]), np.int32(c3[r])
+                l0, h0 = np.float32(v0 & lo), np.float32(v0 & hi)
+                l1, h1 = np.float32(v1 & lo), np.float32(v1 & hi)
+                l2, h2 = np.float32(v2 & lo), np.float32(v2 & hi)
+                l3, h3 = np.float32(v3 & lo), np.float32(v3 & hi)
+                tmp0[r] += (l0 * al0 + h0 * ah0 + l1 * al1 + h1 * ah1
+                            + l2 * al2 + h2 * ah2 + l3 * al3 + h3 * ah3)
+                tmp1[r] += (l0 * bl0 + h0 * bh0 + l1 * bl1 + h1 * bh1
+                            + l2 * bl2 + h2 * bh2 + l3 * bl3 + h3 * bh3)
+        _add_group(acc0, tmp0, t, g, gps, d, sc, dmin, mn, xs[m, g])
+        _add_group(acc1, tmp1, t, g, gps, d, sc, dmin, mn, xs[m + 1, g])
+    out[m, t * R : (t + 1) * R] = acc0
+    out[m + 1, t * R : (t + 1) * R] = acc1
+
+
 @njit(**_OPTS)
 def gemv_nibbles(codes, d, sc, dmin, mn, gps, x, xs, out, t0, t1):
-    """out[:, tiles t0..t1] = x @ W.T for 4-bit codes."""
+    """out[:, tiles t0..t1] = x @ W.T for 4-bit codes: rows of x two at a time sharing each read
+    and widening of the codes (a tile's codes stay in cache for the next pair), an odd last row
+    alone. SmolLM2's 3072 x 576 Q4_1 at 2 rows: 270 us when every row's sums were loaded and
+    stored per code row, against 114 us for one row."""
     R = codes.shape[2]
-    M, K = x.shape
-    G = K // 32
+    M = x.shape[0]
     if M == 1:
         _gemv_nibbles_row(codes, d, sc, dmin, mn, gps, x[0], xs[0], out[0], t0, t1)
         return
+    acc0, acc1 = np.empty(R, np.float32), np.empty(R, np.float32)
+    tmp0, tmp1 = np.empty(R, np.float32), np.empty(R, np.float32)
     for t in range(t0, t1):
-        acc = np.zeros((M, R), np.float32)
-        tmp = np.empty((M, R), np.float32)
-        lo = np.empty(R, np.float32)
-        hi = np.empty(R, np.float32)
-        scale = np.empty(R, np.float32)
-        offset = np.empty(R, np.float32)
-        for g in range(G):
-            tmp[:] = 0
-            for j in range(16):
-                c = codes[t, g * 16 + j]
-                k = g * 32 + j
-                for r in range(R):
-                    v = np.int32(c[r])
-                    lo[r] = np.float32(v & np.int32(15))
-                    hi[r] = np.float32(v & np.int32(240))
-                for m in range(M):
-                    xl = x[m, k]
-                    xh = x[m, k + 16] * np.float32(0.0625)
-                    for r in range(R):
-                        tmp[m, r] += lo[r] * xl + hi[r] * xh
-            _group_scales(t, g, gps, d, sc, dmin, mn, scale, offset)
-            for m in range(M):
-                s = xs[m, g]
-                for r in range(R):
-                    acc[m, r] += scale[r] * tmp[m, r] + offset[r] * s
-        for m in range(M):
+        for m in range(0, M - 1, 2):
+            _gemv_nibbles_pair(codes, d, sc, dmin, mn, gps, x, xs, out, m, t, acc0, acc1, tmp0, tmp1)
+        if M % 2:
+            _gemv_nibbles_row(codes, d, sc, dmin, mn, gps, x[M - 1], xs[M - 1], out[M - 1], t, t + 1)
+
+
+@njit(inline="always", **_OPTS)
+def _gemv_bytes_pair(codes, d, sc, dmin, mn, gs, gps, x, xs, out, m, t, acc0, acc1, tmp0, tmp1):
+    """Tile t of out[m] and out[m + 1] for 8-bit codes: _gemv_bytes_row's sums, in its order, for
+    two rows of x at a time (see _gemv_nibbles_pair)."""
+    R = codes.shape[2]
+    G = x.shape[1] // gs
+    acc0[:] = 0
+    acc1[:] = 0
+    for g in range(G):
+        tmp0[:] = 0
+        tmp1[:] = 0
+        for j in range(0, gs, 4):
+            k = g * gs + j
+            a0, a1, a2, a3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
+            b0, b1, b2, b3 = x[m + 1, k], x[m + 1, k + 1], x[m + 1, k + 2], x[m + 1, k + 3]
+            c0, c1, c2, c3 = codes[t, k], codes[t, k + 1], codes[t, k + 2], codes[t, k + 3]
             for r in range(R):
-                out[m, t * R + r] = acc[m, r]
+                w0, w1 = np.float32(np.int32(c0[r])), np.float32(np.int32(c1[r]))
+                w2, w3 = np.float32(np.int32(c2[r])), np.float32(np.int32(c3[r]))
+                tmp0[r] += w0 * a0 + w1 * a1 + w2 * a2 + w3 * a3
+                tmp1[r] += w0 * b0 + w1 * b1 + w2 * b2 + w3 * b3
+        _add_group(acc0, tmp0, t, g, gps, d, sc, dmin, mn, xs[m, g])
+        _add_group(acc1, tmp1, t, g, gps, d, sc, dmin, mn, xs[m + 1, g])
+    out[m, t * R : (t + 1) * R] = acc0
+    out[m + 1, t * R : (t + 1) * R] = acc1
 
 
 @njit(**_OPTS)
 def gemv_bytes(codes, d, sc, dmin, mn, gs, gps, x, xs, out, t0, t1):
-    """out[:, tiles t0..t1] = x @ W.T for 8-bit codes in groups of gs."""
+    """out[:, tiles t0..t1] = x @ W.T for 8-bit codes in groups of gs: rows of x two at a time
+    (see gemv_nibbles)."""
     R = codes.shape[2]
-    M, K = x.shape
-    G = K // gs
+    M = x.shape[0]
     if M == 1:
         _gemv_bytes_row(codes, d, sc, dmin, mn, gs, gps, x[0], xs[0], out[0], t0, t1)
         return
+    acc0, acc1 = np.empty(R, np.float32), np.empty(R, np.float32)
+    tmp0, tmp1 = np.empty(R, np.float32), np.empty(R, np.float32)
     for t in range(t0, t1):
-        acc = np.zeros((M, R), np.float32)
-        tmp = np.empty((M, R), np.float32)
-        w = np.empty(R, np.float32)
-        scale = np.empty(R, np.float32)
-        offset = np.empty(R, np.float32)
-        for g in range(G):
-            tmp[:] = 0
-            for j in range(gs):
-                c = codes[t, g * gs + j]
-                k = g * gs + j
-                for r in range(R):
-                    w[r] = np.float32(np.int32(c[r]))
-                for m in range(M):
-                    xk = x[m, k]
-                    for r in range(R):
-                        tmp[m, r] += w[r] * xk
-            _group_scales(t, g, gps, d, sc, dmin, mn, scale, offset)
-            for m in range(M):
-                s = xs[m, g]
-                for r in range(R):
-                    acc[m, r] += scale[r] * tmp[m, r] + offset[r] * s
-        for m in range(M):
-            for r in range(R):
-                out[m, t * R + r] = acc[m, r]
+        for m in range(0, M - 1, 2):
+            _gemv_bytes_pair(codes, d, sc, dmin, mn, gs, gps, x, xs, out, m, t, acc0, acc1, tmp0, tmp1)
+        if M % 2:
+            _gemv_bytes_row(codes, d, sc, dmin, mn, gs, gps, x[M - 1], xs[M - 1], out[M - 1], t, t + 1)
 
 
 @njit(**_OPTS)

@@ -75,6 +75,19 @@ def test_matmul_matches_dequantize_then_numpy(qtype, m):
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
+def test_a_few_rows_are_each_computed_as_that_row_alone(qtype):
+    """The few-rows kernels take the rows two at a time through the one-row kernel's sums in its
+    order (each code row read and widened once for both): a row's result does not depend on the
+    rows beside it, to the bit."""
+    rows, cols = shapes(qtype)[-1]
+    w, _ = quantized(qtype, rows, cols, seed=3)
+    x = np.random.default_rng(3).standard_normal((5, cols)).astype(np.float32)
+    together = kernels.matmul(x, w)
+    for i in range(5):
+        np.testing.assert_array_equal(together[i : i + 1], kernels.matmul(x[i : i + 1], w))
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
 def test_each_format_switches_to_blas_after_its_own_row_count(qtype, monkeypatch):
     """Up to gemv_max_rows(format) rows the direct kernel runs, one more and dequantize + BLAS
     does; both give the reference's values."""
