@@ -229,6 +229,8 @@ class DecoderModel:
         # the four projections of each layer as decode_layer takes them, where every layer is
         # the plain kind it covers (else None: the general path always runs)
         self.fused_layers = _fused_layers(c, self.layers)
+        self.fused_formats = {w[0].qtype for l in self.layers for n in ("qkv", "o", "gate_up", "down")
+                              for w in [l[n]]} if self.fused_layers else set()
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """Scratch memory reused across calls. Allocating megabytes afresh each time costs more
@@ -291,10 +293,11 @@ class DecoderModel:
             x = x * np.float32(c.embedding_multiplier)
         x = np.ascontiguousarray(x)
         num_tokens = x.shape[0]
-        if (num_tokens == 1 and batch.decodes is not None and not batch.spans and self.fused_layers
+        if (batch.decodes is not None and not batch.spans and self.fused_layers
+                and (num_tokens == 1 or num_tokens <= min(map(kernels.gemv_max_rows, self.fused_formats)))
                 and kernels.activation_precision() == "float32"
                 and cache.keys.dtype == np.float32):
-            return self._decode_one(x, positions, batch, cache)
+            return self._decode_fused(x, positions, batch, cache)
         qk_norm, sandwich, gelu = c.qk_norm, c.sandwich_norms, c.hidden_act == "gelu_tanh"
         pending = None  # the last layer's MLP output, added to x by the next layer's norm
         for index, layer in enumerate(self.layers):
@@ -341,12 +344,13 @@ class DecoderModel:
             x += pending
         return self.rms_norm(x[batch.output_rows], self.final_norm)
 
-    def _decode_one(self, x: np.ndarray, positions: np.ndarray, batch: ForwardBatch, cache: KVCache) -> np.ndarray:
-        """forward() for a step of one decoding token: each layer in one compiled call
-        (kernels.decode_layer: the same kernels in the same order as the general path)."""
+    def _decode_fused(self, x: np.ndarray, positions: np.ndarray, batch: ForwardBatch, cache: KVCache) -> np.ndarray:
+        """forward() for a step of a few decoding tokens (as many as the layers' GEMVs take):
+        each layer in one compiled call (kernels.decode_layer: the same kernels in the same order
+        as the general path)."""
         c, d = self.config, batch.decodes
         eps = np.float32(c.rms_norm_eps)
-        slot = int(batch.slot_mapping[0])
+        slots = np.asarray(batch.slot_mapping, dtype=np.int64)
         pending, following = np.empty_like(x), np.empty_like(x)
         threads, min_work = kernels.num_threads(), kernels.FUSED_PARALLEL_MIN_WORK
         for index, (layer, weights) in enumerate(zip(self.layers, self.fused_layers)):
@@ -354,7 +358,7 @@ class DecoderModel:
             window, softcap = self.attention_args[index] or (0, 0.0)
             decode_layer(x, pending, index == 0, layer["attn_norm"], layer["mlp_norm"], eps, *weights,
                          c.num_heads, c.num_kv_heads, c.intermediate_size, cos, sin, positions,
-                         cache.keys[index], cache.values[index], slot, d.rows, d.block_table,
+                         cache.keys[index], cache.values[index], slots, d.rows, d.block_table,
                          d.context_lens, self.scale, int(window), np.float32(softcap), following,
                          threads, min_work)
             pending, following = following, pending

@@ -1,4 +1,4 @@
-"""One decoder layer for a single decoding token in one compiled call.
+"""One decoder layer for a step of a few decoding tokens in one compiled call.
 
 A step that decodes one sequence's token spends a tenth of its time in Python between the
 layer's dozen kernel calls (SmolLM2 at one thread: 1.7 ms of a 15.8 ms step, measured by
@@ -8,8 +8,12 @@ RoPE, the K/V cache write, paged attention, the output GEMV, the second norm, ga
 product and the down GEMV, whose output the next layer adds to the residual stream.
 
 It covers the plain Llama-style layer (no biases, no QK norm, no sandwich norms, SiLU, one
-weight per projection in a block or 16-bit format, a float32 KV cache, float32 activations, one
-kernel thread); the model calls it only then and runs its general path otherwise.
+weight per projection in a block or 16-bit format, a float32 KV cache, float32 activations) for
+a step whose tokens are all decodes, as many as the layer's GEMVs take (kernels.gemv_max_rows):
+the model calls it only then and runs its general path otherwise. Several rows read each weight
+once (the GEMVs' many-rows form), and the GEMVs split between threads by the weight's size
+(FUSED_PARALLEL_MIN_WORK), not by the rows: at two threads two streams decoded 63 tok/s through
+the general path (whose GEMVs split from 4M multiply-adds) against 106 for one stream here.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ def _gemv_any_impl(w, x, out, threads, min_work):
         return half
     if codes.dtype == types.uint8:  # 4-bit codes, two to a byte
         def nibbles(w, x, out, threads, min_work):
-            xs = np.empty((1, x.shape[1] // w[5]), np.float32)
+            xs = np.empty((x.shape[0], x.shape[1] // w[5]), np.float32)
             nk.group_sums(x, w[5], xs)
             T = w[0].shape[0]
             parts = _parts(T, T * w[0].shape[2], x.shape[1], threads, min_work)
@@ -67,7 +71,7 @@ def _gemv_any_impl(w, x, out, threads, min_work):
         return nibbles
 
     def byte_codes(w, x, out, threads, min_work):
-        xs = np.empty((1, x.shape[1] // w[5]), np.float32)
+        xs = np.empty((x.shape[0], x.shape[1] // w[5]), np.float32)
         nk.group_sums(x, w[5], xs)
         T = w[0].shape[0]
         parts = _parts(T, T * w[0].shape[2], x.shape[1], threads, min_work)
@@ -85,47 +89,51 @@ def weight_args(w) -> tuple:
 
 @njit(**_OPTS)
 def decode_layer(x, pending, first, attn_norm, mlp_norm, eps, qkv, o, gate_up, down, num_heads,
-                 num_kv_heads, inter, cos, sin, positions, keys, values, slot, rows, table, lens,
+                 num_kv_heads, inter, cos, sin, positions, keys, values, slots, rows, table, lens,
                  scale, window, softcap, next_pending, threads, min_work):
-    """x [1, hidden] the residual stream (updated in place: += pending, += attention output);
-    pending [1, hidden] the previous layer's MLP output (ignored when `first`); the four weights
-    as weight_args tuples; keys/values this layer's cache [blocks, bs, kv_heads, D] (float32);
-    slot the new token's cache slot; rows/table/lens as paged_decode_attention takes them.
-    Writes this layer's MLP output into next_pending [1, hidden]."""
+    """x [M, hidden] the residual stream of M decoding tokens (updated in place: += pending,
+    += attention output); pending [M, hidden] the previous layer's MLP output (ignored when
+    `first`); the four weights as weight_args tuples; keys/values this layer's cache [blocks, bs,
+    kv_heads, D] (float32); slots [M] the new tokens' cache slots; rows/table/lens as
+    paged_decode_attention takes them. Writes this layer's MLP output into next_pending."""
+    M = x.shape[0]
     hidden = x.shape[1]
     D = keys.shape[3]
     bs = keys.shape[1]
     nq = num_heads * D
     nkv = num_kv_heads * D
-    h = np.empty((1, hidden), np.float32)
+    h = np.empty((M, hidden), np.float32)
     if first:
-        ew._rms_norm(x, attn_norm, eps, h, 0, 1)
+        ew._rms_norm(x, attn_norm, eps, h, 0, M)
     else:
-        ew._add_rms_norm(x, pending, attn_norm, eps, h, 0, 1)
-    qkv_out = np.empty((1, qkv[0].shape[0] * qkv[0].shape[2]), np.float32)
+        ew._add_rms_norm(x, pending, attn_norm, eps, h, 0, M)
+    qkv_out = np.empty((M, qkv[0].shape[0] * qkv[0].shape[2]), np.float32)
     _gemv_any(qkv, h, qkv_out, threads, min_work)
-    qk = qkv_out[0, : nq + nkv].copy().reshape((1, num_heads + num_kv_heads, D))
-    ew._rope(qk, positions, cos, sin, 0, 1)
-    b, t = slot // bs, slot % bs
-    for i in range(num_kv_heads):
-        for d in range(D):
-            keys[b, t, i, d] = qk[0, num_heads + i, d]
-            values[b, t, i, d] = qkv_out[0, nq + nkv + i * D + d]
-    q = np.empty((1, num_heads, D), np.float32)
-    for i in range(num_heads):
-        for d in range(D):
-            q[0, i, d] = qk[0, i, d] * scale
-    attn = np.empty((1, nq), np.float32)
+    qk = qkv_out[:, : nq + nkv].copy().reshape((M, num_heads + num_kv_heads, D))
+    ew._rope(qk, positions, cos, sin, 0, M)
+    for m in range(M):
+        b, t = slots[m] // bs, slots[m] % bs
+        for i in range(num_kv_heads):
+            for d in range(D):
+                keys[b, t, i, d] = qk[m, num_heads + i, d]
+                values[b, t, i, d] = qkv_out[m, nq + nkv + i * D + d]
+    q = np.empty((M, num_heads, D), np.float32)
+    for m in range(M):
+        for i in range(num_heads):
+            for d in range(D):
+                q[m, i, d] = qk[m, i, d] * scale
+    attn = np.empty((M, nq), np.float32)
     att._decode_serial(q, rows, keys, values, table, lens, num_kv_heads, window, softcap, attn)
-    o_out = np.empty((1, o[0].shape[0] * o[0].shape[2]), np.float32)
+    o_out = np.empty((M, o[0].shape[0] * o[0].shape[2]), np.float32)
     _gemv_any(o, attn, o_out, threads, min_work)
-    h2 = np.empty((1, hidden), np.float32)
-    ew._add_rms_norm(x, o_out[:, :hidden].copy(), mlp_norm, eps, h2, 0, 1)
-    gu = np.empty((1, gate_up[0].shape[0] * gate_up[0].shape[2]), np.float32)
+    h2 = np.empty((M, hidden), np.float32)
+    ew._add_rms_norm(x, o_out[:, :hidden].copy(), mlp_norm, eps, h2, 0, M)
+    gu = np.empty((M, gate_up[0].shape[0] * gate_up[0].shape[2]), np.float32)
     _gemv_any(gate_up, h2, gu, threads, min_work)
-    act = np.empty((1, inter), np.float32)
-    ew._silu_mul(gu, inter, act, 0, 1)
-    out = np.empty((1, down[0].shape[0] * down[0].shape[2]), np.float32)
+    act = np.empty((M, inter), np.float32)
+    ew._silu_mul(gu, inter, act, 0, M)
+    out = np.empty((M, down[0].shape[0] * down[0].shape[2]), np.float32)
     _gemv_any(down, act, out, threads, min_work)
-    for j in range(hidden):
-        next_pending[0, j] = out[0, j]
+    for m in range(M):
+        for j in range(hidden):
+            next_pending[m, j] = out[m, j]

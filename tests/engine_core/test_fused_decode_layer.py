@@ -110,6 +110,76 @@ def test_fused_layers_on_two_threads_give_the_logits_of_one(smollm2, monkeypatch
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-5 * np.abs(one).max())
 
 
+def decode_batch_logits(model: DecoderModel, config, prompts: list[list[int]], fused: bool, *,
+                        block_size: int = 4) -> np.ndarray:
+    """Prefill each prompt but its last token (each in its own blocks), then decode all the last
+    tokens in one step; their logits, one row per prompt."""
+    cache = KVCache(config, num_blocks=64, block_size=block_size)
+    tables, lens, next_block = [], [], 0
+    for prompt in prompts:
+        n = len(prompt) - 1
+        blocks = np.arange(next_block, next_block + -(-len(prompt) // block_size), dtype=np.int64)
+        next_block += len(blocks)
+        slots = blocks[np.arange(n) // block_size] * block_size + np.arange(n) % block_size
+        model.forward(ForwardBatch(np.array(prompt[:-1]), np.arange(n), slots, [AttentionSpan(0, n, blocks, n)],
+                                   None, np.array([n - 1])), cache)
+        tables.append(blocks)
+        lens.append(n)
+    saved = model.fused_layers
+    if not fused:
+        model.fused_layers = None
+    try:
+        last = np.array([p[-1] for p in prompts])
+        positions = np.array(lens)
+        slots = np.array([t[n // block_size] * block_size + n % block_size for t, n in zip(tables, lens)])
+        rows = np.arange(len(prompts))
+        decode = ForwardBatch(last, positions, slots, [], batch_decodes(list(rows), tables, [n + 1 for n in lens]), rows)
+        return model.logits(model.forward(decode, cache))
+    finally:
+        model.fused_layers = saved
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_several_decodes_in_one_step_take_the_fused_layers_with_the_general_paths_logits(
+        smollm2, monkeypatch, threads):
+    """A step of only decodes, as many as the GEMVs take, runs the fused layers too: each row as
+    the general path computes it, whatever the other rows' context lengths."""
+    config, weights = smollm2
+    config = dataclasses.replace(config, num_layers=4)
+    model = DecoderModel(config, {n: w for n, w in weights.items()
+                                  if not re.match(r"model\.layers\.([4-9]|[1-9]\d)\.", n)}, max_len=256)
+    prompts = [case["prompt_token_ids"] for case in GOLDEN["cases"][:5]]
+    prompts[1] = prompts[1][:3]  # contexts of 3 to ~30 tokens, in blocks of 4
+    general = decode_batch_logits(model, config, prompts, fused=False)
+    calls = []
+    monkeypatch.setattr(model_module, "decode_layer", _counting(calls))
+    monkeypatch.setattr(kernels, "FUSED_PARALLEL_MIN_WORK", 0)  # with two threads, every GEMV split
+    kernels.set_num_threads(threads)
+    try:
+        fused = decode_batch_logits(model, config, prompts, fused=True)
+    finally:
+        kernels.set_num_threads(1)
+    assert len(calls) == 4
+    np.testing.assert_allclose(fused, general, rtol=0, atol=1e-5 * np.abs(general).max())
+    alone = decode_batch_logits(model, config, prompts[2:3], fused=True)  # a row is its own
+    np.testing.assert_allclose(fused[2:3], alone, rtol=0, atol=1e-5 * np.abs(alone).max())
+
+
+def test_more_decodes_than_the_gemvs_take_keep_the_general_path(smollm2, monkeypatch):
+    config, weights = smollm2
+    config = dataclasses.replace(config, num_layers=1)
+    model = DecoderModel(config, {n: w for n, w in weights.items()
+                                  if not re.match(r"model\.layers\.([1-9]|[1-9]\d)\.", n)}, max_len=256)
+    calls = []
+    monkeypatch.setattr(model_module, "decode_layer", _counting(calls))
+    limit = min(map(kernels.gemv_max_rows, model.fused_formats))
+    prompts = [[1, 2, 3 + i] for i in range(limit + 1)]
+    decode_batch_logits(model, config, prompts[:limit], fused=True)
+    assert len(calls) == 1
+    decode_batch_logits(model, config, prompts, fused=True)
+    assert len(calls) == 1
+
+
 def _counting(calls):
     real = model_module.decode_layer
 
