@@ -341,6 +341,9 @@ def test_the_kernel_equals_the_numpy_attention_on_the_golden_prompts(make_core):
         return out
 
     model._attention = checked
+    # the general path, where attention is its own call (a step of a few decodes would take the
+    # fused layers, whose logits test_fused_decode_layer.py holds to this path's)
+    model.fused_layers = None
     for i, case in enumerate(GOLDEN["cases"]):
         core.add_request(request(str(i), case["prompt_token_ids"], temperature=0.0, ignore_eos=True,
                                  max_tokens=24))
