@@ -263,3 +263,25 @@ def test_16_bit_weights_fuse_like_the_block_formats():
     assert len(fused) == 1 and fused[0].rows == TILE_ROWS + 9
     np.testing.assert_array_equal(kernels.dequantize(fused[0]), np.concatenate([q_ref, k_ref]))
     assert len(kernels.fuse([q, half_weight("F16", 9, 64)[0]])) == 2  # formats never mix
+
+
+def test_the_default_kernel_cache_is_one_directory_per_version_of_the_kernel_sources(tmp_path):
+    """numba checks a cached function against its own file only, so a kernel compiled with another
+    file's callees would keep their old code; the default cache directory is named by a digest
+    of every kernel source instead."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    chosen = subprocess.run([sys.executable, "-c", "import os, engine_core.kernels; print(os.environ['NUMBA_CACHE_DIR'])"],
+                            env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert chosen == str(tmp_path / "xdg" / "furiosa-llm" / "numba" / kernels.sources_digest())
+    copy = tmp_path / "kernels"
+    shutil.copytree(os.path.dirname(kernels.__file__), copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert kernels.sources_digest(str(copy)) == kernels.sources_digest()
+    with open(copy / "_numba.py", "a") as f:  # a change to a callee's file alone
+        f.write("\n")
+    assert kernels.sources_digest(str(copy)) != kernels.sources_digest()
