@@ -229,8 +229,8 @@ class DecoderModel:
         # the four projections of each layer as decode_layer takes them, where every layer is
         # the plain kind it covers (else None: the general path always runs)
         self.fused_layers = _fused_layers(c, self.layers)
-        self.fused_formats = {w[0].qtype for l in self.layers for n in ("qkv", "o", "gate_up", "down")
-                              for w in [l[n]]} if self.fused_layers else set()
+        self.fused_formats = ({layer[n][0].qtype for layer in self.layers for n in ("qkv", "o", "gate_up", "down")}
+                              if self.fused_layers else set())  # the GEMVs' row limit for a fused step
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """Scratch memory reused across calls. Allocating megabytes afresh each time costs more
