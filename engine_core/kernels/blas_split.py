@@ -27,6 +27,7 @@ import numpy as np
 from numba import njit, prange, types
 
 from engine_core.kernels import _numba as nk
+from engine_core.kernels.formats import HALF_FORMATS
 
 _OPTS = dict(cache=True, fastmath=True, nogil=True)
 
@@ -133,7 +134,7 @@ def split_matmul(w, x: np.ndarray, out: np.ndarray, parts: int, chunk_bytes: int
     threads = blas.get_threads()
     blas.set_threads(1)  # each call of sgemm on its own thread alone
     try:
-        if w.qtype in ("F16", "BF16"):
+        if w.qtype in HALF_FORMATS:
             _split_half(x, w.codes, w.qtype == "BF16", per_chunk, bufs, out, parts)
         else:
             _split_blocks(x, w.codes, w.nibbles, w.d, w.sc, w.dmin, w.mn, w.group_size, w.groups_per_super,
