@@ -9,14 +9,22 @@ of CHUNK_TOKENS (whole blocks), and each key and value row is read once, in memo
 the query heads of the task (GQA: the `group` query heads of a KV head share that read). Per
 chunk: the scores of its tokens for every query head, four rows at a time sharing each load of
 the query (a dot product over head_dim per token: the cache is token-major); then per head the
-chunk's maximum, one rescale of the running sums, the exps; then the weighted values, four rows
-per update of the sums. Nothing a task computes depends on where its blocks lie or on what else
-is in the batch, and it never reads a slot past its context's end, so stale cache contents
+chunk's maximum, one rescale of the running sums, the exps; then the weighted values (with
+head_dim a multiple of 8, in register tiles of the sums through kernels.lanes: each value row
+loaded once for a pair of query heads, the sums loaded and stored once per block; otherwise four
+rows per update of the sums). Nothing a task computes depends on where its blocks lie or on what
+else is in the batch, and it never reads a slot past its context's end, so stale cache contents
 (NaN included) cannot leak in. With a window (sliding-window layers), a task starts at the
 block holding the first of the last `window` positions and skips the tokens before it; a soft
-cap (Gemma 2 style) bends each score to cap * tanh(score / cap). (A software prefetch of the next
-block, llvm.prefetch through a numba intrinsic, gained ~10% at batch 64 when freshly compiled
-but ran 2x slower loaded from numba's disk cache, as the engine loads it: left out.)
+cap (Gemma 2 style) bends each score to cap * tanh(score / cap).
+
+A sequence's blocks lie anywhere in the cache, so the hardware's prefetchers start cold at each
+one: while the scores read a block's keys, the kernel asks (prefetch into L2, a few rows at a
+time between the arithmetic) for the same rows of its values and for the next block's keys, and
+while the weighted sum reads a chunk's values, for the next chunk's keys. SmolLM2's shapes at
+batch 64 (contexts ~266, 30 layers, one process, alternating with the previous kernel): float32
+1.1-1.25x, float16 1.3-1.6x faster, the same bits on that machine. What is left: scripts/bench_attention.py
+puts the kernel at 3-5x the time of merely reading the same blocks when they are in cache.
 
 The cache may hold float32, float16 or bfloat16 (numba has no 16-bit float type: the kernels
 read float16 bits as uint16 and bfloat16 bits as int16, and widen each value in registers as it
@@ -34,6 +42,7 @@ from numba import njit, prange
 
 import engine_core.kernels as kernels
 from engine_core.kernels._numba import to_f32 as _f32
+from engine_core.kernels.lanes import prefetch_l2, vbcast, vfma, vload, vstore
 
 _OPTS = dict(cache=True, fastmath=True, nogil=True)
 
@@ -68,13 +77,29 @@ def _exp_into(x, n, ibuf, fbuf, out):
 
 
 @njit(inline="always", **_OPTS)
-def _scores(qg, nh, G, K, kb, kh0, t0, n, s, stride, col):
+def _prefetch_row(C, kb, t):
+    """Ask for row t (every KV head) of block kb of C [blocks, bs, kv_heads, D] into L2; nothing
+    for kb < 0."""
+    if kb >= 0:
+        per = C.shape[2] * C.shape[3]
+        start = (kb * C.shape[1] + t) * per
+        for o in range(0, per, 64 // C.itemsize):
+            prefetch_l2(C, start + o)
+
+
+@njit(inline="always", **_OPTS)
+def _scores(qg, nh, G, K, kb, kh0, t0, n, s, stride, col, V, ahead):
     """s[a * stride + col + t - t0] = qg[a] . K[kb, t, kh0 + a // G] for the tokens t0 <= t < n of
     a block and the nh * G query heads a: the block's rows read once, in memory order, four rows
-    at a time sharing each load of the query."""
+    at a time sharing each load of the query. Meanwhile it asks for the same rows of V[kb] (the
+    weighted sum's, soon) and of K[ahead] (the next block's; ahead < 0: none), a few at a time
+    between the arithmetic: the hardware's prefetchers start afresh at each scattered block."""
     D = qg.shape[1]
     t = t0
     while t + 4 <= n:
+        for r in range(t, t + 4):
+            _prefetch_row(V, kb, r)
+            _prefetch_row(K, ahead, r)
         i = col + t - t0
         for h in range(nh):
             kh = kh0 + h
@@ -106,6 +131,104 @@ def _scores(qg, nh, G, K, kb, kh0, t0, n, s, stride, col):
                     d0 += qg[a, d] * _f32(K[kb, t, kh, d])
                 s[a * stride + i] = d0
         t += 1
+
+
+@njit(inline="always", **_OPTS)
+def _weigh_lanes(p, nh, G, V, kb, kh0, t0, n, stride, col, acc):
+    """_weigh for head_dim a multiple of 8, with a tile of the sums held in registers across the
+    block's tokens: per KV head, query heads in pairs (then one), head_dim in tiles of 32 values
+    (then 8): each token's value row is loaded once for the pair, and the sums are loaded and
+    stored once per block, not once per token. (The weights' order of addition is a token at a
+    time, one rounding per product: a decode's result depends on its context alone.)"""
+    bs = V.shape[1]
+    KVH = V.shape[2]
+    D = V.shape[3]
+    step = KVH * D  # from one token's row to the next
+    for h in range(nh):
+        base = (kb * bs * KVH + kh0 + h) * D  # V[kb, 0, kh0 + h, 0]
+        g = 0
+        while g < G:
+            a = h * G + g
+            pa = a * stride + col - t0  # p[pa + t]: head a's weight of token t
+            if g + 2 <= G:
+                pb = pa + stride
+                d = 0
+                while d + 32 <= D:
+                    oa = a * D + d
+                    ob = oa + D
+                    a0 = vload(acc, oa)
+                    a1 = vload(acc, oa + 8)
+                    a2 = vload(acc, oa + 16)
+                    a3 = vload(acc, oa + 24)
+                    b0 = vload(acc, ob)
+                    b1 = vload(acc, ob + 8)
+                    b2 = vload(acc, ob + 16)
+                    b3 = vload(acc, ob + 24)
+                    for t in range(t0, n):
+                        r = base + t * step + d
+                        x = vbcast(p[pa + t])
+                        y = vbcast(p[pb + t])
+                        v = vload(V, r)
+                        a0 = vfma(x, v, a0)
+                        b0 = vfma(y, v, b0)
+                        v = vload(V, r + 8)
+                        a1 = vfma(x, v, a1)
+                        b1 = vfma(y, v, b1)
+                        v = vload(V, r + 16)
+                        a2 = vfma(x, v, a2)
+                        b2 = vfma(y, v, b2)
+                        v = vload(V, r + 24)
+                        a3 = vfma(x, v, a3)
+                        b3 = vfma(y, v, b3)
+                    vstore(acc, oa, a0)
+                    vstore(acc, oa + 8, a1)
+                    vstore(acc, oa + 16, a2)
+                    vstore(acc, oa + 24, a3)
+                    vstore(acc, ob, b0)
+                    vstore(acc, ob + 8, b1)
+                    vstore(acc, ob + 16, b2)
+                    vstore(acc, ob + 24, b3)
+                    d += 32
+                while d < D:
+                    oa = a * D + d
+                    a0 = vload(acc, oa)
+                    b0 = vload(acc, oa + D)
+                    for t in range(t0, n):
+                        v = vload(V, base + t * step + d)
+                        a0 = vfma(vbcast(p[pa + t]), v, a0)
+                        b0 = vfma(vbcast(p[pb + t]), v, b0)
+                    vstore(acc, oa, a0)
+                    vstore(acc, oa + D, b0)
+                    d += 8
+                g += 2
+            else:
+                d = 0
+                while d + 32 <= D:
+                    oa = a * D + d
+                    a0 = vload(acc, oa)
+                    a1 = vload(acc, oa + 8)
+                    a2 = vload(acc, oa + 16)
+                    a3 = vload(acc, oa + 24)
+                    for t in range(t0, n):
+                        r = base + t * step + d
+                        x = vbcast(p[pa + t])
+                        a0 = vfma(x, vload(V, r), a0)
+                        a1 = vfma(x, vload(V, r + 8), a1)
+                        a2 = vfma(x, vload(V, r + 16), a2)
+                        a3 = vfma(x, vload(V, r + 24), a3)
+                    vstore(acc, oa, a0)
+                    vstore(acc, oa + 8, a1)
+                    vstore(acc, oa + 16, a2)
+                    vstore(acc, oa + 24, a3)
+                    d += 32
+                while d < D:
+                    oa = a * D + d
+                    a0 = vload(acc, oa)
+                    for t in range(t0, n):
+                        a0 = vfma(vbcast(p[pa + t]), vload(V, base + t * step + d), a0)
+                    vstore(acc, oa, a0)
+                    d += 8
+                g += 1
 
 
 @njit(inline="always", **_OPTS)
@@ -209,14 +332,21 @@ def _decode_task(q, rows, keys, values, table, lens, heads_per_task, window, sof
         for j in range(j0, j1):
             n = min(bs, length - j * bs)
             t0 = max(0, begin - j * bs)
-            _scores(qg, heads_per_task, G, keys, table[b, j], h0, t0, n, s, stride, col)
+            ahead = np.int64(table[b, j + 1]) if j + 1 < end else np.int64(-1)
+            _scores(qg, heads_per_task, G, keys, table[b, j], h0, t0, n, s, stride, col, values, ahead)
             col += n - t0
         _fold(s, w, A, stride, col, softcap, ibuf, fbuf, m, l, acc)
         col = 0
         for j in range(j0, j1):
             n = min(bs, length - j * bs)
             t0 = max(0, begin - j * bs)
-            _weigh(w, heads_per_task, G, values, table[b, j], h0, t0, n, stride, col, acc)
+            if j + chunk_blocks < end:  # the next chunk's keys, while this one's values are summed
+                for r in range(bs):
+                    _prefetch_row(keys, np.int64(table[b, j + chunk_blocks]), r)
+            if D % 8 == 0:
+                _weigh_lanes(w, heads_per_task, G, values, table[b, j], h0, t0, n, stride, col, acc)
+            else:
+                _weigh(w, heads_per_task, G, values, table[b, j], h0, t0, n, stride, col, acc)
             col += n - t0
     for a in range(A):
         inv = np.float32(1.0) / l[a]

@@ -116,11 +116,14 @@ def test_decodes_and_prefill_chunks_in_one_batch_match_a_float64_reference(seed)
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("head_dim", [64, 40, 12])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (8, 2), (16, 2)])
-def test_the_kernel_matches_the_float64_reference_for_each_gqa_ratio(num_heads, num_kv_heads):
+def test_the_kernel_matches_the_float64_reference_for_each_gqa_ratio(num_heads, num_kv_heads, head_dim):
     """GQA ratios 1, 3, 4 and 8; contexts of 1 token, of odd block counts, of exactly full
-    blocks and of many blocks (a 16-token block size as the engine's default)."""
-    c = config(num_heads, num_kv_heads, head_dim=64)
+    blocks and of many blocks (a 16-token block size as the engine's default). head_dim 64 and
+    40 take the weighted sum's register tiles (40: a tile of 32 and one of 8), 12 (not a multiple
+    of 8) the plain loop."""
+    c = config(num_heads, num_kv_heads, head_dim=head_dim)
     lengths = [1, 2, 15, 16, 17, 33, 47, 64, 1000, 1, 257, 160]
     cache = KVCache(c, num_blocks=256, block_size=16)
     batch, q, truth = build(lengths, [1] * len(lengths), cache, np.random.default_rng(num_heads), c)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+from numba import njit
 
 from engine_core import kernels
-from engine_core.kernels import TILE_ROWS
+from engine_core.kernels import TILE_ROWS, lanes
 
 # format -> byte offsets of its float16 fields within a block
 F16_FIELDS = {
@@ -285,3 +286,36 @@ def test_the_default_kernel_cache_is_one_directory_per_version_of_the_kernel_sou
     with open(copy / "_numba.py", "a") as f:  # a change to a callee's file alone
         f.write("\n")
     assert kernels.sources_digest(str(copy)) != kernels.sources_digest()
+
+
+@njit(cache=False)
+def _axpy_lanes(a, x, y, out):
+    """out[:] = a * x + y eight values at a time through kernels.lanes (x of any cache type),
+    asking for every line of x first (a hint: it must change nothing)."""
+    for i in range(0, x.size, 16 // x.itemsize):
+        lanes.prefetch_l2(x, i)
+    for i in range(0, x.size, 8):
+        lanes.vstore(out, i, lanes.vfma(lanes.vbcast(a), lanes.vload(x, i), lanes.vload(y, i)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_lanes_widen_each_cache_type_exactly_and_fuse_the_multiply_add(dtype):
+    """The eight-lane loads give what attention.to_float32 gives for every stored value of the
+    type (infinities and NaN included), and vfma rounds once, as float64 arithmetic rounded to
+    float32 does."""
+    from engine_core.kernels.attention import KV_CACHE_DTYPES, kernel_view, to_cache, to_float32
+
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.standard_normal(61).astype(np.float32) * 100,
+                             np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-40, 65504.0, 7e-8], np.float32),
+                             rng.standard_normal(59).astype(np.float32)])
+    stored = to_cache(values, KV_CACHE_DTYPES[dtype])
+    widened = to_float32(stored)
+    y = rng.standard_normal(values.size).astype(np.float32)
+    out = np.empty_like(y)
+    _axpy_lanes(np.float32(1.0), kernel_view(stored), np.zeros_like(y), out)
+    np.testing.assert_array_equal(out, widened)  # 1 * x + 0: the widened value itself
+    a = np.float32(0.7)
+    _axpy_lanes(a, kernel_view(stored), y, out)
+    expected = (np.float64(a) * widened.astype(np.float64) + y).astype(np.float32)
+    np.testing.assert_array_equal(out, expected)
