@@ -11,7 +11,7 @@ SmolLM2 at batch 64, two threads against one (one process, alternating): the mat
 faster. Here one parallel region (the kernels' OpenMP threads) splits a matmul's tiles between
 the threads; each dequantizes its share chunk by chunk into its own buffer and calls OpenBLAS's
 sgemm itself, from compiled code, with OpenBLAS held to one thread for the call: the matmuls
-1.53x, the lm_head 1.7x, the step 1.41x (against 1.22x).
+1.53x, the lm_head 1.7x, the step 1.52x (against 1.16x before, same process and run).
 
 OpenBLAS is reached through the library numpy loaded (threadpoolctl finds it) and its 64-bit
 integer CBLAS symbol (numpy's wheels: scipy_cblas_sgemm64_), registered with LLVM under a fixed
