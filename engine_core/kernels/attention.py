@@ -134,6 +134,21 @@ def _scores(qg, nh, G, K, kb, kh0, t0, n, s, stride, col, V, ahead):
 
 
 @njit(inline="always", **_OPTS)
+def _load4(acc, o):
+    """acc.flat[o : o + 32] as four registers of lanes."""
+    return vload(acc, o), vload(acc, o + 8), vload(acc, o + 16), vload(acc, o + 24)
+
+
+@njit(inline="always", **_OPTS)
+def _store4(acc, o, r):
+    """acc.flat[o : o + 32] = the four registers r."""
+    vstore(acc, o, r[0])
+    vstore(acc, o + 8, r[1])
+    vstore(acc, o + 16, r[2])
+    vstore(acc, o + 24, r[3])
+
+
+@njit(inline="always", **_OPTS)
 def _weigh_lanes(p, nh, G, V, kb, kh0, t0, n, stride, col, acc):
     """_weigh for head_dim a multiple of 8, with a tile of the sums held in registers across the
     block's tokens: per KV head, query heads in pairs (then one), head_dim in tiles of 32 values
@@ -156,14 +171,8 @@ def _weigh_lanes(p, nh, G, V, kb, kh0, t0, n, stride, col, acc):
                 while d + 32 <= D:
                     oa = a * D + d
                     ob = oa + D
-                    a0 = vload(acc, oa)
-                    a1 = vload(acc, oa + 8)
-                    a2 = vload(acc, oa + 16)
-                    a3 = vload(acc, oa + 24)
-                    b0 = vload(acc, ob)
-                    b1 = vload(acc, ob + 8)
-                    b2 = vload(acc, ob + 16)
-                    b3 = vload(acc, ob + 24)
+                    a0, a1, a2, a3 = _load4(acc, oa)
+                    b0, b1, b2, b3 = _load4(acc, ob)
                     for t in range(t0, n):
                         r = base + t * step + d
                         x = vbcast(p[pa + t])
@@ -180,14 +189,8 @@ def _weigh_lanes(p, nh, G, V, kb, kh0, t0, n, stride, col, acc):
                         v = vload(V, r + 24)
                         a3 = vfma(x, v, a3)
                         b3 = vfma(y, v, b3)
-                    vstore(acc, oa, a0)
-                    vstore(acc, oa + 8, a1)
-                    vstore(acc, oa + 16, a2)
-                    vstore(acc, oa + 24, a3)
-                    vstore(acc, ob, b0)
-                    vstore(acc, ob + 8, b1)
-                    vstore(acc, ob + 16, b2)
-                    vstore(acc, ob + 24, b3)
+                    _store4(acc, oa, (a0, a1, a2, a3))
+                    _store4(acc, ob, (b0, b1, b2, b3))
                     d += 32
                 while d < D:
                     oa = a * D + d
@@ -205,10 +208,7 @@ def _weigh_lanes(p, nh, G, V, kb, kh0, t0, n, stride, col, acc):
                 d = 0
                 while d + 32 <= D:
                     oa = a * D + d
-                    a0 = vload(acc, oa)
-                    a1 = vload(acc, oa + 8)
-                    a2 = vload(acc, oa + 16)
-                    a3 = vload(acc, oa + 24)
+                    a0, a1, a2, a3 = _load4(acc, oa)
                     for t in range(t0, n):
                         r = base + t * step + d
                         x = vbcast(p[pa + t])
@@ -216,10 +216,7 @@ def _weigh_lanes(p, nh, G, V, kb, kh0, t0, n, stride, col, acc):
                         a1 = vfma(x, vload(V, r + 8), a1)
                         a2 = vfma(x, vload(V, r + 16), a2)
                         a3 = vfma(x, vload(V, r + 24), a3)
-                    vstore(acc, oa, a0)
-                    vstore(acc, oa + 8, a1)
-                    vstore(acc, oa + 16, a2)
-                    vstore(acc, oa + 24, a3)
+                    _store4(acc, oa, (a0, a1, a2, a3))
                     d += 32
                 while d < D:
                     oa = a * D + d
