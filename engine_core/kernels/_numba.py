@@ -20,6 +20,21 @@ from numba.extending import intrinsic
 _OPTS = dict(cache=True, fastmath=True, nogil=True)
 
 
+def widen_16bit(builder, bits, dtype):
+    """LLVM IR: 16-bit stored values (an i16 or a vector of them) as float32 by their numba
+    element type: uint16, float16 bits (half-to-float extension); int16, bfloat16 bits (the
+    upper half of a float32). Shared by to_f32 (one value) and lanes.vload (eight)."""
+    count = bits.type.count if isinstance(bits.type, ir.VectorType) else None
+
+    def shaped(t):
+        return ir.VectorType(t, count) if count else t
+    if dtype == types.uint16:
+        return builder.fpext(builder.bitcast(bits, shaped(ir.HalfType())), shaped(ir.FloatType()))
+    i32 = shaped(ir.IntType(32))
+    wide = builder.shl(builder.zext(bits, i32), ir.Constant(i32, [16] * count if count else 16))
+    return builder.bitcast(wide, shaped(ir.FloatType()))
+
+
 @intrinsic
 def to_f32(typingctx, v):
     """A stored value as float32, by its array's element type: float32 as is; uint16, float16
@@ -29,15 +44,8 @@ def to_f32(typingctx, v):
     cache's 16-bit types; the block formats' float16 scales)."""
     if v == types.float32:
         return types.float32(v), lambda context, builder, sig, args: args[0]
-    if v == types.uint16:
-        def half(context, builder, sig, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-        return types.float32(v), half
-    if v == types.int16:
-        def bfloat(context, builder, sig, args):
-            wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-            return builder.bitcast(wide, ir.FloatType())
-        return types.float32(v), bfloat
+    if v in (types.uint16, types.int16):
+        return types.float32(v), lambda context, builder, sig, args: widen_16bit(builder, args[0], v)
     return None
 
 

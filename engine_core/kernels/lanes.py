@@ -21,6 +21,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
+from engine_core.kernels._numba import widen_16bit
+
 _V = ir.VectorType(ir.FloatType(), 8)
 _I32 = ir.IntType(32)
 
@@ -58,13 +60,8 @@ def vload(typingctx, a, i):
         ptr = _address(context, builder, sig, args)
         if dtype == types.float32:
             return builder.load(builder.bitcast(ptr, _V.as_pointer()), align=4)
-        if dtype == types.uint16:  # float16 bits: vcvtph2ps with F16C
-            half = ir.VectorType(ir.HalfType(), 8)
-            return builder.fpext(builder.load(builder.bitcast(ptr, half.as_pointer()), align=2), _V)
-        # int16: bfloat16 bits, the upper half of a float32
         bits = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(16), 8).as_pointer()), align=2)
-        wide = builder.shl(builder.zext(bits, ir.VectorType(_I32, 8)), ir.Constant(ir.VectorType(_I32, 8), [16] * 8))
-        return builder.bitcast(wide, _V)
+        return widen_16bit(builder, bits, dtype)  # float16: one vcvtph2ps with F16C
     return f32x8(a, i), codegen
 
 
