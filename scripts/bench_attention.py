@@ -148,7 +148,7 @@ def main() -> None:
                     case = make_case(shape, dtype, lengths, rng)
                     if args.baseline:  # both versions must agree before their times mean anything
                         outs = []
-                        for fn in fns[::2]:
+                        for fn in (fns[0], fns[2]):  # the current kernel and the baseline (not the floor)
                             out = case[-1].copy()
                             fn(*case[:-1], out)
                             outs.append(out)
